@@ -1,0 +1,876 @@
+"""Fetch and verify XDBERT's public checkpoints and data sets, or build the offline toy kit.
+
+    python download.py                       # the main experiment: bert-base clip wikitext glue
+    python download.py bert-large electra-base swag read coco rte   # any of the names in ITEMS
+    python download.py --dry-run all         # what would be fetched, with sizes, and nothing else
+    python download.py --toy                 # the offline miniature of everything in data/toy (seconds, no network)
+
+Everything lands in the layout of CONTRACT.md under --data (default data): ckpt/<name>/, wikitext-103-raw/,
+glue/<Task>/, swag/, read/train.csv, coco/captions_train2017.json. Checkpoints are kept exactly as the hub
+publishes them (model.safetensors or pytorch_model.bin): model.from_hf reads either, so nothing is converted.
+
+Each file is streamed to <file>.part, resumed with an HTTP Range request after an interruption, retried with
+backoff, checked against its size and sha256 where known (sources.md) and only then renamed into place, so a
+file under its final name is always complete; a file already there and verified is not fetched again.
+
+Mirrors: every source's base URL can be replaced, by `--mirror NAME=URL` (repeatable) or the environment
+variable XDBERT_MIRROR_<NAME>, e.g. `--mirror hf=https://hf-mirror.com` or XDBERT_MIRROR_HF=http://127.0.0.1:8000.
+NAME is one of the keys of SOURCES; a replaced base serves the same paths below it.
+"""
+import argparse
+import csv
+import dataclasses
+import functools
+import gzip
+import hashlib
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import zipfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import requests
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+import data
+import model
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What to fetch (sources.md)
+
+SOURCES = {  # name -> base URLs, tried in order (only WikiText-103 has more than one; the original S3 zip is gone)
+    "hf": ("https://huggingface.co",),
+    "fb": ("https://dl.fbaipublicfiles.com",),
+    "wikitext": ("https://wikitext.smerity.com",
+                 "https://huggingface.co/datasets/mattdangerw/wikitext-103-raw/resolve/main"),
+    "swag": ("https://raw.githubusercontent.com/rowanz/swagaf/master/data",),
+    "coco": ("http://images.cocodataset.org",),
+}
+
+
+@dataclass(frozen=True)
+class Remote:
+    """One file: <base of `source`>/<path>, saved as DATA/<dest>; size and sha256 only where published."""
+    source: str
+    path: str
+    dest: str
+    size: int | None = None
+    sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Item:
+    """A name on the command line: done when every output exists; `build` turns the fetched files into the outputs
+    (the fetched files that are not outputs are deleted afterwards); `check` validates the outputs."""
+    name: str
+    remotes: tuple[Remote, ...]
+    outputs: tuple[str, ...]
+    build: Callable[[Path], None] | None = None
+    check: Callable[[Path], None] | None = None
+
+
+class DownloadError(Exception):
+    """A failure the user has to act on; the message names the URL or file and says what to do next."""
+
+
+def checkpoint(name: str, hub_id: str, files: tuple[str, ...]) -> Item:
+    """A hub checkpoint as published: DATA/ckpt/<name>/<file> from huggingface.co/<hub_id>/resolve/main/<file>."""
+    remotes = tuple(Remote("hf", f"{hub_id}/resolve/main/{f}", f"ckpt/{name}/{f}") for f in files)
+    return Item(name, remotes, tuple(r.dest for r in remotes))
+
+
+BERT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
+ELECTRA_FILES = ("config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt")  # no safetensors on main
+CHECKPOINTS = (
+    checkpoint("bert-base", "google-bert/bert-base-uncased", BERT_FILES),
+    checkpoint("bert-large", "google-bert/bert-large-uncased", BERT_FILES),
+    checkpoint("electra-base", "google/electra-base-discriminator", ELECTRA_FILES),
+    checkpoint("electra-large", "google/electra-large-discriminator", ELECTRA_FILES),
+    checkpoint("clip", "openai/clip-vit-base-patch32", ("config.json", "pytorch_model.bin", "tokenizer.json")),
+)
+
+
+def unpack_zip(zip_dest: str, members: dict[str, str], root: Path) -> None:
+    """Extract the zip's `members` (name in the zip -> path under DATA), each through a temporary file + os.replace;
+    an archive that is corrupt or lacks a member is removed."""
+    archive = root / zip_dest
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            missing = [m for m in members if m not in set(zf.namelist())]
+            for member, dest in {} if missing else members.items():
+                out = root / dest
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(member) as src, open(f"{out}.tmp", "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+                os.replace(f"{out}.tmp", out)
+    except zipfile.BadZipFile as err:
+        archive.unlink()
+        raise DownloadError(f"{archive} is not a valid zip ({err}); it was removed: run the same command again")
+    if missing:
+        archive.unlink()
+        raise DownloadError(f"{archive} has no {missing[0]}, so the mirror serves another archive; it was removed: "
+                            f"pass another --mirror")
+
+
+def zip_item(name: str, remote: Remote, members: dict[str, str]) -> Item:
+    return Item(name, (remote,), tuple(members.values()), functools.partial(unpack_zip, remote.dest, members))
+
+
+WIKITEXT = zip_item(
+    "wikitext",
+    Remote("wikitext", "wikitext-103-raw-v1.zip", "downloads/wikitext-103-raw-v1.zip", 191_984_949,
+           "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
+    {f"wikitext-103-raw/wiki.{s}.raw": f"wikitext-103-raw/wiki.{s}.raw" for s in ("train", "valid", "test")})
+
+SPLITS = ("train.tsv", "dev.tsv", "test.tsv")
+GLUE_ZIPS = {  # CLI name -> (task dir, zip name, files)
+    "cola": ("CoLA", "CoLA", SPLITS), "sst2": ("SST-2", "SST-2", SPLITS), "stsb": ("STS-B", "STS-B", SPLITS),
+    "qqp": ("QQP", "QQP-clean", SPLITS), "qnli": ("QNLI", "QNLIv2", SPLITS), "rte": ("RTE", "RTE", SPLITS),
+    "wnli": ("WNLI", "WNLI", SPLITS),
+    "mnli": ("MNLI", "MNLI", ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv", "test_matched.tsv",
+                              "test_mismatched.tsv")),
+}
+
+
+def glue_zip(name: str, task: str, zip_name: str, files: tuple[str, ...]) -> Item:
+    remote = Remote("fb", f"glue/data/{zip_name}.zip", f"downloads/{zip_name}.zip")
+    return zip_item(name, remote, {f"{task}/{f}": f"glue/{task}/{f}" for f in files})
+
+
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+
+
+def build_mrpc(root: Path) -> None:
+    """GLUE's MRPC from SentEval's MSR paraphrase files: dev = the train rows listed in mrpc_dev_ids.tsv; test gets an
+    index column (as GLUE's download_glue_data.py does; the byte-order mark is dropped)."""
+    def rows(name):
+        with open(root / "downloads" / name, encoding="utf-8-sig") as f:
+            return [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+    dev_ids = {tuple(r) for r in rows("mrpc_dev_ids.tsv")}
+    train = rows("msr_paraphrase_train.txt")[1:]
+    dev = [r for r in train if (r[1], r[2]) in dev_ids]
+    if len(dev) != len(dev_ids):
+        raise DownloadError(f"only {len(dev)} of the {len(dev_ids)} MRPC dev ids are in msr_paraphrase_train.txt: "
+                            f"delete {root / 'downloads'} and run `python download.py mrpc` again")
+    test = [[str(i), *r[1:]] for i, r in enumerate(rows("msr_paraphrase_test.txt")[1:])]
+    out = root / "glue" / "MRPC"
+    write_lines(out / "dev.tsv", [MRPC_HEADER, *("\t".join(r) for r in dev)])
+    write_lines(out / "train.tsv", [MRPC_HEADER, *("\t".join(r) for r in train if (r[1], r[2]) not in dev_ids)])
+    write_lines(out / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", *("\t".join(r) for r in test)])
+
+
+MRPC = Item("mrpc", (
+    Remote("fb", "senteval/senteval_data/msr_paraphrase_train.txt", "downloads/msr_paraphrase_train.txt"),
+    Remote("fb", "senteval/senteval_data/msr_paraphrase_test.txt", "downloads/msr_paraphrase_test.txt"),
+    Remote("fb", "glue/data/mrpc_dev_ids.tsv", "downloads/mrpc_dev_ids.tsv"),
+), tuple(f"glue/MRPC/{f}" for f in SPLITS), build_mrpc)
+
+SWAG = Item("swag", tuple(Remote("swag", f"{s}.csv", f"swag/{s}.csv") for s in ("train", "val", "test")),
+            tuple(f"swag/{s}.csv" for s in ("train", "val", "test")))
+
+COCO = zip_item("coco", Remote("coco", "annotations/annotations_trainval2017.zip",
+                               "downloads/annotations_trainval2017.zip"),
+                {"annotations/captions_train2017.json": "coco/captions_train2017.json"})
+
+COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
+COMMONLIT_ROWS = 2834
+READ_HELP = """\
+READ (CommonLit Readability Prize) needs a Kaggle login, so it cannot be fetched here:
+  1. sign in at https://www.kaggle.com and accept the rules at
+     https://www.kaggle.com/competitions/commonlitreadabilityprize/rules
+  2. download the data: `kaggle competitions download -c commonlitreadabilityprize`
+     (or the "Download All" button at https://www.kaggle.com/competitions/commonlitreadabilityprize/data)
+  3. unzip it and put train.csv (2834 excerpts, about 2.8 MB) at {path}
+  4. run `python download.py read` to check the file."""
+
+
+def check_commonlit(root: Path) -> None:
+    """The CommonLit train.csv the user put in place: its header, 2834 rows and a numeric target in each."""
+    path = root / "read" / "train.csv"
+    if not path.is_file():
+        raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run "
+                            f"`python download.py read` again")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.reader(f))
+    if not rows or rows[0] != COMMONLIT_HEADER:
+        raise DownloadError(f"{path} has the columns {rows[0] if rows else []}, not {','.join(COMMONLIT_HEADER)}: "
+                            f"put the competition's train.csv there (not test.csv or sample_submission.csv)")
+    for i, row in enumerate(rows[1:], 1):
+        if len(row) != len(COMMONLIT_HEADER) or not is_number(row[4]):
+            raise DownloadError(f"{path}: record {i} has no numeric target: download train.csv again")
+    if len(rows) - 1 != COMMONLIT_ROWS:
+        raise DownloadError(f"{path} has {len(rows) - 1} records, the CommonLit train.csv has {COMMONLIT_ROWS}: "
+                            f"download train.csv again")
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+READ = Item("read", (), ("read/train.csv",), check=check_commonlit)
+
+ITEMS = {item.name: item for item in (
+    *CHECKPOINTS, WIKITEXT, *(glue_zip(name, *spec) for name, spec in GLUE_ZIPS.items()), MRPC, SWAG, READ, COCO)}
+GROUPS = {
+    "glue": ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"),
+    "main": ("bert-base", "clip", "wikitext", "glue"),  # what the main experiment needs (the default)
+    "all": tuple(ITEMS),
+}
+
+
+def expand(names: list[str]) -> list[Item]:
+    """Command-line names (items and GROUPS) -> items, in order, without repeats."""
+    out = {}
+    for name in names:
+        if name in GROUPS:
+            out.update((item.name, item) for item in expand(list(GROUPS[name])))
+        elif name in ITEMS:
+            out[name] = ITEMS[name]
+        else:
+            raise SystemExit(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
+    return list(out.values())
+
+
+def mirror_bases(overrides: list[str], environ=os.environ) -> dict[str, tuple[str, ...]]:
+    """SOURCES with the bases replaced by XDBERT_MIRROR_<NAME> and then by --mirror NAME=URL."""
+    bases = dict(SOURCES)
+    for name in SOURCES:
+        if url := environ.get(f"XDBERT_MIRROR_{name.upper()}"):
+            bases[name] = (url,)
+    for spec in overrides:
+        name, sep, url = spec.partition("=")
+        if not sep or name not in SOURCES:
+            raise SystemExit(f"--mirror {spec!r}: write NAME=URL with NAME one of {', '.join(SOURCES)}")
+        bases[name] = (url,)
+    return bases
+
+
+def url_of(remote: Remote, base: str) -> str:
+    return f"{base.rstrip('/')}/{remote.path}"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fetching one file: stream to .part, resume with Range, retry, verify, rename
+
+
+class _Transient(Exception):
+    """A failure worth another try (a 5xx, a short body, a refused resume)."""
+
+
+TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+
+
+def fetch(url: str, dest, *, size: int | None = None, sha256: str | None = None,
+          session: requests.Session | None = None, retries: int = 5, backoff: float = 1.0,
+          timeout: float = 60.0) -> Path:
+    """Download url to dest unless dest is already there and verifies. After `retries` failed tries in a row that
+    made no progress it gives up, keeping the .part file for the next run to resume."""
+    dest = Path(dest)
+    if dest.exists():
+        if verifies(dest, size, sha256):
+            return dest
+        print(f"{dest} does not match its published size or sha256: fetching it again")
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    session = session or requests.Session()
+    failures = 0
+    while True:
+        before = file_size(part)
+        try:
+            stream(session, url, part, timeout)
+            break
+        except TRANSIENT as err:
+            failures = 0 if file_size(part) > before else failures + 1
+            if failures > retries:
+                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {err}); check the "
+                                    f"network or pass another --mirror, then run the same command to resume") from None
+            time.sleep(min(60.0, backoff * 2 ** failures))
+    check_download(part, url, size, sha256)
+    os.replace(part, dest)
+    return dest
+
+
+def stream(session: requests.Session, url: str, part: Path, timeout: float) -> None:
+    """One GET into part: append after a 206 answer to our Range request, start over after a 200."""
+    have = file_size(part)
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+        if r.status_code >= 500:
+            raise _Transient(f"HTTP {r.status_code}")
+        if r.status_code == 416:
+            part.unlink()
+            raise _Transient("the server cannot resume this partial file (HTTP 416); starting over")
+        if r.status_code >= 400:
+            raise DownloadError(f"HTTP {r.status_code} {r.reason} for {url}: check the URL (or the --mirror base)")
+        if r.status_code == 206:
+            total = resumed_total(r, have, part)
+        else:
+            have, total = 0, int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
+        progress = Progress(part.name.removesuffix(".part"), have, total)
+        with open(part, "ab" if have else "wb") as f:
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+                have += len(chunk)
+                progress.update(have)
+        progress.close()
+    if total is not None and have != total:
+        raise _Transient(f"the connection closed after {have} of {total} bytes")
+
+
+def resumed_total(r: requests.Response, have: int, part: Path) -> int | None:
+    """The full size from a 206's Content-Range 'bytes START-END/TOTAL'; a range not starting at `have` restarts."""
+    span, _, total = r.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
+    if span.partition("-")[0] != str(have):
+        part.unlink()
+        raise _Transient(f"the server resumed at {span or '?'} instead of byte {have}; starting over")
+    return int(total) if total.isdigit() else None
+
+
+def check_download(part: Path, url: str, size: int | None, sha256: str | None) -> None:
+    """Size and sha256 of a finished .part; a bad file is removed."""
+    got = part.stat().st_size
+    if size is not None and got != size:
+        part.unlink()
+        raise DownloadError(f"{url} gave {got} bytes instead of {size}; the file was removed: run again or pass "
+                            f"another --mirror")
+    if sha256 is not None and (digest := file_sha256(part)) != sha256:
+        part.unlink()
+        raise DownloadError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; the bad file was removed: "
+                            f"run again or pass another --mirror")
+
+
+def verifies(path: Path, size: int | None, sha256: str | None) -> bool:
+    return (size is None or path.stat().st_size == size) and (sha256 is None or file_sha256(path) == sha256)
+
+
+def file_size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def human(n: float) -> str:
+    """Bytes in decimal units: 191984949 -> '192.0 MB'."""
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+class Progress:
+    """Bytes, rate and ETA: one line redrawn in place on a terminal, otherwise a line per 10% (or per minute)."""
+
+    def __init__(self, name: str, start: int, total: int | None):
+        self.name, self.start, self.total, self.out = name, start, total, sys.stderr
+        self.tty = self.out.isatty()
+        self.have, self.t0, self.shown_at = start, time.monotonic(), time.monotonic()
+        self.next_tenth = 1 + 10 * start // total if total else None
+
+    def update(self, have: int) -> None:
+        now, self.have = time.monotonic(), have
+        if self.tty and now - self.shown_at >= 0.2:
+            self.show(have, now, "")
+        elif not self.tty and (now - self.shown_at >= 60 or (self.total and 10 * have >= self.next_tenth * self.total)):
+            self.show(have, now, "\n")
+            if self.total:
+                self.next_tenth = 1 + 10 * have // self.total
+
+    def show(self, have: int, now: float, end: str) -> None:
+        rate = (have - self.start) / max(now - self.t0, 1e-9)
+        line = f"  {self.name}  {human(have)}"
+        if self.total:
+            eta = timedelta(seconds=round((self.total - have) / rate)) if rate > 0 else "?"
+            line += f" / {human(self.total)} ({100 * have // self.total}%)  {human(rate)}/s  ETA {eta}"
+        else:
+            line += f"  {human(rate)}/s"
+        print(f"\r{line:79}" if self.tty else line, end=end, file=self.out, flush=True)
+        self.shown_at = now
+
+    def close(self) -> None:
+        if self.tty:
+            self.show(self.have, time.monotonic(), "\n")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Items: plan, fetch, build
+
+
+def fetch_remote(remote: Remote, root: Path, bases: dict, session: requests.Session) -> Path:
+    """A Remote from the first of its source's bases that delivers it."""
+    errors = []
+    for base in bases[remote.source]:
+        try:
+            return fetch(url_of(remote, base), root / remote.dest, size=remote.size, sha256=remote.sha256,
+                         session=session)
+        except DownloadError as err:
+            errors.append(err)
+            print(f"{err}", file=sys.stderr)
+    if len(errors) == 1:
+        raise errors[0]
+    raise DownloadError(f"every mirror of {remote.path} failed (see above): pass a working one with "
+                        f"--mirror {remote.source}=URL")
+
+
+def is_done(item: Item, root: Path) -> bool:
+    return all((root / out).exists() for out in item.outputs)
+
+
+def get(item: Item, root: Path, bases: dict, session: requests.Session) -> None:
+    """Fetch and build an item unless its outputs are there; then validate them."""
+    if not is_done(item, root) and item.remotes:
+        for remote in item.remotes:
+            fetch_remote(remote, root, bases, session)
+        if item.build:
+            item.build(root)
+        for remote in item.remotes:
+            if remote.dest not in item.outputs:
+                (root / remote.dest).unlink()
+    if item.check:
+        item.check(root)
+    print(f"{item.name}: ok")
+
+
+def remote_size(session: requests.Session, url: str) -> int | None:
+    """Content-Length from a HEAD request (following redirects), or None."""
+    try:
+        r = session.head(url, allow_redirects=True, timeout=15, headers={"Accept-Encoding": "identity"})
+        return int(r.headers["Content-Length"]) if r.ok and "Content-Length" in r.headers else None
+    except (requests.RequestException, ValueError):
+        return None
+
+
+def show_plan(items: list[Item], root: Path, bases: dict, session: requests.Session) -> None:
+    """What will be fetched, with sizes (published, else from a HEAD request), before anything is."""
+    print(f"data directory: {root}")
+    total, unknown = 0, 0
+    for item in items:
+        if is_done(item, root):
+            print(f"  {item.name:14} present, skipped")
+            continue
+        if not item.remotes:
+            print(f"  {item.name:14} manual download:\n" + READ_HELP.format(path=root / item.outputs[0]))
+        for remote in item.remotes:
+            url = url_of(remote, bases[remote.source][0])
+            size = remote.size or remote_size(session, url)
+            total, unknown = total + (size or 0), unknown + (size is None)
+            print(f"  {item.name:14} {url}  {human(size) if size else 'size unknown'}")
+    print(f"to fetch: {human(total)}" + (f" + {unknown} files of unknown size" if unknown else ""))
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", default=["main"],
+                        help=f"what to fetch (default main): {', '.join([*GROUPS, *ITEMS])}")
+    parser.add_argument("--data", help="data root (default data, or data/toy with --toy)")
+    parser.add_argument("--mirror", action="append", default=[], metavar="NAME=URL",
+                        help=f"replace a source's base URL; NAME is one of {', '.join(SOURCES)}")
+    parser.add_argument("--dry-run", action="store_true", help="show what would be fetched and stop")
+    parser.add_argument("--toy", action="store_true", help="build the offline toy kit (no network)")
+    args = parser.parse_args(argv)
+    root = Path(args.data or ("data/toy" if args.toy else "data"))
+    if args.toy:
+        build_toy(root)
+        return
+    items, bases, session = expand(args.names), mirror_bases(args.mirror), requests.Session()
+    show_plan(items, root, bases, session)
+    if args.dry_run:
+        return
+    failed = []
+    for item in items:
+        try:
+            get(item, root, bases, session)
+        except DownloadError as err:
+            print(f"{item.name}: {err}", file=sys.stderr)
+            failed.append(item.name)
+    if failed:
+        raise SystemExit(f"not done: {' '.join(failed)}; fix the errors above and run "
+                         f"`python download.py {' '.join(failed)}` again")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The offline toy kit: the same layouts, generated from a small world of visual words (seeded, seconds)
+
+
+COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
+OBJECTS = ("ball", "cup", "car", "bus", "train", "boat", "kite", "dog", "cat", "horse", "bird", "bicycle", "chair",
+           "table", "lamp", "apple", "banana", "umbrella", "book", "clock", "vase", "hat", "bench", "tree", "flower")
+SCENES = ("beach", "forest", "kitchen", "street", "park", "river", "mountain", "garden", "field", "harbour",
+          "desert", "market", "station", "lake", "village", "meadow")
+SIZES = ("small", "large", "tall", "tiny", "old", "new", "bright", "dark", "shiny", "wooden")
+POSES = ("sits", "rests", "stands", "lies", "hangs", "waits")
+POSES_ING = ("sitting", "resting", "standing", "lying", "hanging", "waiting")
+PLACES = ("on", "near", "under", "beside", "behind", "above")
+POSITIVE = ("wonderful", "delightful", "charming", "beautiful", "lovely", "brilliant", "pleasant", "cheerful")
+NEGATIVE = ("dull", "ugly", "boring", "awful", "gloomy", "dreadful", "tedious", "clumsy")
+TOWNS = ("Alder", "Brookmere", "Corran", "Dunmore", "Elling", "Fenwick", "Garrow", "Halden", "Ivybridge", "Kestrel")
+SECTIONS = ("History", "Description", "Appearance", "Reception", "Legacy")
+SUBSECTIONS = ("Colours", "Shapes", "Setting")
+
+BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Lines with '\\n' endings, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8", newline="") as f:
+        f.writelines(line + "\n" for line in lines)
+    os.replace(f"{path}.tmp", path)
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.tmp", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows(rows)
+    os.replace(f"{path}.tmp", path)
+
+
+def capitalise(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def wiki_sentence(rng: random.Random) -> str:
+    """A WikiText-style sentence (tokens split by spaces, @-@ @,@ @.@ separators) about colours, shapes and scenes."""
+    (c, c2), (o, o2), s = rng.sample(COLOURS, 2), rng.sample(OBJECTS, 2), rng.choice(SCENES)
+    shape, size = rng.choice(SHAPES), rng.choice(SIZES)
+    return capitalise(rng.choice((
+        f"the {size} {c} {o} {rng.choice(POSES)} {rng.choice(PLACES)} the {o2} in the {s} .",
+        f"a {c} {shape} is painted on the {o} , which is {size} and {c2} .",
+        f"in {rng.randint(1850, 2015)} the {s} was known for its {c} {o} and its {c2} {o2} .",
+        f"visitors call the {s} {rng.choice(POSITIVE + NEGATIVE)} , with {c} light over the {o} .",
+        f"the {o} is {rng.randint(1, 9)} @.@ {rng.randint(0, 9)} metres tall , with a {c} @-@ and @-@ {c2} {shape} .",
+        f"about {rng.randint(2, 90)} @,@ 000 people see the {c} {o} at the {s} each year .",
+    )))
+
+
+def wiki_article(rng: random.Random) -> list[str]:
+    """WikiText-103 raw lines: ' = Title = ', ' = = Section = = ', ' = = = Sub = = = ', blank ' ' lines between,
+    paragraphs with a leading and a trailing space."""
+    def paragraphs():
+        return [" " + " ".join(wiki_sentence(rng) for _ in range(rng.randint(3, 7))) + " "
+                for _ in range(rng.randint(1, 3))]
+    title = f"The {capitalise(rng.choice(COLOURS))} {capitalise(rng.choice(OBJECTS))} of {rng.choice(TOWNS)}"
+    lines = [" ", f" = {title} = ", " ", *paragraphs(), " "]
+    for section in rng.sample(SECTIONS, rng.randint(1, 3)):
+        lines += [f" = = {section} = = ", " ", *paragraphs(), " "]
+        if rng.random() < 0.3:
+            lines += [f" = = = {rng.choice(SUBSECTIONS)} = = = ", " ", *paragraphs(), " "]
+    return lines
+
+
+def toy_corpus(root: Path, seed: int) -> Path:
+    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw; returns the train file."""
+    folder = root / "wikitext-103-raw"
+    for split, articles in (("train", 300), ("valid", 20), ("test", 20)):
+        path = folder / f"wiki.{split}.raw"
+        if not path.exists():
+            rng = random.Random(f"{seed}-wiki-{split}")
+            write_lines(path, [line for _ in range(articles) for line in wiki_article(rng)])
+    return folder / "wiki.train.raw"
+
+
+def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
+    """BPE (Sennrich et al. 2016) on word counts {symbols: count}: join the most frequent adjacent pair, n_merges times.
+    Ties go to the smallest pair, so that the result is the same on every run (the `tokenizers` trainers order equal
+    counts differently from run to run); a pair whose join is already a token is skipped (vocabularies hold each
+    token once)."""
+    merges, made = [], set()
+    for _ in range(n_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                if join(*pair) not in made:
+                    pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        made.add(join(*best))
+        words = Counter({merge_pair(word, best, join(*best)): count for word, count in words.items()})
+    return merges
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == pair:
+            out.append(joined)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def corpus_words(corpus: Path, tok: Tokenizer) -> Counter:
+    """The corpus's words as the tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
+    text = corpus.read_text(encoding="utf-8")
+    return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+
+
+def train_wordpiece(corpus: Path, n_merges: int = 500) -> Tokenizer:
+    """An uncased BERT-style WordPiece: [PAD] = 0, a few [unusedN], then [UNK] [CLS] [SEP] [MASK] (ids unlike
+    bert-base's on purpose, so that code must read them from the tokenizer), the characters, then the learnt pieces;
+    written as a vocab.txt that data.bert_tokenizer reads as it reads bert-base's."""
+    splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in corpus_words(corpus, splitter).items()})
+    merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
+    symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
+    pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_lines(Path(tmp, "vocab.txt"), BERT_TOY_SPECIALS + list(pieces))
+        return data.bert_tokenizer(tmp)
+
+
+def train_clip_bpe(corpus: Path, n_merges: int = 600) -> Tokenizer:
+    """A CLIP-style byte-level BPE: merges learnt on the words CLIP's own normalizer and pre-tokenizer make of the
+    corpus, laid out by data.clip_tokenizer_json_from_bpe exactly as CLIP's vocabulary (256 byte symbols, the same
+    with '</w>', the merges, <|startoftext|> and <|endoftext|> last)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_merges(Path(tmp, "none.txt.gz"), [])
+        data.clip_tokenizer_json_from_bpe(Path(tmp, "none.txt.gz"), Path(tmp, "none.json"))
+        splitter = Tokenizer.from_file(str(Path(tmp, "none.json")))
+        words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(corpus, splitter).items()})
+        write_merges(Path(tmp, "toy.txt.gz"), learn_merges(words, n_merges, str.__add__))
+        data.clip_tokenizer_json_from_bpe(Path(tmp, "toy.txt.gz"), Path(tmp, "toy.json"))
+        return Tokenizer.from_file(str(Path(tmp, "toy.json")))
+
+
+def write_merges(path: Path, merges: list) -> None:
+    """A merges list in open_clip's bpe_simple_vocab_16e6.txt.gz format: a version line, then 'a b' per merge."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
+
+
+def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
+    """model.save_hf + tokenizer.json (+ vocab.txt) in a temporary folder, renamed into place when complete."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_hf(encoder, tmp)
+    tok.save(str(tmp / "tokenizer.json"))
+    if vocab_txt:
+        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
+        write_lines(tmp / "vocab.txt", [token for token, _ in vocab])
+    os.replace(tmp, folder)
+
+
+def toy_checkpoints(root: Path, corpus: Path, seed: int) -> None:
+    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy: random weights, model.PRESETS
+    sizes, vocab_size set to the trained tokenizers'."""
+    missing = [name for name in ("bert-toy", "electra-toy", "clip-toy") if not (root / "ckpt" / name).exists()]
+    if not missing:
+        return
+    wordpiece, clip = train_wordpiece(corpus), train_clip_bpe(corpus)
+    for name in missing:
+        torch.manual_seed(seed)
+        if name == "clip-toy":
+            cfg = dataclasses.replace(model.PRESETS[name], vocab_size=clip.get_vocab_size())
+            save_checkpoint(model.CLIPTextTransformer(cfg), clip, root / "ckpt" / name, vocab_txt=False)
+        else:
+            cfg = dataclasses.replace(model.PRESETS[name], vocab_size=wordpiece.get_vocab_size())
+            save_checkpoint(model.LanguageEncoder(cfg), wordpiece, root / "ckpt" / name, vocab_txt=True)
+
+
+# GLUE-format toy tasks. Each maker gives (fields, label) examples; TOY_GLUE says how rows and headers look (the exact
+# official formats, sources.md Sec. 1) and what rule decides the label.
+
+def rte_example(rng: random.Random) -> tuple[list[str], str]:
+    """Entailment iff the hypothesis's colour is one of the premise's two."""
+    (c1, c2, c3), (o1, o2), s = rng.sample(COLOURS, 3), rng.sample(OBJECTS, 2), rng.choice(SCENES)
+    entailed = rng.random() < 0.5
+    premise = rng.choice((f"A {c1} {o1} and a {c2} {o2} are in the {s}.",
+                          f"A {rng.choice(SIZES)} {c1} {o1} {rng.choice(POSES)} {rng.choice(PLACES)} a {c2} {o2} "
+                          f"in the {s}."))
+    hypothesis = f"Something {rng.choice((c1, c2)) if entailed else c3} is in the {s}."
+    return [premise, hypothesis], "entailment" if entailed else "not_entailment"
+
+
+def sst2_example(rng: random.Random) -> tuple[list[str], str]:
+    """Positive (1) iff most of its sentiment words are positive."""
+    k = rng.choice((1, 3))
+    n_pos = rng.randint(0, k)
+    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, k - n_pos)
+    rng.shuffle(words)
+    feel = words[0] if k == 1 else f"{words[0]} , {words[1]} and {words[2]}"
+    c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
+    text = rng.choice((f"a {feel} film about a {c} {o} at the {s} .", f"the {c} {o} in the {s} looks {feel} ."))
+    return [text], str(int(2 * n_pos > k))
+
+
+def stsb_example(rng: random.Random) -> tuple[list[str], str]:
+    """Similarity 0-5: 5/3 per shared slot (colour, object, scene), plus a little noise."""
+    slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
+    other = [v if rng.random() < 0.5 else rng.choice([w for w in pool if w != v])
+             for v, pool in zip(slots, (COLOURS, OBJECTS, SCENES))]
+    shared = sum(a == b for a, b in zip(slots, other))
+    score = min(5.0, max(0.0, 5 * shared / 3 + rng.uniform(-0.25, 0.25)))
+    pose = rng.choice(POSES_ING)
+    return [f"A {c} {o} is {pose} in the {s}." for c, o, s in (slots, other)], f"{score:.3f}"
+
+
+def cola_example(rng: random.Random) -> tuple[list[str], str]:
+    """Acceptable (1) iff the words are in English order; the unacceptable ones swap or drop words."""
+    words = ["the", rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(POSES), rng.choice(PLACES), "the",
+             rng.choice(SCENES)]
+    acceptable = rng.random() < 0.6
+    if not acceptable:
+        i = rng.choice((1, 3, 5))
+        words[i:i + 2] = [words[i + 1], words[i]] if rng.random() < 0.7 else words[i + 1:i + 2]
+    return [capitalise(" ".join(words)) + "."], str(int(acceptable))
+
+
+def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
+    """A paraphrase (1) says the same colour, object and scene in another order; a non-paraphrase changes one."""
+    c, (o, o2), s, pose, place = rng.choice(COLOURS), rng.sample(OBJECTS, 2), rng.choice(SCENES), \
+        rng.choice(POSES), rng.choice(PLACES)
+    first = f"The {c} {o} {pose} {place} the {o2} in the {s}."
+    paraphrase = rng.random() < 0.67
+    if not paraphrase:
+        slot = rng.randrange(3)
+        c, o, s = [rng.choice([w for w in pool if w != v]) if i == slot else v
+                   for i, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
+    ids = [str(rng.randint(1000, 3_999_999)) for _ in range(2)]
+    return [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}."], str(int(paraphrase))
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    example: Callable[[random.Random], tuple[list[str], str]]
+    header: str | None                 # train/dev header (CoLA has none)
+    row: Callable[[int, list[str], str], list[str]]
+    test_header: str
+    test_row: Callable[[int, list[str]], list[str]]
+
+
+TOY_GLUE = {
+    "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
+                   "index\tsentence1\tsentence2", lambda i, f: [str(i), *f]),
+    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y],
+                     "index\tsentence", lambda i, f: [str(i), f[0]]),
+    "STS-B": ToyTask(stsb_example, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
+                                   "score",
+                     lambda i, f, y: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f, y],
+                     "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
+                     lambda i, f: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f]),
+    "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
+                    "index\tsentence", lambda i, f: [str(i), f[0]]),
+    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f],
+                    "index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, f: [str(i), *f]),
+}
+TOY_SIZES = {"train.tsv": 400, "dev.tsv": 100, "test.tsv": 100}
+
+
+def toy_glue(root: Path, seed: int) -> None:
+    for name, task in TOY_GLUE.items():
+        folder = root / "glue" / name
+        if all((folder / f).exists() for f in TOY_SIZES):
+            continue
+        rng = random.Random(f"{seed}-glue-{name}")
+        for file, n in TOY_SIZES.items():
+            examples = [task.example(rng) for _ in range(n)]
+            if file == "test.tsv":
+                lines = [task.test_header, *("\t".join(task.test_row(i, f)) for i, (f, _) in enumerate(examples))]
+            else:
+                lines = [task.header] * (task.header is not None) + [
+                    "\t".join(task.row(i, f, y)) for i, (f, y) in enumerate(examples)]
+            write_lines(folder / file, lines)
+
+
+def toy_swag(root: Path, seed: int) -> None:
+    """SWAG's CSV: the right ending carries the same colour and object as the start."""
+    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
+              "ending2", "ending3", "label"]
+    for split, n in (("train", 200), ("val", 50), ("test", 50)):
+        path = root / "swag" / f"{split}.csv"
+        if path.exists():
+            continue
+        rng, rows = random.Random(f"{seed}-swag-{split}"), []
+        for i in range(n):
+            c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
+            sent1, sent2 = f"Someone carries a {c} {o} into the {s}.", "Then someone"
+            endings = [f"puts the {c} {o} down near the {rng.choice(SCENES)}."]
+            while len(endings) < 4:
+                wrong = f"puts the {rng.choice(COLOURS)} {rng.choice(OBJECTS)} down near the {rng.choice(SCENES)}."
+                if f" {c} {o} " not in wrong and wrong not in endings:
+                    endings.append(wrong)
+            label = rng.randrange(4)
+            endings.insert(label, endings.pop(0))
+            row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
+            rows.append(row if split != "test" else row[:-1])
+        write_csv(path, [header if split != "test" else header[:-1], *rows])
+
+
+def toy_read(root: Path, seed: int) -> None:
+    """CommonLit's train.csv: multi-line excerpts; the target (reading ease) falls with the sentence length."""
+    path = root / "read" / "train.csv"
+    if path.exists():
+        return
+    rng, rows = random.Random(f"{seed}-read"), [COMMONLIT_HEADER]
+    for i in range(300):
+        long = rng.random()
+        sentences = [wiki_sentence(rng) if rng.random() < long else
+                     f"The {rng.choice(OBJECTS)} is {rng.choice(COLOURS)}." for _ in range(rng.randint(4, 8))]
+        words = sum(len(s.split()) for s in sentences) / len(sentences)
+        target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
+        excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
+        rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
+    write_csv(path, rows)
+
+
+def toy_coco(root: Path, seed: int) -> None:
+    """captions_train2017.json with 5 captions for each of 600 images; objects drawn Zipf-like, so that some words
+    pass the 100-occurrence bar of the visually-grounded ratio (Sec. 4) and others do not."""
+    path = root / "coco" / "captions_train2017.json"
+    if path.exists():
+        return
+    rng = random.Random(f"{seed}-coco")
+    weights = [1 / (i + 1) for i in range(len(OBJECTS))]
+    images, annotations = [], []
+    for image in range(600):
+        images.append({"id": image, "file_name": f"{image:012d}.jpg", "height": 480, "width": 640})
+        for _ in range(5):
+            o, o2 = rng.choices(OBJECTS, weights, k=2)
+            caption = rng.choice((f"A {rng.choice(COLOURS)} {o} {rng.choice(POSES)} {rng.choice(PLACES)} a {o2}.",
+                                  f"There is a {rng.choice(SIZES)} {o} in the {rng.choice(SCENES)}.",
+                                  f"A {o} with a {rng.choice(COLOURS)} {rng.choice(SHAPES)} on it."))
+            annotations.append({"image_id": image, "id": len(annotations), "caption": caption})
+    write_lines(path, [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [],
+                                   "images": images, "annotations": annotations})])
+
+
+def build_toy(root: Path, seed: int = 0) -> None:
+    """The whole toy kit under root; parts that exist are kept."""
+    start = time.time()
+    corpus = toy_corpus(root, seed)
+    toy_checkpoints(root, corpus, seed)
+    toy_glue(root, seed)
+    toy_swag(root, seed)
+    toy_read(root, seed)
+    toy_coco(root, seed)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"toy kit in {root}: {human(size)}, {time.time() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
