@@ -729,69 +729,82 @@ def table6():
     return rows
 
 
-def _bench(steps=5):
-    """Forward+backward time and peak memory of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers'
-    sdpa implementations on identical weights and inputs, measured alternately in one process."""
-    import resource
-    import time
-    try:
-        import transformers
-    except ImportError:
-        sys.exit("the benchmark compares against transformers: `pip install -r requirements-test.txt` first")
-    import tempfile as tf
+def _bench_pair(preset, shape, directory):
+    """Our module and transformers' (sdpa attention) with identical random weights, and an input batch."""
+    import transformers
     transformers.logging.set_verbosity_error()
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, {steps} steps after 2 warm-up")
+    cfg = PRESETS[preset]
+    ours = LanguageEncoder(cfg) if preset != "clip" else CLIPTextTransformer(cfg)
+    save_hf(ours, directory)
+    if preset == "clip":
+        theirs = transformers.CLIPTextModelWithProjection.from_pretrained(directory, attn_implementation="sdpa")
+        run_theirs = lambda ids: theirs(ids).text_embeds
+    else:
+        theirs = transformers.BertModel.from_pretrained(directory, attn_implementation="sdpa")
+        run_theirs = lambda ids: theirs(ids).last_hidden_state
+    ours.train(), theirs.train()
+    ids = torch.randint(0, cfg.vocab_size - 1, shape)
+    return {"ours": lambda: ours(ids)[0], "transformers": lambda: run_theirs(ids)}
+
+
+def _step(run):
+    run().float().square().mean().backward()
+
+
+def _peak_step_memory(preset, shape, name):
+    """MB of resident memory one forward+backward adds at its peak, in this (fresh) process: Linux's peak-RSS
+    counter is reset after a warm-up step (/proc/self/clear_refs), then read (VmHWM) after a measured step."""
+    def status(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+    with tempfile.TemporaryDirectory() as d:
+        run = _bench_pair(preset, shape, d)[name]
+    _step(run)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = status("VmRSS")
+    _step(run)
+    return status("VmHWM") - base
+
+
+def _bench(steps=5):
+    """Forward+backward time and peak memory of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers'
+    sdpa implementations on identical weights and inputs. Times alternate step by step in one process (the median
+    is printed); each memory figure comes from a fresh process with glibc's malloc returning freed memory at once."""
+    import subprocess
+    import time
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        sys.exit("the benchmark compares against transformers: `pip install -r requirements-test.txt` first")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {steps} steps")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     for preset, shape in (("bert-base", (8, 128)), ("clip", (72, 77))):
-        cfg = PRESETS[preset]
-        ours = LanguageEncoder(cfg) if preset != "clip" else CLIPTextTransformer(cfg)
-        with tf.TemporaryDirectory() as d:
-            save_hf(ours, d)
-            cls = transformers.BertModel if preset != "clip" else transformers.CLIPTextModelWithProjection
-            theirs = cls.from_pretrained(d, attn_implementation="sdpa")
-        ids = torch.randint(0, cfg.vocab_size - 1, shape)
-        runs = {"ours": lambda: ours(ids)[0], "transformers": lambda: (
-            theirs(ids).last_hidden_state if preset != "clip" else theirs(ids).text_embeds)}
-        for m in (ours, theirs):
-            m.train()
-        times = {k: [] for k in runs}
-        for i in range(steps + 2):
+        with tempfile.TemporaryDirectory() as d:
+            runs = _bench_pair(preset, shape, d)
+        times = {name: [] for name in runs}
+        for i in range(steps + 1):
             for name, run in runs.items():
                 t = time.perf_counter()
-                run().float().square().mean().backward()
-                if i >= 2:
-                    times[name].append(time.perf_counter() - t)
-        peaks = {}
-        for name, run in runs.items():  # peak memory of one step, each in a fresh child (ru_maxrss is per process)
-            peaks[name] = _child_peak_rss(run)
-        t_o, t_t = sorted(times["ours"])[steps // 2], sorted(times["transformers"])[steps // 2]
-        print(f"{preset:9s} {shape}: fwd+bwd ours {t_o * 1e3:7.1f} ms, transformers {t_t * 1e3:7.1f} ms, "
-              f"ratio {t_o / t_t:.2f}; peak step memory ours {peaks['ours']:.0f} MB, transformers "
-              f"{peaks['transformers']:.0f} MB, ratio {peaks['ours'] / peaks['transformers']:.2f}")
-    del resource
-
-
-def _child_peak_rss(run):
-    """Peak resident memory (MB) added by one forward+backward of `run`, measured in a forked child."""
-    import resource
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(r)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        run().float().square().mean().backward()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        os.write(w, str((after - before) / 1024).encode())
-        os._exit(0)
-    os.close(w)
-    value = float(os.read(r, 64))
-    os.waitpid(pid, 0)
-    return value
+                _step(run)
+                times[name].append(time.perf_counter() - t)
+        t = {name: sorted(v[1:])[steps // 2] for name, v in times.items()}
+        mem = {name: float(subprocess.check_output(
+            [sys.executable, __file__, "bench-memory", preset, str(shape[0]), str(shape[1]), name], env=env))
+            for name in runs}
+        print(f"{preset:9s} {shape[0]:2d} x {shape[1]:3d}: fwd+bwd ours {t['ours'] * 1e3:6.0f} ms, transformers "
+              f"{t['transformers'] * 1e3:6.0f} ms, ratio {t['ours'] / t['transformers']:.2f} | peak step memory "
+              f"ours {mem['ours']:5.0f} MB, transformers {mem['transformers']:5.0f} MB, "
+              f"ratio {mem['ours'] / mem['transformers']:.2f}")
 
 
 if __name__ == "__main__":
     if sys.argv[1:] == ["bench"]:
         _bench()
+    elif sys.argv[1:2] == ["bench-memory"]:
+        preset, B, T, name = sys.argv[2:]
+        print(_peak_step_memory(preset, (int(B), int(T)), name))
     else:
         print("Table 6 parameter counts, computed from the presets on the meta device (task heads not counted)")
         for name, ours in table6():
