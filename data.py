@@ -504,7 +504,13 @@ def get_task(task: "Task | str") -> Task:
 def _label(task: Task, raw: str, where: str) -> int | float:
     """A label mapped by name (classification, choice) or parsed as a float (regression)."""
     if task.kind == "regression":
-        return float(raw)
+        try:
+            value = float(raw)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{where}: score {raw!r} is not a number, as every {task.name} label must be")
+        return value
     if raw not in task.label_names:
         raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
     return task.label_names.index(raw)
@@ -619,17 +625,20 @@ def _clip_features(pairs: list[tuple[str, str | None]], clip_tok: Tokenizer) -> 
     return {"clip_ids": ids, "clip_mask": _block_mask(lengths)}
 
 
-def encode(examples: list[Example], task: "Task | str", bert_tok: Tokenizer, max_len: int = 128,
+def encode(examples: list[Example], task: "Task | str", bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
     """Finetuning features (Sec. 2.4): input_ids, attention_mask, token_type_ids (N, max_len) (choice: (N, 4, max_len)),
     labels (N,) (int64; float32 for regression; absent when the split's labels are hidden); with clip_tok also
-    clip_ids, clip_mask (N, 2 or 4, 77) (choice: (N, 4, 4, 77)) for full-model finetuning (App. C.3)."""
+    clip_ids, clip_mask (N, 2 or 4, 77) (choice: (N, 4, 4, 77)) for full-model finetuning (App. C.3).
+    bert_tok=None gives the CLIP features alone (CLIP-T finetuned on its own, Table 1)."""
+    if bert_tok is None and clip_tok is None:
+        raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
     task = get_task(task)
     if task.kind == "choice":
         pairs = [(ex.text_a, ending) for ex in examples for ending in ex.endings]
     else:
         pairs = [(ex.text_a, ex.text_b) for ex in examples]
-    features = _bert_features(pairs, bert_tok, max_len)
+    features = _bert_features(pairs, bert_tok, max_len) if bert_tok is not None else {}
     if clip_tok is not None:
         features |= _clip_features(pairs, clip_tok)
     shape = (len(examples), -1) if task.kind == "choice" else (len(examples),)
