@@ -229,7 +229,8 @@ class CLIPTextTransformer(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
         self.apply(init_weights)
-        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.positional_embedding, std=0.01)  # CLIP's own initialisation of these two
+        nn.init.normal_(self.text_projection.weight, std=cfg.width ** -0.5)
 
     def forward(self, input_ids):
         # input_ids (N, 77) -> tokens (N, 77, P) for every position, pooled (N, P) at the end-of-text token.
