@@ -5,7 +5,7 @@
     python download.py --dry-run all         # what would be fetched, with sizes, and nothing else
     python download.py --toy                 # the offline miniature of everything in data/toy (seconds, no network)
 
-Everything lands in the layout of CONTRACT.md under --data (default data): ckpt/<name>/, wikitext-103-raw/,
+Everything lands in the layout of README.md ("Data layout") under --data (default data): ckpt/<name>/, wikitext-103-raw/,
 glue/<Task>/, swag/, read/train.csv, coco/captions_train2017.json. Checkpoints are kept exactly as the hub
 publishes them (model.safetensors or pytorch_model.bin): model.from_hf reads either, so nothing is converted.
 
