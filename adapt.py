@@ -187,16 +187,6 @@ def peak_flops(device, override):
 # ----------------------------------------------------------------------------- the run
 
 
-def resolve_ckpt(name, data_root, what):
-    """A --encoder/--clip value: a name under DATA/ckpt/ or a hub-layout directory."""
-    for path in (os.path.join(data_root, "ckpt", name), name):
-        if os.path.isfile(os.path.join(path, "config.json")):
-            return path
-    hint = "python download.py --toy" if "toy" in name else f"python download.py {name}"
-    raise SystemExit(f"unknown {what} {name!r}: no {os.path.join(data_root, 'ckpt', name)}/config.json and no such "
-                     f"hub-layout directory; run `{hint}` or pass a directory holding config.json")
-
-
 def build_model(args, lang_dir, clip_dir):
     """The cross-modal transformer from the public checkpoints; --no-clip: the language encoder with its MLM head
     alone (model.py's baseline: no CLIP-T, no cross-modal layers)."""
@@ -351,8 +341,10 @@ def main(argv=None):
 
 def train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum):
     master = rank == 0
-    lang_dir = resolve_ckpt(args.encoder, args.data, "encoder")
-    clip_dir = resolve_ckpt(args.clip, args.data, "CLIP tower")
+    try:
+        lang_dir, clip_dir = data.checkpoint_dir(args.encoder, args.data), data.checkpoint_dir(args.clip, args.data)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     dataset = prepare_data(args, rank, world, lang_dir, clip_dir)
     steps_per_epoch = len(dataset) // args.global_batch
     if steps_per_epoch == 0:

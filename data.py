@@ -49,6 +49,16 @@ def _download_hint(path: Path, what: str) -> str:
     return f"run `python download.py {'--toy' if toy else what}`"
 
 
+def checkpoint_dir(name, data_root="data") -> Path:
+    """A --encoder / --clip value: a name under DATA/ckpt/ or a hub-layout directory (e.g. runs/<run>/xdbert)."""
+    where = Path(data_root) / "ckpt" / str(name)
+    for path in (where, Path(name)):
+        if (path / "config.json").is_file():
+            return path
+    raise FileNotFoundError(f"no checkpoint {str(name)!r}: neither {where} nor {name} holds a config.json; "
+                            f"{_download_hint(where, name)}, or give a directory adapt.py wrote (runs/<run>/xdbert)")
+
+
 def bert_tokenizer(ckpt_dir) -> Tokenizer:
     """BERT/ELECTRA uncased WordPiece from the checkpoint's tokenizer.json (or vocab.txt), see _plain."""
     ckpt = Path(ckpt_dir)

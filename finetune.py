@@ -371,17 +371,6 @@ def splits(task, kind):
     return {"": kind}
 
 
-def checkpoint_dir(name, data_root):
-    """A --encoder / --clip value: a directory in the hub layout, or a name under DATA/ckpt/."""
-    if os.path.isdir(name):
-        return name
-    path = os.path.join(data_root, "ckpt", name)
-    if os.path.isdir(path):
-        return path
-    raise SystemExit(f"no checkpoint {name!r} (neither a directory nor {path}): run `python download.py {name}`, "
-                     f"or `python download.py --toy` for the toy kit")
-
-
 def load_backbone(args):
     """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder / --full-model."""
     if args.full_model:
@@ -395,8 +384,8 @@ def load_backbone(args):
         if xm.clip is None:
             raise SystemExit(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
         bert_tok = data.bert_tokenizer(os.path.join(os.path.dirname(path), "xdbert"))
-        return xm, "full-model", bert_tok, data.clip_tokenizer(checkpoint_dir(args.clip, args.data))
-    path = checkpoint_dir(args.encoder, args.data)
+        return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(args.clip, args.data))
+    path = data.checkpoint_dir(args.encoder, args.data)
     backbone = model.from_hf(path)
     if isinstance(backbone, model.CLIPTextTransformer):
         return backbone, "clip", None, data.clip_tokenizer(path)

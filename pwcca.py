@@ -85,17 +85,6 @@ RANDOM_SEED = 0
 WORD = re.compile(r"[a-z]+")
 
 
-def checkpoint_dir(name, data_root):
-    """A name under DATA/ckpt/ or a path to a hub-layout dir (e.g. runs/<run>/xdbert); one sentence if missing."""
-    is_path = os.sep in name or os.path.isdir(name)
-    path = name if is_path else os.path.join(data_root, "ckpt", name)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        fix = ("pass a hub-layout dir (adapt.py writes runs/<run>/xdbert)" if is_path
-               else "run `python download.py --toy`" if name.endswith("-toy") else f"run `python download.py {name}`")
-        raise SystemExit(f"no checkpoint at {path}: {fix}")
-    return path
-
-
 def load_space(name, data_root, bert_name):
     """Input word embeddings (V, H) and the tokenizer that indexes them (Table 2).
 
@@ -104,8 +93,8 @@ def load_space(name, data_root, bert_name):
     if name == "random":
         config = model.PRESETS[bert_name]
         table = np.random.default_rng(RANDOM_SEED).standard_normal((config.vocab_size, config.hidden_size))
-        return table, data.bert_tokenizer(checkpoint_dir(bert_name, data_root))
-    path = checkpoint_dir(name, data_root)
+        return table, data.bert_tokenizer(data.checkpoint_dir(bert_name, data_root))
+    path = data.checkpoint_dir(name, data_root)
     encoder = model.from_hf(path)
     if isinstance(encoder, model.CLIPTextTransformer):
         return encoder.token_embedding.weight.detach().double().numpy(), data.clip_tokenizer(path)
@@ -150,7 +139,10 @@ def embeddings_main(argv):
     if args.toy:
         data_root, names = os.path.join("data", "toy"), [TOY_NAMES.get(n, n) for n in names]
     bert_name = "bert-toy" if args.toy else "bert-base"
-    (table_a, tok_a), (table_b, tok_b) = (load_space(n, data_root, bert_name) for n in names)
+    try:
+        (table_a, tok_a), (table_b, tok_b) = (load_space(n, data_root, bert_name) for n in names)
+    except FileNotFoundError as e:
+        raise SystemExit(str(e)) from None
     words, ids_a, ids_b = shared_words(tok_a, tok_b)
     if len(words) < 2:
         raise SystemExit(f"{names[0]} and {names[1]} share {len(words)} single-token words: PWCCA needs more")
