@@ -1432,7 +1432,7 @@ def test_adapt_fp16_overflow_is_skipped_not_fatal():
 @pytest.mark.parametrize("flags,message", [
     (["--corpus", "nowhere.raw"], "no corpus at nowhere.raw"),
     (["--cache", "no/such/cache"], "no cache at no/such/cache"),
-    (["--encoder", "bert-huge"], "unknown encoder 'bert-huge'"),
+    (["--encoder", "bert-huge"], "no checkpoint 'bert-huge'"),
     (["--tasks", "mlm,itm"], "--tasks itm"),
     (["--benchmark", "1", "--encoder", "bert-huge"], "'bert-huge' is not one of"),
 ])
@@ -1953,7 +1953,7 @@ def test_pwcca_shared_words_are_single_tokens_in_both():
 
 
 def test_pwcca_missing_checkpoint_names_download(tmp_path):
-    with pytest.raises(SystemExit, match=r"ckpt/clip: run `python download.py clip`"):
+    with pytest.raises(SystemExit, match=r"no checkpoint 'clip'.*ckpt/clip.*run `python download.py clip`"):
         pwcca.main(["clip", "electra-base", "--data", str(tmp_path)])
 
 
