@@ -498,9 +498,8 @@ def keep_log_until(path, step):
         return
     with open(path) as f:
         lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path + ".tmp", "w") as f:
+    with xm.atomic_file(path, "w") as f:
         f.writelines(lines)
-    os.replace(path + ".tmp", path)
 
 
 def log(run_dir, record, last, eta):

@@ -530,18 +530,14 @@ BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]"
 
 def write_lines(path: Path, lines: list[str]) -> None:
     """Lines with '\\n' endings, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8", newline="") as f:
+    with model.atomic_file(path, "w") as f:
         f.writelines(line + "\n" for line in lines)
-    os.replace(f"{path}.tmp", path)
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
     """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8", newline="") as f:
+    with model.atomic_file(path, "w") as f:
         csv.writer(f).writerows(rows)
-    os.replace(f"{path}.tmp", path)
 
 
 def capitalise(text: str) -> str:

@@ -418,14 +418,6 @@ def model_label(args, variant):
 
 # ---------------------------------------------------------------------------------------------------- outputs
 
-def write_atomic(path, text):
-    """Write `text` to path + '.tmp', then rename it into place: readers never see half a file."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
-
-
 def python_value(x):
     return float(x) if isinstance(x, (float, np.floating)) else int(x)
 
@@ -503,14 +495,15 @@ def run_seeds(args, log=print):
         final = history[-1]
         for suffix, (examples, tensors) in dev.items():
             name = "dev_mismatched_predictions.jsonl" if suffix == "_mm" else "dev_predictions.jsonl"
-            write_atomic(os.path.join(run_dir, name),
-                         dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
+            with model.atomic_file(os.path.join(run_dir, name), "w") as out:
+                out.write(dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
         submissions = []
         for suffix, (examples, tensors) in test.items():
             file = SUBMISSION_NAMES[args.task] + {"": "", "_m": "-m", "_mm": "-mm"}[suffix] + ".tsv"
             path = os.path.join(run_dir, "glue_test", file)
-            write_atomic(path, submission_tsv(args.task, [ex.guid for ex in examples],
-                                              predict(net, tensors, torch.device(args.device)), task.label_names))
+            with model.atomic_file(path, "w") as out:
+                out.write(submission_tsv(args.task, [ex.guid for ex in examples],
+                                         predict(net, tensors, torch.device(args.device)), task.label_names))
             submissions.append(path)
         result = {"task": args.task, "model": label, "variant": variant, "encoder": args.encoder, "seed": seed,
                   "metrics": final["metrics"], "main_metric": task.metrics[0] + next(iter(dev)),
@@ -519,7 +512,8 @@ def run_seeds(args, log=print):
                   "hparams": hparams, "train_examples": n_train, "train_seconds": round(seconds, 3),
                   "train_examples_per_second": round(n_train * args.epochs / seconds, 1),
                   "dev_predictions": os.path.join(run_dir, "dev_predictions.jsonl"), "test_predictions": submissions}
-        write_atomic(os.path.join(run_dir, "results.json"), json.dumps(result, indent=2) + "\n")
+        with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
+            out.write(json.dumps(result, indent=2) + "\n")
         results.append(result)
         log(f"{args.task} {label} seed {seed}: {format_metrics(final['metrics'])} "
             f"({seconds:.1f} s, {result['train_examples_per_second']:.0f} train examples/s) -> {run_dir}")

@@ -430,23 +430,28 @@ def write_safetensors(tensors, path, metadata=None):
         header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         f.write(struct.pack("<Q", len(head)) + head)
         for blob in blobs:
             f.write(blob)
 
 
-class _atomic_file:
-    """open(path, 'wb') that only appears under its name once fully written (temporary file + os.replace)."""
+class atomic_file:
+    """open(path, mode) whose file only appears under its name once fully written (temporary file + os.replace);
+    text modes write UTF-8 with '\\n' line endings."""
 
-    def __init__(self, path):
-        self.path = path
+    def __init__(self, path, mode="wb"):
+        self.path, self.mode = path, mode
 
     def __enter__(self):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
         fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".", suffix=".tmp")
-        self.file = os.fdopen(fd, "wb")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
+        text = "b" not in self.mode
+        self.file = os.fdopen(fd, self.mode, **({"encoding": "utf-8", "newline": ""} if text else {}))
         return self.file
 
     def __exit__(self, kind, *_):
@@ -459,7 +464,7 @@ class _atomic_file:
 
 def atomic_save(obj, path):
     """torch.save that never leaves a half-written file under `path`."""
-    with _atomic_file(path) as f:
+    with atomic_file(path) as f:
         torch.save(obj, f)
 
 
@@ -692,7 +697,7 @@ def save_hf(encoder, path):
             tensors[hf] = chunk.clone()
     os.makedirs(path, exist_ok=True)
     write_safetensors(tensors, os.path.join(path, "model.safetensors"), {"format": "pt"})
-    with _atomic_file(os.path.join(path, "config.json")) as f:
+    with atomic_file(os.path.join(path, "config.json")) as f:
         f.write(json.dumps(_hf_config(cfg), indent=2).encode())
 
 
