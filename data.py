@@ -309,18 +309,33 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
         log(f"rebuilding the adaptation cache {cache_dir}: {changed} changed")
     else:
         log(f"building the adaptation cache {cache_dir} from {corpus}")
-    tmp_dir = cache_dir.with_name(cache_dir.name + ".tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir(parents=True)
+    cache_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=cache_dir.name + ".", suffix=".tmp"))  # per process
     start = time.time()
     counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunk_chars)
     manifest = {"key": key, **counts, "special_ids": _special_ids(bert_tok, clip_tok).__dict__,
                 "build_seconds": round(time.time() - start, 1)}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(cache_dir, ignore_errors=True)
-    os.replace(tmp_dir, cache_dir)
+    _publish(tmp_dir, cache_dir, key)
     log(f"{manifest['windows']} windows, {100 * manifest['clip_truncated_fraction']:.2f}% truncated in CLIP blocks")
     return str(cache_dir)
+
+
+def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
+    """Move a finished build into place. Another process building the same cache at the same time may have won the
+    race: its cache is then kept and ours dropped."""
+    def built_by_another():
+        manifest = cache_dir / "manifest.json"
+        return manifest.is_file() and json.loads(manifest.read_text())["key"] == key
+    if not built_by_another():
+        shutil.rmtree(cache_dir, ignore_errors=True)
+        try:
+            os.replace(tmp_dir, cache_dir)
+            return
+        except OSError:  # a concurrent build put its directory there between the two lines above
+            if not built_by_another():
+                raise
+    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,

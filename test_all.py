@@ -546,6 +546,22 @@ def test_data_cache_reuse_and_rebuild(data_clip_dir, tmp_path):
     assert not list((tmp_path / "c").glob("*.tmp"))
 
 
+def test_data_cache_concurrent_builds_do_not_collide(data_clip_dir, tmp_path):
+    """Separate jobs may build the same cache at once: each writes its own temporary folder, one wins."""
+    import subprocess
+    import sys
+    corpus = tmp_path / "wiki.train.raw"
+    data_write_corpus(corpus, 1500)
+    code = (f"import data; print(data.build_cache({str(corpus)!r}, {str(DATA_BERT_DIR)!r}, {str(data_clip_dir)!r}, "
+            f"{str(tmp_path / 'c')!r}, seq_len=32, n_blocks=2, log=lambda m: None))")
+    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(data.__file__)) for _ in range(3)]
+    outs = [job.communicate(timeout=120) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [err for _, err in outs]
+    assert len({out.strip() for out, _ in outs}) == 1
+    assert len(data.AdaptationData(outs[0][0].strip())) > 100 and not list((tmp_path / "c").glob("*.tmp"))
+
+
 def test_data_cache_errors(data_clip_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="python download.py wikitext"):
         data.build_cache(tmp_path / "wikitext-103-raw" / "wiki.train.raw", DATA_BERT_DIR, data_clip_dir, tmp_path)
