@@ -458,7 +458,8 @@ class AdaptationData:
 
 GLUE_SPLITS = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
-               "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv"}
+               "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv",
+               "test_ax": "../AX/AX.tsv"}  # GLUE's diagnostic set (AX), predicted by the MNLI model
 COLA_COLUMNS = ("source", "label", "orig", "sentence")  # CoLA's train.tsv and dev.tsv have no header row
 READ_DEV_FRACTION, READ_SPLIT_SEED = 0.1, 0             # CommonLit's test labels are private: a fixed dev split
 

@@ -174,6 +174,8 @@ MRPC = Item("mrpc", (
     Remote("fb", "glue/data/mrpc_dev_ids.tsv", "downloads/mrpc_dev_ids.tsv"),
 ), tuple(f"glue/MRPC/{f}" for f in SPLITS), build_mrpc)
 
+AX = Item("ax", (Remote("fb", "glue/data/AX.tsv", "glue/AX/AX.tsv"),), ("glue/AX/AX.tsv",))  # GLUE's diagnostic
+
 SWAG = Item("swag", tuple(Remote("swag", f"{s}.csv", f"swag/{s}.csv") for s in ("train", "val", "test")),
             tuple(f"swag/{s}.csv" for s in ("train", "val", "test")))
 
@@ -223,9 +225,9 @@ def is_number(text: str) -> bool:
 READ = Item("read", (), ("read/train.csv",), check=check_commonlit)
 
 ITEMS = {item.name: item for item in (
-    *CHECKPOINTS, WIKITEXT, *(glue_zip(name, *spec) for name, spec in GLUE_ZIPS.items()), MRPC, SWAG, READ, COCO)}
+    *CHECKPOINTS, WIKITEXT, *(glue_zip(name, *spec) for name, spec in GLUE_ZIPS.items()), MRPC, AX, SWAG, READ, COCO)}
 GROUPS = {
-    "glue": ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"),
+    "glue": ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax"),
     "main": ("bert-base", "clip", "wikitext", "glue"),  # what the main experiment needs (the default)
     "all": tuple(ITEMS),
 }

@@ -34,7 +34,7 @@ Heads (written here, not in model.py, because finetuning alone uses them):
 Outputs of one seed, in OUT/<task>-<model>-seed<k>/ (OUT = --out, default runs): results.json (dev metrics after
 every epoch and at the end, hyper-parameters, speed), dev_predictions.jsonl (one {"index", "text_a", "text_b",
 "label", "prediction"} per dev example in file order; MNLI adds dev_mismatched_predictions.jsonl) and, when the
-GLUE test file is there, glue_test/<Task>.tsv in the submission format (MNLI-m.tsv and MNLI-mm.tsv for MNLI).
+GLUE test file is there, glue_test/<Task>.tsv in the submission format (MNLI-m.tsv, MNLI-mm.tsv and AX.tsv for MNLI).
 Every file is written to a .tmp name first and renamed. The printed median is per metric over the seeds.
 --toy finetunes the toy kit's random-weight encoders, so it defaults to a larger learning rate (TOY_LR) and 3 seeds.
 
@@ -367,7 +367,7 @@ def format_metrics(metrics):
 def splits(task, kind):
     """{metric suffix: data.read_task split}: MNLI scores matched and mismatched dev sets (and test sets)."""
     if task == "mnli":
-        return {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"}
+        return {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} | ({"_ax": "test_ax"} if kind == "test" else {})
     return {"": kind}
 
 
@@ -447,11 +447,18 @@ def submission_tsv(task, ids, predictions, label_names):
 
 def glue_test_path(task, split, data_root):
     """The GLUE test file of a split, or None when the task has no GLUE test set or it is not downloaded."""
-    glue_dir = data.TASKS[task].glue_dir
-    if task not in SUBMISSION_NAMES or not glue_dir:
+    spec = data.TASKS[task]
+    if task not in SUBMISSION_NAMES or not spec.glue_dir:
         return None
-    path = os.path.join(data_root, "glue", glue_dir, split + ".tsv")
+    path = os.path.join(data_root, spec.folder, spec.splits[split])
     return path if os.path.isfile(path) else None
+
+
+def submission_file(task, suffix):
+    """The file name GLUE's server expects: RTE.tsv, MNLI-m.tsv, MNLI-mm.tsv, and AX.tsv from the MNLI model."""
+    if suffix == "_ax":
+        return "AX.tsv"
+    return SUBMISSION_NAMES[task] + {"": "", "_m": "-m", "_mm": "-mm"}[suffix] + ".tsv"
 
 
 # ---------------------------------------------------------------------------------------------------- seeds
@@ -499,8 +506,7 @@ def run_seeds(args, log=print):
                 out.write(dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
         submissions = []
         for suffix, (examples, tensors) in test.items():
-            file = SUBMISSION_NAMES[args.task] + {"": "", "_m": "-m", "_mm": "-mm"}[suffix] + ".tsv"
-            path = os.path.join(run_dir, "glue_test", file)
+            path = os.path.join(run_dir, "glue_test", submission_file(args.task, suffix))
             with model.atomic_file(path, "w") as out:
                 out.write(submission_tsv(args.task, [ex.guid for ex in examples],
                                          predict(net, tensors, torch.device(args.device)), task.label_names))

@@ -1026,7 +1026,7 @@ def test_download_read_explains_and_validates(tmp_path, capsys):
 def test_download_names_and_mirrors():
     assert [i.name for i in download.expand([])] == []
     assert [i.name for i in download.expand(["main"])] == [
-        "bert-base", "clip", "wikitext", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+        "bert-base", "clip", "wikitext", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax"]
     with pytest.raises(SystemExit, match="unknown name 'bert'"):
         download.expand(["bert"])
     environ = {"XDBERT_MIRROR_HF": "http://x", "XDBERT_MIRROR_FB": "http://y"}
@@ -1784,11 +1784,14 @@ def _ft_fake_mnli(toy, root):
                 for i, (a, b) in enumerate(pairs[:n])]
         (root / "glue" / "MNLI").mkdir(parents=True, exist_ok=True)
         (root / "glue" / "MNLI" / f"{split}.tsv").write_text("\n".join([head, *rows]) + "\n")
+    (root / "glue" / "AX").mkdir(parents=True)  # GLUE's diagnostic set: no labels, predicted by the MNLI model
+    (root / "glue" / "AX" / "AX.tsv").write_text("index\tsentence1\tsentence2\n" +
+                                                 "".join(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(pairs[:5])))
 
 
 @pytest.mark.parametrize("task", ["mnli", "stsb", "swag"])
 def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
-    """MNLI scores matched and mismatched and submits MNLI-m/-mm; STS-B submits floats; SWAG picks one of 4."""
+    """MNLI scores matched and mismatched and submits MNLI-m/-mm and AX; STS-B submits floats; SWAG picks one of 4."""
     root = ft_toy
     if task == "mnli":
         root = tmp_path / "toy"
@@ -1800,7 +1803,7 @@ def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
     if task == "mnli":
         assert set(result["metrics"]) == {"accuracy_m", "accuracy_mm"} and result["main_metric"] == "accuracy_m"
         assert len(dev) == 12 and len((run / "dev_mismatched_predictions.jsonl").read_text().splitlines()) == 10
-        for file, n in (("MNLI-m.tsv", 8), ("MNLI-mm.tsv", 6)):
+        for file, n in (("MNLI-m.tsv", 8), ("MNLI-mm.tsv", 6), ("AX.tsv", 5)):
             rows = (run / "glue_test" / file).read_text().splitlines()[1:]
             assert len(rows) == n and {r.split("\t")[1] for r in rows} <= {"entailment", "neutral", "contradiction"}
     elif task == "stsb":
