@@ -205,16 +205,14 @@ def prepare_data(args, rank, world, lang_dir, clip_dir):
     if not os.path.isfile(corpus):
         hint = "python download.py --toy" if args.toy else "python download.py wikitext"
         raise SystemExit(f"no corpus at {corpus}: run `{hint}` or pass --corpus FILE")
-    cache_root = os.path.join(args.data, "cache")
+    def cache(log):
+        return data.build_cache(corpus, lang_dir, clip_dir, os.path.join(args.data, "cache"), seq_len=args.seq_len,
+                                n_blocks=args.clip_blocks, log=log)
     if rank == 0:
-        cache = data.build_cache(corpus, lang_dir, clip_dir, cache_root, seq_len=args.seq_len,
-                                 n_blocks=args.clip_blocks)
+        built = cache(print)
     if world > 1:
         dist.barrier()
-    if rank != 0:
-        cache = data.build_cache(corpus, lang_dir, clip_dir, cache_root, seq_len=args.seq_len,
-                                 n_blocks=args.clip_blocks, log=lambda _: None)
-    return data.AdaptationData(cache)
+    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
 
 
 def run_config(args):

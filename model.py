@@ -14,7 +14,7 @@ import os
 import struct
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -609,8 +609,7 @@ def _convert(state, table, cfg, source):
                              f"{getattr(cfg, 'model_type', 'clip')} checkpoint of the layout config.json describes?")
         ours[name] = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
         used.update(parts)
-    extra = [k for k in state if k not in used and not _unused(k, cfg) and k not in PRETRAINING_HEAD_NAMES.values()
-             and k not in ("cls.seq_relationship.weight", "cls.seq_relationship.bias")]
+    extra = [k for k in state if k not in used and not _unused(k, cfg) and k not in PRETRAINING_HEAD_NAMES.values()]
     if extra:
         raise ValueError(f"{source} holds tensors this architecture does not have, e.g. {extra[0]}: "
                          f"it is not a plain {getattr(cfg, 'model_type', 'clip')} checkpoint")

@@ -4,13 +4,22 @@ CLIP's BPE list from open-clip-torch), torchrun with 2 gloo processes, a real HT
 Run: python -m pytest -q test_all.py
 """
 import csv
-import dataclasses
+import hashlib
 import importlib.util
+import io
 import json
+import math
 import os
+import random
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
+import zipfile
 from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +30,9 @@ import sklearn.metrics
 import torch
 import torch.nn.functional as F
 
+import adapt
 import data
+import download
 import finetune
 import model
 import pwcca
@@ -341,7 +352,6 @@ def test_model_safetensors_writer_is_read_by_the_reference_library(tmp_path):
     ours = model.read_safetensors(tmp_path / "x.safetensors")
     assert set(theirs) == set(ours) == set(tensors)
     assert all(torch.equal(theirs[k], tensors[k]) and torch.equal(ours[k], tensors[k]) for k in tensors)
-
 
 
 # =====================================================================================================================
@@ -766,32 +776,12 @@ def test_data_encode_clip_blocks_and_choice(data_clip_dir):
         data.encode([data.Example("a", label=1), data.Example("b")], "cola", bert_tok)
 
 
-
 # =====================================================================================================================
 # download.py: fetching against a local HTTP server, the toy kit (issue 4)
 # =====================================================================================================================
 
-"""download.py: fetching against a real HTTP server on 127.0.0.1 (Range, cuts, 5xx, 404, checksums, zips) and the
-offline toy kit loaded through model.py, data.py and transformers."""
-import csv
-import hashlib
-import io
-import json
-import random
-import re
-import threading
-import time
-import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
-import numpy as np
-import pytest
-import torch
-
-import data
-import download
-import model
+# A real HTTP server on 127.0.0.1 (Range, cuts, 5xx, 404, checksums, zips); the offline toy kit loaded through
+# model.py, data.py and transformers.
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1200,29 +1190,13 @@ def test_download_toy_swag_read_and_coco(download_toy_root):
     assert len(captions) == 3000 and counts["ball"] > 100 and 0 < counts["flower"] < 100
 
 
-
 # =====================================================================================================================
 # adapt.py: the adaptation trainer (issue 5)
 # =====================================================================================================================
 
-"""adapt.py: the schedule and FLOP formula against independent oracles, torchrun DDP against one process, exact
-resume after SIGKILL, learning on the toy kit, the Table 3 / --no-clip switches and the user errors (CPU)."""
-import json
-import math
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
+# The schedule and FLOP formula against independent oracles, torchrun DDP against one process, exact resume after
+# SIGKILL, learning on the toy kit, the Table 3 / --no-clip switches and the user errors (CPU).
 
-import pytest
-import torch
-
-import adapt
-import data
-import download
-import model
 
 ADAPT_REPO = Path(__file__).resolve().parent
 # Small windows so that every run takes seconds: 32 BERT tokens, one CLIP block of 77
@@ -1468,7 +1442,6 @@ def test_adapt_global_batch_must_split_over_the_world(adapt_kit, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun --nproc_per_node 2 sets it, before any process group
     with pytest.raises(SystemExit, match="global batch 7 is not divisible by the world size 2"):
         adapt.main(["--toy", "--data", str(adapt_kit), "--global-batch", "7", "--batch-size", "1"])
-
 
 
 # =====================================================================================================================
@@ -1870,7 +1843,6 @@ def test_finetune_table_medians(tmp_path, capsys):
     out = _ft_main(capsys, "table", *paths)
     assert out.splitlines() == ["| model | rte | mrpc | read |", "|---|---|---|---|",
                                 "| bert-base | 65.00 (3) |  |  |", "| xd |  | 89.00/82.00 (2) | 0.635 (1) |"]
-
 
 
 # =====================================================================================================================
