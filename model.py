@@ -38,6 +38,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     pooler: bool = True
+    initializer_range: float = 0.02  # std of new weights (config.json's initializer_range)
 
 
 @dataclass
@@ -187,7 +188,7 @@ class LanguageEncoder(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.pooler = Pooler(cfg.hidden_size) if cfg.pooler else None
-        self.apply(init_weights)
+        self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
         # input_ids (B, T) -> hidden (B, T, H), pooled (B, H) or None
@@ -243,10 +244,11 @@ class CLIPTextTransformer(nn.Module):
         return tokens, pooled
 
 
-def init_weights(module):
-    """BERT's initialisation: normal(0, 0.02) weights, zero biases, unit LayerNorms."""
+def init_weights(module, std=0.02):
+    """BERT's initialisation: normal(0, std) weights (the config's initializer_range, 0.02 in every public
+    checkpoint), zero biases, unit LayerNorms."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
+        nn.init.normal_(module.weight, std=std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -340,8 +342,8 @@ class CrossModalTransformer(nn.Module):
         if "cliptc" in self.tasks:
             self.cliptc_head = TokenPredictionHead(clip_cfg.projection_dim, clip_cfg.width, clip_cfg.vocab_size, eps)
         for name, module in self.named_children():
-            if name not in ("language", "clip"):
-                module.apply(init_weights)
+            if name not in ("language", "clip"):  # new layers start as LXMERT's: the language config's std
+                module.apply(lambda m: init_weights(m, lang_cfg.initializer_range))
 
     def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask):
         """Both encoders, then the cross-modal layers. Returns lang (B, T, H) and vis (B, n*77, P) or None."""
@@ -558,7 +560,8 @@ def _config_from_hf(path):
             num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"], ffn_size=c["intermediate_size"],
             max_positions=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
             embedding_size=None if emb == c["hidden_size"] else emb, layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-            dropout=c.get("hidden_dropout_prob", 0.1), pooler=kind == "bert"), kind
+            dropout=c.get("hidden_dropout_prob", 0.1), pooler=kind == "bert",
+            initializer_range=c.get("initializer_range", 0.02)), kind
     if kind in ("clip", "clip_text_model"):
         t = c.get("text_config") or {} if kind == "clip" else c
         d = CLIPTextConfig()
@@ -679,6 +682,7 @@ def _hf_config(cfg):
          "intermediate_size": cfg.ffn_size, "max_position_embeddings": cfg.max_positions,
          "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu",
          "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, "pad_token_id": 0,
+         "initializer_range": cfg.initializer_range,
          "architectures": ["BertModel" if cfg.model_type == "bert" else "ElectraModel"]}
     if cfg.model_type == "electra":
         c["embedding_size"] = cfg.embedding_size or cfg.hidden_size
