@@ -577,8 +577,6 @@ def test_data_cache_reuse_and_rebuild(data_clip_dir, tmp_path):
 
 def test_data_cache_concurrent_builds_do_not_collide(data_clip_dir, tmp_path):
     """Separate jobs may build the same cache at once: each writes its own temporary folder, one wins."""
-    import subprocess
-    import sys
     corpus = tmp_path / "wiki.train.raw"
     data_write_corpus(corpus, 1500)
     code = (f"import data; print(data.build_cache({str(corpus)!r}, {str(DATA_BERT_DIR)!r}, {str(data_clip_dir)!r}, "
@@ -1383,12 +1381,11 @@ def colour_world(adapt_kit, tmp_path_factory):
     (root / "wikitext-103-raw" / "wiki.train.raw").write_text("\n".join(lines) + "\n")
     toy = adapt_kit / "ckpt"
     shutil.copytree(toy / "clip-toy", root / "ckpt" / "clip-toy")
+    wordpiece = data.bert_tokenizer(toy / "bert-toy")
     torch.manual_seed(0)
     cfg = dataclasses.replace(model.PRESETS["bert-toy"], initializer_range=64 ** -0.5,
-                              vocab_size=data.bert_tokenizer(toy / "bert-toy").get_vocab_size())
-    model.save_hf(model.LanguageEncoder(cfg), root / "ckpt" / "bert-toy")
-    for name in ("vocab.txt", "tokenizer.json"):
-        shutil.copy(toy / "bert-toy" / name, root / "ckpt" / "bert-toy" / name)
+                              vocab_size=wordpiece.get_vocab_size())
+    download.save_checkpoint(model.LanguageEncoder(cfg), wordpiece, root / "ckpt" / "bert-toy", vocab_txt=True)
     return root
 
 
@@ -1723,7 +1720,6 @@ def test_finetune_grad_accumulation_matches_full_batch(monkeypatch):
 @pytest.fixture(scope="module")
 def ft_toy(tmp_path_factory):
     """The toy kit (python download.py --toy) and an adapt.py-style run dir: xdbert/ + crossmodal.pt."""
-    import shutil
     root = tmp_path_factory.mktemp("ft") / "toy"
     subprocess.run([sys.executable, "download.py", "--toy", "--data", str(root)], cwd=ROOT, check=True,
                    capture_output=True)
@@ -1774,7 +1770,6 @@ def test_finetune_full_model_and_trimming(ft_toy):
                                      "--encoder", str(ft_toy.parent / "runs" / "toyrun" / "xdbert")])
     backbone, variant, bert_tok, clip_tok = finetune.load_backbone(args)
     assert variant == "full-model" and isinstance(backbone, model.CrossModalTransformer)
-    import data
     examples = data.read_task("rte", "dev", ft_toy)[:6]
     batch = data.encode(examples, "rte", bert_tok, 128, clip_tok)
     assert batch["clip_ids"].shape == (6, 4, 77)
@@ -1795,8 +1790,6 @@ def test_finetune_clip_alone_runs(ft_toy, tmp_path, capsys):
 
 def _ft_fake_mnli(toy, root):
     """MNLI in the official layout (dev/test matched and mismatched) from the toy RTE sentences, 3 labels."""
-    import shutil
-    import data
     shutil.copytree(toy / "ckpt" / "bert-toy", root / "ckpt" / "bert-toy")
     pairs = [(e.text_a, e.text_b) for e in data.read_task("rte", "train", toy)]
     names = ("entailment", "neutral", "contradiction")
@@ -1846,7 +1839,6 @@ def test_finetune_unknown_task_lists_the_tasks():
 
 
 def test_finetune_bad_label_names_file_and_line(ft_toy, tmp_path):
-    import shutil
     root = tmp_path / "toy"
     shutil.copytree(ft_toy / "ckpt" / "bert-toy", root / "ckpt" / "bert-toy")
     shutil.copytree(ft_toy / "glue" / "RTE", root / "glue" / "RTE")
@@ -1858,7 +1850,6 @@ def test_finetune_bad_label_names_file_and_line(ft_toy, tmp_path):
 
 
 def test_finetune_missing_data_names_the_download_command(ft_toy, tmp_path):
-    import shutil
     root = tmp_path / "toy"
     with pytest.raises(SystemExit, match=r"no checkpoint 'bert-toy'.*python download.py"):
         finetune.main(["rte", "--toy", "--data", str(root)])
