@@ -50,9 +50,10 @@ import model as xm
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "A10": 125e12,
               "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
 TASK_NAMES = ("mlm", "match", "cliptc")
-# Defaults of the flags left unset: the toy kit's random tiny encoders need a larger learning rate to move in 89 steps
-TOY = {"data": "data/toy", "encoder": "bert-toy", "clip": "clip-toy", "seq_len": 128, "clip_blocks": 2,
-       "global_batch": 16, "batch_size": 16, "lr": 3e-3}
+# Defaults of the flags left unset. The toy kit (README, "The toy world"): windows of 16 tokens in one CLIP block,
+# about 980 steps of 32 per epoch of its corpus, a peak learning rate for 64-wide encoders (half of it at epoch 1)
+TOY = {"data": "data/toy", "encoder": "bert-toy", "clip": "clip-toy", "seq_len": 16, "clip_blocks": 1,
+       "global_batch": 32, "batch_size": 32, "lr": 4e-3}
 FULL = {"data": "data", "encoder": "bert-base", "clip": "clip", "seq_len": 512, "clip_blocks": 9,
         "global_batch": 320, "batch_size": 8, "lr": 1e-4}
 
