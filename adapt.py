@@ -69,7 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--tasks", default="mlm,match,cliptc", help="Table 3: any subset of mlm,match,cliptc")
     p.add_argument("--xlayers", type=int, default=2, help="cross-modal layers (App. B: 2; Table 3: 1)")
     p.add_argument("--no-clip", action="store_true", help="Sec. 3 fair baseline: the language encoder alone, plain MLM")
-    p.add_argument("--epochs", type=float, default=1.0, help="App. C.1: 1 (Table 3: 2, 20)")
+    p.add_argument("--schedule-epochs", type=float, default=40.0,
+                   help="App. C.1: the learning-rate schedule spans 40 epochs (warm-up: the first 5%%)")
+    p.add_argument("--epochs", type=float, default=1.0, help="where the run stops, in epochs (App. C.1: 1; Table 3: 2, 20)")
     p.add_argument("--seq-len", type=int, help="BERT window (App. B: 512)")
     p.add_argument("--clip-blocks", type=int, help="CLIP blocks of 77 per window (App. B: 9)")
     p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default 320; Spec 6: about 300)")
@@ -217,8 +219,8 @@ def prepare_data(args, rank, world, lang_dir, clip_dir):
 
 def run_config(args):
     """The flags a resumed run must share with the run it continues."""
-    keys = ("encoder", "clip", "corpus", "cache", "tasks", "xlayers", "no_clip", "epochs", "seq_len", "clip_blocks",
-            "global_batch", "lr", "warmup", "weight_decay", "clip_grad", "seed", "max_steps")
+    keys = ("encoder", "clip", "corpus", "cache", "tasks", "xlayers", "no_clip", "schedule_epochs", "seq_len", "clip_blocks",
+            "global_batch", "lr", "warmup", "weight_decay", "clip_grad", "seed")
     return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keys}
 
 
@@ -348,9 +350,9 @@ def train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_a
     if steps_per_epoch == 0:
         raise SystemExit(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
                          f"{args.global_batch}: pass a smaller --global-batch or a larger --corpus")
-    total = max(1, round(args.epochs * steps_per_epoch))
+    total = max(1, round(args.schedule_epochs * steps_per_epoch))
     warmup = math.ceil(args.warmup * total)
-    last = min(total, args.max_steps or total)
+    last = min(total, round(args.epochs * steps_per_epoch), args.max_steps or total)
     run = args.name or ("toy" if args.toy else os.path.basename(os.path.normpath(args.encoder)) + "-"
                         + ("noclip" if args.no_clip else "+".join(args.tasks)))
     run_dir = os.path.join(args.out, run)

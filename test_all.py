@@ -1361,7 +1361,7 @@ def test_adapt_toy_kit_learns_mlm_and_cliptc(adapt_kit):
     """A few dozen steps on the toy kit take MLM and CLIPTC well below their start. MATCH is logged but not asserted:
     the toy encoders are random, and MATCH stays at chance for hundreds of steps there (README, Known limits)."""
     run = adapt_run(adapt_kit, "learn", "--global-batch", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup",
-                    "0.01", "--epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
+                    "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
     log = adapt_log(run)
     first, last = log[0], log[-5:]
     assert sum(r["mlm"] for r in last) / 5 < 0.75 * first["mlm"]
@@ -1394,7 +1394,8 @@ def test_adapt_match_learns_same_text_where_the_encoders_tell_texts_apart(colour
     it well above chance (0.5; the ceiling is 0.96, as 1 negative in 12 has the same colour). Seeds 0, 1, 2 reach
     0.72, 0.94, 0.94 here; with std 0.02 it stays at 0.50 (README, Known limits)."""
     run = adapt_run(colour_world, "match", "--seq-len", "16", "--tasks", "match", "--global-batch", "32",
-                    "--batch-size", "32", "--lr", "1e-3", "--epochs", "6", "--max-steps", "300", "--ckpt-every", "0")
+                    "--batch-size", "32", "--lr", "1e-3", "--epochs", "6", "--schedule-epochs", "6", "--max-steps", "300",
+                    "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.65 and sum(r["match"] for r in last) / 50 < 0.6
 
