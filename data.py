@@ -15,6 +15,7 @@ import argparse
 import csv
 import gzip
 import hashlib
+import html
 import itertools
 import json
 import math
@@ -134,6 +135,24 @@ def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
     os.replace(tmp, out_json)
 
 
+# OpenAI CLIP cleans text before its BPE (basic_clean in its simple_tokenizer.py): ftfy.fix_text, then html.unescape
+# twice. One translation table does what ftfy.fix_text changes in ordinary text (curly quotes straightened, full-width
+# ASCII made plain, Latin ligatures split, control characters dropped); ftfy's repair of mis-decoded text (mojibake)
+# is not reproduced.
+CLIP_FIXES = str.maketrans({
+    **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
+    **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
+    "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
+    **dict.fromkeys(map(chr, [*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
+                              *range(0xFFF9, 0xFFFD)]))})
+
+
+def clip_encode(clip_tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """CLIP BPE ids of each text (no start/end), after CLIP's cleaning (CLIP_FIXES, html.unescape twice)."""
+    cleaned = [html.unescape(html.unescape(t.translate(CLIP_FIXES))).strip() for t in texts]
+    return [e.ids for e in clip_tok.encode_batch_fast(cleaned, add_special_tokens=False)]
+
+
 def tokenizer_sha256(tok: Tokenizer) -> str:
     """Hash of a tokenizer's full definition (vocabulary, normalizer, pre-tokenizer, ...)."""
     return hashlib.sha256(tok.to_str().encode()).hexdigest()
@@ -178,15 +197,14 @@ def _block_mask(lengths: np.ndarray) -> np.ndarray:
 
 def clip_blocks(clip_tok: Tokenizer, text: str, n_blocks: int) -> tuple[np.ndarray, np.ndarray, bool]:
     """App. B: text -> ids (n_blocks, 77) int64, mask (n_blocks, 77) int64, truncated (more than 75 * n_blocks BPE)."""
-    ids, lengths, truncated = _pack_blocks(
-        clip_tok.encode(text, add_special_tokens=False).ids, n_blocks, *clip_special_ids(clip_tok))
+    ids, lengths, truncated = _pack_blocks(clip_encode(clip_tok, [text])[0], n_blocks, *clip_special_ids(clip_tok))
     return ids, _block_mask(lengths), truncated
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The adaptation cache (App. B, C.1): windows of [CLS] + 510 WordPiece + [SEP] and their text in 9 CLIP blocks
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: WikiText line rule, CLIP text cleaning
 CHUNK_CHARS = 1 << 20  # text tokenized per batch: bounds the builder's memory whatever the corpus size
 
 
@@ -219,28 +237,41 @@ def _special_ids(bert_tok: Tokenizer, clip_tok: Tokenizer) -> SpecialIds:
                       clip_start=clip_start, clip_end=clip_end)
 
 
-def file_sha256(path) -> str:
-    """The corpus's hash in the cache key: an edited corpus is rebuilt."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+def wikitext_line(line: str) -> bool:
+    """App. C.1, preprocessing "similar to Tan and Bansal (2020)": their WikiText-103 preparation (vokenization's
+    tokenize_dataset.py) drops heading lines (" = Title = ", " = = Section = = ") and lines of fewer than 5 words."""
+    return not line.startswith(" = ") and len(line.strip().split(" ")) >= 5
 
 
-def line_chunks(path, chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
-    """Stream a raw-text corpus as lists of non-blank lines of about chunk_chars characters."""
+def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool] = wikitext_line
+                ) -> Iterator[list[str]]:
+    """Stream a raw-text corpus as lists of the non-blank lines that `keep` accepts, about chunk_chars characters."""
     lines, size = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-                size += len(line)
-            if size >= chunk_chars:
-                yield lines
-                lines, size = [], 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and keep(line):
+                    lines.append(line.rstrip("\n"))
+                    size += len(line)
+                if size >= chunk_chars:
+                    yield lines
+                    lines, size = [], 0
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}:{_first_bad_line(path)} is not UTF-8 text: convert the corpus to UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8`)") from None
     if lines:
         yield lines
+
+
+def _first_bad_line(path) -> int:
+    """The number of the first line of a file that is not valid UTF-8."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return n
+    return 0
 
 
 def _wordpieces(bert_tok: Tokenizer, lines: list[str]) -> tuple[str, np.ndarray, np.ndarray]:
@@ -276,16 +307,20 @@ def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int
     stats["dropped_tail_tokens"] = len(carry_ids)
 
 
-def _cache_key(corpus: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int) -> dict:
+def _cache_key(corpus: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
+               all_lines: bool) -> dict:
     """What a cache was built from: it is reused only when all of it matches."""
-    return {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": file_sha256(corpus),
-            "bert_tokenizer_sha256": tokenizer_sha256(bert_tok), "clip_tokenizer_sha256": tokenizer_sha256(clip_tok),
-            "seq_len": seq_len, "n_blocks": n_blocks}
+    with open(corpus, "rb") as f:
+        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    return {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
+            "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": tokenizer_sha256(bert_tok),
+            "clip_tokenizer_sha256": tokenizer_sha256(clip_tok), "seq_len": seq_len, "n_blocks": n_blocks}
 
 
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
-                chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print) -> str:
+                chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print, all_lines: bool = False) -> str:
     """Stream a raw-text corpus into the adaptation cache (App. B) and return its directory; reuse one that matches.
+    WikiText's headings and short lines are dropped (wikitext_line, App. C.1) unless all_lines keeps every line.
 
     Files: bert_ids (N, seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8 and
     manifest.json (the key it was built for, counts, CLIP truncation statistics, the special ids).
@@ -296,9 +331,10 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     bert_tok, clip_tok = bert_tokenizer(bert_dir), clip_tokenizer(clip_dir)
     if max(bert_tok.get_vocab_size(), clip_tok.get_vocab_size()) > 1 << 16:
         raise ValueError("the cache stores uint16 ids: a vocabulary has more than 65,536 entries")
-    key = _cache_key(corpus, bert_tok, clip_tok, seq_len, n_blocks)
+    key = _cache_key(corpus, bert_tok, clip_tok, seq_len, n_blocks, all_lines)
     tokenizers_id = hashlib.sha256((key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"]).encode())
-    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id.hexdigest()[:10]}"
+    cache_dir = Path(cache_root) / (f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id.hexdigest()[:10]}"
+                                    + ("-all" if all_lines else ""))
     manifest_path = cache_dir / "manifest.json"
     if manifest_path.is_file():
         old = json.loads(manifest_path.read_text())["key"]
@@ -310,9 +346,15 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     else:
         log(f"building the adaptation cache {cache_dir} from {corpus}")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=cache_dir.name + ".", suffix=".tmp"))  # per process
+    # one temporary folder per process, <name>.<pid>.XXXX.tmp: removed on any error, swept after a kill (adapt.py)
+    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f"{cache_dir.name}.{os.getpid()}.", suffix=".tmp"))
     start = time.time()
-    counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunk_chars)
+    try:
+        keep = (lambda line: True) if all_lines else wikitext_line
+        counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunk_chars, keep)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     manifest = {"key": key, **counts, "special_ids": _special_ids(bert_tok, clip_tok).__dict__,
                 "build_seconds": round(time.time() - start, 1)}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -339,7 +381,7 @@ def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
 
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
-                   chunk_chars: int) -> dict:
+                   chunk_chars: int, keep: Callable[[str], bool]) -> dict:
     """Append each chunk's windows to the memmap files; return the counts for the manifest."""
     cls, sep = bert_tok.token_to_id("[CLS]"), bert_tok.token_to_id("[SEP]")
     start, end = clip_special_ids(clip_tok)
@@ -347,10 +389,10 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
     windows = truncated = clip_tokens = clip_max = 0
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
             open(out / "clip_lengths", "wb") as f_len:
-        for body, texts in bert_windows(line_chunks(corpus, chunk_chars), bert_tok, seq_len - 2, stats):
+        for body, texts in bert_windows(line_chunks(corpus, chunk_chars, keep), bert_tok, seq_len - 2, stats):
             edge = np.ones((len(body), 1), np.int64)
             f_bert.write(np.hstack([cls * edge, body, sep * edge]).astype(np.uint16).tobytes())  # (w, 510) -> (w, 512)
-            for bpe in (e.ids for e in clip_tok.encode_batch_fast(texts, add_special_tokens=False)):
+            for bpe in clip_encode(clip_tok, texts):
                 blocks, lengths, cut = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
                 f_clip.write(blocks.astype(np.uint16).tobytes())
                 f_len.write(lengths.astype(np.uint8).tobytes())
@@ -644,8 +686,7 @@ def _clip_features(pairs: list[tuple[str, str | None]], clip_tok: Tokenizer) -> 
     """App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one. -> 2 x (M, 2 or 4, 77) int64."""
     start, end = clip_special_ids(clip_tok)
     texts = [t for pair in pairs for t in pair if t is not None]
-    packed = [_pack_blocks(e.ids, SENTENCE_BLOCKS, start, end)
-              for e in clip_tok.encode_batch_fast(texts, add_special_tokens=False)]
+    packed = [_pack_blocks(ids, SENTENCE_BLOCKS, start, end) for ids in clip_encode(clip_tok, texts)]
     ids = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M*s, 2, 77) -> (M, 2*s, 77)
     lengths = np.stack([p[1] for p in packed]).reshape(len(pairs), -1)           # (M, 2*s)
     return {"clip_ids": ids, "clip_mask": _block_mask(lengths)}

@@ -8,9 +8,12 @@ CrossModalTransformer adds the three adaptation heads and losses of Sec. 2.3 (ML
 The rest of the file loads the public Hugging Face checkpoints through explicit name tables (from_hf), writes the
 adapted encoder back in their layout (save_hf), and `python model.py` prints the Table 6 parameter counts.
 """
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import struct
 import sys
 import tempfile
@@ -396,14 +399,14 @@ def read_safetensors(path):
     data = bytearray(os.path.getsize(path))
     with open(path, "rb") as f:
         f.readinto(data)
-    bad = f"{path} is not a complete safetensors file"
+    bad, redo = f"{path} is not a complete safetensors file", _redownload(os.path.dirname(os.path.abspath(path)))
     if len(data) < 8:
-        raise ValueError(f"{bad} ({len(data)} bytes): download it again")
+        raise ValueError(f"{bad} ({len(data)} bytes): {redo}")
     (n,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{bad} (its header is unreadable): download it again") from None
+        raise ValueError(f"{bad} (its header is unreadable): {redo}") from None
     header.pop("__metadata__", None)
     body = memoryview(data)[8 + n:]
     tensors = {}
@@ -412,7 +415,7 @@ def read_safetensors(path):
         dtype = _DTYPES[info["dtype"]]
         if end > len(body) or end - begin != math.prod(info["shape"]) * dtype.itemsize:
             raise ValueError(f"{bad}: tensor {name} lies past its end ({end} > {len(body)} bytes of data); "
-                             f"download it again")
+                             f"{redo}")
         flat = torch.frombuffer(body[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"])
     return tensors
@@ -439,8 +442,8 @@ def write_safetensors(tensors, path, metadata=None):
 
 
 class atomic_file:
-    """open(path, mode) whose file only appears under its name once fully written (temporary file + os.replace);
-    text modes write UTF-8 with '\\n' line endings."""
+    """open(path, mode) whose file only appears under its name once fully written and fsynced (temporary sibling
+    `<name>.<pid>.XXXX.tmp` + os.replace); text modes write UTF-8 with '\\n' line endings."""
 
     def __init__(self, path, mode="wb"):
         self.path, self.mode = path, mode
@@ -448,7 +451,7 @@ class atomic_file:
     def __enter__(self):
         folder = os.path.dirname(os.path.abspath(self.path))
         os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".", suffix=".tmp")
+        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(self.path), suffix=".tmp")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
@@ -457,17 +460,87 @@ class atomic_file:
         return self.file
 
     def __exit__(self, kind, *_):
+        if kind is None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
         self.file.close()
         if kind is None:
             os.replace(self.tmp, self.path)
+            _fsync_dir(os.path.dirname(os.path.abspath(self.path)))
         else:
             os.remove(self.tmp)
+
+
+def _tmp_prefix(path):
+    return f"{os.path.basename(os.path.normpath(path))}.{os.getpid()}."
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_save(obj, path):
     """torch.save that never leaves a half-written file under `path`."""
     with atomic_file(path) as f:
         torch.save(obj, f)
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yields a temporary sibling folder to fill; on success it replaces `path`. An existing folder is first moved
+    aside (`<name>.<pid>.old`) and removed last, so a complete copy exists at every moment; sweep_stale puts an
+    aside copy back if a kill struck between the two renames."""
+    path = os.path.normpath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(path)), prefix=_tmp_prefix(path), suffix=".tmp")
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        aside = f"{path}.{os.getpid()}.old"
+        if os.path.exists(path):
+            os.replace(path, aside)
+        os.replace(tmp, path)
+        _fsync_dir(os.path.dirname(os.path.abspath(path)))
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep_stale(folder):
+    """Remove the temporary files and folders (`<name>.<pid>.XXXX.tmp`) that killed processes left in `folder`, and
+    put back a folder that atomic_dir had moved aside (`<name>.<pid>.old`) when nothing replaced it. Entries of live
+    processes are left alone. Returns the entries handled."""
+    handled = []
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        match = re.fullmatch(r"(.+)\.(\d+)\.(\w+\.tmp|old)", entry)
+        if not match or int(match[2]) == os.getpid() or _alive(int(match[2])):
+            continue
+        full, name = os.path.join(folder, entry), os.path.join(folder, match[1])
+        if match[3] == "old" and not os.path.exists(name):
+            os.replace(full, name)
+        elif os.path.isdir(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+        handled.append(entry)
+    return handled
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
@@ -541,14 +614,31 @@ def _unused(name, cfg):
     return False
 
 
-def _config_from_hf(path):
-    """config.json of a hub-layout directory -> (our config, kind)."""
+def _redownload(path):
+    return f"fetch it again with `python download.py {os.path.basename(os.path.normpath(path))} --force`"
+
+
+def config_from_hf(path):
+    """config.json of a hub-layout directory -> (our config, kind: "bert" | "electra" | "clip")."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}: is it a checkpoint directory? "
                                 f"Fetch one with `python download.py bert-base` (or clip, electra-base, ...)")
-    with open(file) as f:
-        c = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): {_redownload(path)}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file} is not a config.json object: {_redownload(path)}")
+    try:
+        return _config(c, file)
+    except KeyError as e:
+        raise ValueError(f"{file} lacks the key {e.args[0]!r} of a {c.get('model_type')} config: "
+                         f"{_redownload(path)}") from None
+
+
+def _config(c, file):
     kind = c.get("model_type")
     if kind in ("bert", "electra"):
         act = c.get("hidden_act", "gelu")
@@ -563,7 +653,7 @@ def _config_from_hf(path):
             dropout=c.get("hidden_dropout_prob", 0.1), pooler=kind == "bert",
             initializer_range=c.get("initializer_range", 0.02)), kind
     if kind in ("clip", "clip_text_model"):
-        t = c.get("text_config") or {} if kind == "clip" else c
+        t = (c.get("text_config") or {}) if kind == "clip" else c
         d = CLIPTextConfig()
         return CLIPTextConfig(
             vocab_size=t.get("vocab_size", d.vocab_size), width=t.get("hidden_size", d.width),
@@ -583,13 +673,13 @@ def read_checkpoint(path):
         if os.path.isfile(file):
             break
     else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: "
-                                f"the download is incomplete, run `python download.py` for it again")
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: the download is incomplete, "
+                                f"{_redownload(path)}")
     if file.endswith(".bin"):
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{file} cannot be read ({type(e).__name__}): download it again") from None
+            raise ValueError(f"{file} cannot be read ({e}): {_redownload(path)}") from None
     else:
         state = read_safetensors(file)
     out = {}
@@ -636,7 +726,7 @@ def from_hf(path):
 
 
 def _from_hf(path):
-    cfg, kind = _config_from_hf(path)
+    cfg, kind = config_from_hf(path)
     state = read_checkpoint(path)
     if kind == "clip":
         module, table = CLIPTextTransformer(cfg), clip_names(cfg)
@@ -650,7 +740,8 @@ def _from_hf(path):
 def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=TASKS):
     """The adaptation model from two public checkpoints (clip_dir=None: the MLM-only baseline). The cross-modal
     layers and the CLIPTC head start fresh; the MLM head and MATCH classifier start from BERT's pretraining heads
-    (cls.predictions, cls.seq_relationship) when the checkpoint has them, and the MATCH pooler from BERT's pooler."""
+    (cls.predictions, cls.seq_relationship) when the checkpoint has them, and the MATCH pooler from BERT's pooler.
+    NSP's class 0 is IsNext (the positive pair) and ours is 1 ("same text"), so the NSP rows are swapped."""
     language, heads = _from_hf(lang_dir)
     if not isinstance(language, LanguageEncoder):
         raise ValueError(f"{lang_dir} holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA")
@@ -661,8 +752,11 @@ def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=TASKS):
     model.language.load_state_dict(language.state_dict())
     if clip is not None:
         model.clip.load_state_dict(clip.state_dict())
-    own = model.state_dict()
-    model.load_state_dict({k: v.float() for k, v in heads.items() if k in own}, strict=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in heads.items():
+            if name in params:  # the head of a chosen task
+                params[name].copy_(tensor[[1, 0]] if name.startswith("match_classifier.") else tensor)
     if "match" in model.tasks and language.pooler is not None:
         model.match_pooler.load_state_dict(language.pooler.state_dict())
     return model

@@ -324,12 +324,37 @@ def test_model_crossmodal_from_hf_starts_heads_from_bert(tmp_path, model_hf_bert
     net = model.load_crossmodal_from_hf(tmp_path / "bert", tmp_path / "clip")
     assert torch.equal(net.mlm_head.dense.weight, pre.cls.predictions.transform.dense.weight)
     assert torch.equal(net.mlm_head.bias, pre.cls.predictions.bias)
-    assert torch.equal(net.match_classifier.weight, pre.cls.seq_relationship.weight)
+    assert torch.equal(net.match_classifier.weight, pre.cls.seq_relationship.weight.flip(0))
     assert torch.equal(net.match_pooler.dense.weight, pre.bert.pooler.dense.weight)
     assert torch.equal(net.clip.token_embedding.weight, model_hf_clip.text_model.embeddings.token_embedding.weight)
     model.save_crossmodal(net, tmp_path / "x.pt")
     again = model.load_crossmodal(tmp_path / "x.pt")
     assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+
+
+def test_model_match_inherits_nsp_with_its_labels_in_our_order(tmp_path, model_hf_bert, model_hf_clip):
+    """BERT's NSP class 0 is IsNext (transformers' docs: "0 indicates sequence B is a continuation of sequence A");
+    MATCH's class 1 is "same text". A pretrained NSP head that says IsNext everywhere must make MATCH say "same"."""
+    import transformers
+    torch.manual_seed(10)
+    pre = transformers.BertForPreTraining(model_hf_bert.config).eval()
+    with torch.no_grad():
+        pre.cls.seq_relationship.bias.copy_(torch.tensor([8.0, -8.0]))
+    pre.save_pretrained(tmp_path / "bert")
+    model_hf_clip.save_pretrained(tmp_path / "clip")
+    net = model.load_crossmodal_from_hf(tmp_path / "bert", tmp_path / "clip").eval()
+    batch = _model_batch()
+    batch["input_ids"] %= 101
+    batch["clip_ids"] %= 99
+    batch["mlm_labels"] = torch.where(batch["mlm_labels"] >= 0, batch["input_ids"], -100)
+    batch["cliptc_labels"] = torch.where(batch["cliptc_labels"] >= 0, batch["clip_ids"], -100)
+    with torch.no_grad():
+        nsp = pre(batch["input_ids"], attention_mask=batch["attention_mask"]).seq_relationship_logits
+        lang, _ = net.encode(batch["input_ids"], batch["attention_mask"], None, batch["clip_ids"], batch["clip_mask"])
+        match = net.match_classifier(net.pooled(lang))
+    assert (nsp.argmax(-1) == 0).all() and (match.argmax(-1) == 1).all()
+    out = net(**{**batch, "match_labels": torch.ones_like(batch["match_labels"])})
+    assert out["match_acc"] == 1 and out["match"] < 0.01
 
 
 def test_model_bad_checkpoints_give_clear_errors(tmp_path, model_hf_bert, model_hf_clip):
@@ -361,6 +386,57 @@ def test_model_bad_checkpoints_give_clear_errors(tmp_path, model_hf_bert, model_
         model.write_safetensors(s, tmp_path / name / "model.safetensors")
         with pytest.raises(ValueError, match="encoder.layer.1.output.dense.bias|pooler.dense.bias"):
             model.from_hf(tmp_path / name)
+
+
+def test_model_config_json_errors_name_the_file_and_the_fix(tmp_path, model_hf_bert):
+    model_hf_bert.save_pretrained(tmp_path / "bert-base")
+    config = tmp_path / "bert-base" / "config.json"
+    good = json.loads(config.read_text())
+    config.write_text('{"model_type": "bert", "hidden_size": 48,')
+    with pytest.raises(ValueError, match=r"config.json is not valid JSON .*python download.py bert-base --force"):
+        model.from_hf(tmp_path / "bert-base")
+    config.write_text(json.dumps({k: v for k, v in good.items() if k != "vocab_size"}))
+    with pytest.raises(ValueError, match=r"config.json lacks the key 'vocab_size' of a bert config: fetch it again"):
+        model.from_hf(tmp_path / "bert-base")
+    config.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="is not a config.json object"):
+        model.from_hf(tmp_path / "bert-base")
+
+
+def test_model_atomic_file_fsyncs_and_a_killed_writer_is_swept(tmp_path, monkeypatch):
+    synced = []
+    monkeypatch.setattr(model.os, "fsync", lambda fd: synced.append(os.readlink(f"/proc/self/fd/{fd}")))
+    with model.atomic_file(tmp_path / "a.txt", "w") as f:
+        f.write("x")
+    assert (tmp_path / "a.txt").read_text() == "x" and synced[-1] == str(tmp_path)
+    assert synced[0].startswith(str(tmp_path / "a.txt.")) and synced[0].endswith(".tmp")  # the file, before rename
+    monkeypatch.undo()
+    code = (f"import model, time\nwith model.atomic_file({str(tmp_path / 'ckpt.pt')!r}) as f:\n"
+            f"    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)")
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__), stdout=subprocess.PIPE)
+    assert writer.stdout.readline() == b"writing\n"
+    live = [p.name for p in tmp_path.glob("ckpt.pt.*.tmp")]
+    assert len(live) == 1 and model.sweep_stale(tmp_path) == [] and (tmp_path / live[0]).exists()  # a live writer
+    writer.kill()
+    writer.wait()
+    assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "ckpt.pt").exists()
+
+
+def test_model_atomic_dir_keeps_one_complete_copy(tmp_path):
+    with model.atomic_dir(tmp_path / "xdbert") as d:
+        Path(d, "config.json").write_text("1")
+    with model.atomic_dir(tmp_path / "xdbert") as d:
+        Path(d, "config.json").write_text("2")
+    assert (tmp_path / "xdbert" / "config.json").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["xdbert"]
+    with pytest.raises(RuntimeError):
+        with model.atomic_dir(tmp_path / "xdbert") as d:
+            Path(d, "config.json").write_text("3")
+            raise RuntimeError("a failed write")
+    assert (tmp_path / "xdbert" / "config.json").read_text() == "2" and sorted(os.listdir(tmp_path)) == ["xdbert"]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    os.rename(tmp_path / "xdbert", tmp_path / f"xdbert.{dead.stdout.strip()}.old")  # a kill between the two renames
+    assert model.sweep_stale(tmp_path) == [f"xdbert.{dead.stdout.strip()}.old"]
+    assert (tmp_path / "xdbert" / "config.json").read_text() == "2"
 
 
 def test_model_safetensors_writer_is_read_by_the_reference_library(tmp_path):
@@ -436,6 +512,28 @@ def test_data_clip_tokenizer_matches_transformers(data_clip_dir, data_hf_clip):
     tok = data.clip_tokenizer(data_clip_dir)
     for text in DATA_TEXTS:
         assert tok.encode(text).ids == data_hf_clip(text)["input_ids"], text
+
+
+def data_openai_clip_tokenizer():
+    """OpenAI's CLIP tokenizer as open_clip ships it (ftfy.fix_text, html.unescape twice, its own BPE), loaded from its
+    file so that open_clip's model code (which needs torchvision) is not imported."""
+    spec = importlib.util.spec_from_file_location("openai_clip_tokenizer", DATA_BPE_GZ.parent / "tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SimpleTokenizer(str(DATA_BPE_GZ))
+
+
+def test_data_clip_cleaning_matches_openai(data_clip_dir):
+    """CLIP's text cleaning (html.unescape twice; ftfy's quote, width, ligature and control-character fixes) against
+    OpenAI's tokenizer with the real ftfy; mis-decoded text (mojibake), which ftfy repairs, is the documented gap."""
+    openai, tok = data_openai_clip_tokenizer(), data.clip_tokenizer(data_clip_dir)
+    texts = DATA_TEXTS + ["AT&amp;T and &lt;b&gt;bold&lt;/b&gt; &amp;amp; &#39;x&#39; &eacute;t&eacute;",
+                          "ＦＵＬＬ　ｗｉｄｔｈ！ ＡＢＣ１２３", "bell\x07 nul\x00 bom\ufeff soft\u206a end",
+                          "‘single’ “double” „low‟ ʼapostrophe", "ﬀ ﬁ ﬂ ﬃ ﬄ ﬆ ligatures"]
+    for text in texts:
+        assert data.clip_encode(tok, [text])[0] == openai.encode(text), text
+    assert tok.encode("AT&amp;T", add_special_tokens=False).ids != openai.encode("AT&amp;T")  # the step matters
+    assert data.clip_encode(tok, ["cafÃ©"])[0] != openai.encode("cafÃ©") == openai.encode("café")
 
 
 def test_data_bert_tokenizer_matches_transformers(tmp_path):
@@ -528,7 +626,7 @@ def data_cache(tmp_path_factory, data_clip_dir):
 def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
     cache_dir, root = data_cache
     bert_tok, clip_tok = data.bert_tokenizer(DATA_BERT_DIR), data.clip_tokenizer(data_clip_dir)
-    lines = [l for l in (root / "wiki.train.raw").read_text().split("\n") if l.strip()]
+    lines = [l for l in (root / "wiki.train.raw").read_text().split("\n") if l.strip() and data.wikitext_line(l)]
     stream = [i for l in lines for i in bert_tok.encode(l, add_special_tokens=False).ids]
     ds = data.AdaptationData(cache_dir)
     m = ds.manifest
@@ -544,6 +642,19 @@ def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
     assert 0 < truncated == m["clip_truncated_windows"] and m["clip_truncated_fraction"] == truncated / len(ds)
     assert m["special_ids"] | {} == {"cls": 101, "sep": 102, "pad": 0, "mask": 103, "random_low": 999,
                                      "vocab_size": 30522, "clip_start": 49406, "clip_end": 49407}
+
+
+def test_data_wikitext_lines_follow_tan_and_bansal(tmp_path):
+    """App. C.1 (vokenization's WikiText-103 rule): headings and lines of fewer than 5 words go, the rest stays; a flag
+    keeps every non-blank line for other corpora; the manifest records the rule, so a change rebuilds the cache."""
+    sample = [" = Valkyria Chronicles III = ", " ", " = = Gameplay = = ", " Senjō no Valkyria 3 : Unrecorded Chronicles "
+              "( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . ", " Four words only here ",
+              " Five words are kept here ", " = = = Release = = = "]
+    (tmp_path / "w.raw").write_text("\n".join(sample) + "\n", encoding="utf-8")
+    kept = [line for chunk in data.line_chunks(tmp_path / "w.raw") for line in chunk]
+    assert kept == [sample[3], sample[5]]
+    every = [line for chunk in data.line_chunks(tmp_path / "w.raw", keep=lambda _: True) for line in chunk]
+    assert every == [line for line in sample if line.strip()]
 
 
 def test_data_cache_streams_in_chunks(data_cache, data_clip_dir, tmp_path):
@@ -572,6 +683,9 @@ def test_data_cache_reuse_and_rebuild(data_clip_dir, tmp_path):
     assert json.loads((Path(first) / "manifest.json").read_text())["key"]["source_bytes"] == corpus.stat().st_size
     assert data.build_cache(corpus, DATA_BERT_DIR, data_clip_dir, tmp_path / "c", seq_len=48, n_blocks=2,
                             log=logs.append) != first and "building" in logs[-2]
+    every = build(all_lines=True)
+    assert every != first and json.loads((Path(every) / "manifest.json").read_text())["key"]["lines"] == "all"
+    assert len(data.AdaptationData(every)) > len(data.AdaptationData(first))  # the headings are kept
     assert not list((tmp_path / "c").glob("*.tmp"))
 
 
@@ -597,6 +711,16 @@ def test_data_cache_errors(data_clip_dir, tmp_path):
         data.build_cache(tmp_path / "tiny.raw", DATA_BERT_DIR, data_clip_dir, tmp_path, log=lambda s: None)
     with pytest.raises(FileNotFoundError, match="build_cache"):
         data.AdaptationData(tmp_path / "nothing")
+
+
+def test_data_non_utf8_corpus_names_its_line_and_leaves_no_temporary_folder(data_clip_dir, tmp_path):
+    lines = [f" line {i} has enough words to be kept here ." for i in range(5000)]
+    lines[3210] = " caf\xe9 in latin1 has enough words ."
+    (tmp_path / "latin.raw").write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin.raw:3211 is not UTF-8 text: convert"):
+        data.build_cache(tmp_path / "latin.raw", DATA_BERT_DIR, data_clip_dir, tmp_path / "c", seq_len=32,
+                         n_blocks=1, chunk_chars=4000, log=lambda s: None)
+    assert list((tmp_path / "c").iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------------ adaptation batches
