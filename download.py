@@ -3,29 +3,36 @@
     python download.py                       # the main experiment: bert-base clip wikitext glue
     python download.py bert-large electra-base swag read coco rte   # any of the names in ITEMS
     python download.py --dry-run all         # what would be fetched, with sizes, and nothing else
+    python download.py bert-base --force     # fetch again and replace files already there (a damaged checkpoint)
     python download.py --toy                 # the offline miniature of everything in data/toy (seconds, no network)
 
-Everything lands in the layout of README.md ("Data layout") under --data (default data): ckpt/<name>/, wikitext-103-raw/,
-glue/<Task>/, swag/, read/train.csv, coco/captions_train2017.json. Checkpoints are kept exactly as the hub
-publishes them (model.safetensors or pytorch_model.bin): model.from_hf reads either, so nothing is converted.
+Everything lands in the layout of README.md ("Data layout") under --data (default data): ckpt/<name>/,
+wikitext-103-raw/, glue/<Task>/, swag/, read/train.csv, coco/captions_train2017.json. Checkpoints are kept exactly as
+the hub publishes them (model.safetensors or pytorch_model.bin): model.from_hf reads either, so nothing is converted.
 
-Each file is streamed to <file>.part, resumed with an HTTP Range request after an interruption, retried with
-backoff, checked against its size and sha256 where known (sources.md) and only then renamed into place, so a
-file under its final name is always complete; a file already there and verified is not fetched again.
+Each file is streamed to <file>.part under an exclusive lock (a second download of the same file stops with an
+error), resumed with an HTTP Range request after a cut or --timeout seconds of silence, retried with doubling waits
+(each retry printed), checked against its size (published, else the server's) and its published sha256 and only
+then renamed into place, so a file under its final name is always complete. A name whose files are all there is
+skipped unless --force is given.
 
 Mirrors: every source's base URL can be replaced, by `--mirror NAME=URL` (repeatable) or the environment
 variable XDBERT_MIRROR_<NAME>, e.g. `--mirror hf=https://hf-mirror.com` or XDBERT_MIRROR_HF=http://127.0.0.1:8000.
 NAME is one of the keys of SOURCES; a replaced base serves the same paths below it.
 """
 import argparse
+import contextlib
 import csv
 import dataclasses
+import fcntl
 import functools
 import gzip
 import hashlib
+import io
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -36,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 import torch
@@ -45,7 +53,7 @@ import data
 import model
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What to fetch (sources.md)
+# What to fetch (README.md, "Data layout")
 
 SOURCES = {  # name -> base URLs, tried in order (only WikiText-103 has more than one; the original S3 zip is gone)
     "hf": ("https://huggingface.co",),
@@ -100,25 +108,32 @@ CHECKPOINTS = (
 
 
 def unpack_zip(zip_dest: str, members: dict[str, str], root: Path) -> None:
-    """Extract the zip's `members` (name in the zip -> path under DATA), each through a temporary file + os.replace;
-    an archive that is corrupt or lacks a member is removed."""
+    """Extract the zip's `members` (name in the zip -> path under DATA); an archive that is corrupt or lacks a member
+    is removed."""
     archive = root / zip_dest
     try:
         with zipfile.ZipFile(archive) as zf:
-            missing = [m for m in members if m not in set(zf.namelist())]
-            for member, dest in {} if missing else members.items():
-                out = root / dest
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(f"{out}.tmp", "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.replace(f"{out}.tmp", out)
+            missing = [m for m in members if m not in zf.namelist()]
+            for member, dest in members.items() if not missing else ():
+                with zf.open(member) as src:
+                    save(root / dest, src)
+        problem = f"has no {missing[0]}, so the mirror serves another archive" if missing else None
     except zipfile.BadZipFile as err:
+        problem = f"is not a valid zip ({err})"
+    if problem:
         archive.unlink()
-        raise DownloadError(f"{archive} is not a valid zip ({err}); it was removed: run the same command again")
-    if missing:
-        archive.unlink()
-        raise DownloadError(f"{archive} has no {missing[0]}, so the mirror serves another archive; it was removed: "
-                            f"pass another --mirror")
+        raise DownloadError(f"{archive} {problem}; it was removed: run the same command again or pass another --mirror")
+
+
+def save(dest: Path, src) -> None:
+    """Copy the binary stream `src` to dest through <dest>.tmp, fsynced and renamed: dest is complete or absent."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    with open(tmp, "wb") as f:
+        shutil.copyfileobj(src, f, 1 << 20)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, dest)
 
 
 def zip_item(name: str, remote: Remote, members: dict[str, str]) -> Item:
@@ -155,17 +170,20 @@ def build_mrpc(root: Path) -> None:
     def rows(name):
         with open(root / "downloads" / name, encoding="utf-8-sig") as f:
             return [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
+
+    def write_tsv(name, header, records):
+        text = "".join(f"{line}\n" for line in [header, *("\t".join(r) for r in records)])
+        save(root / "glue" / "MRPC" / name, io.BytesIO(text.encode()))
     dev_ids = {tuple(r) for r in rows("mrpc_dev_ids.tsv")}
     train = rows("msr_paraphrase_train.txt")[1:]
     dev = [r for r in train if (r[1], r[2]) in dev_ids]
     if len(dev) != len(dev_ids):
         raise DownloadError(f"only {len(dev)} of the {len(dev_ids)} MRPC dev ids are in msr_paraphrase_train.txt: "
                             f"delete {root / 'downloads'} and run `python download.py mrpc` again")
-    test = [[str(i), *r[1:]] for i, r in enumerate(rows("msr_paraphrase_test.txt")[1:])]
-    out = root / "glue" / "MRPC"
-    write_lines(out / "dev.tsv", [MRPC_HEADER, *("\t".join(r) for r in dev)])
-    write_lines(out / "train.tsv", [MRPC_HEADER, *("\t".join(r) for r in train if (r[1], r[2]) not in dev_ids)])
-    write_lines(out / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", *("\t".join(r) for r in test)])
+    write_tsv("dev.tsv", MRPC_HEADER, dev)
+    write_tsv("train.tsv", MRPC_HEADER, [r for r in train if (r[1], r[2]) not in dev_ids])
+    write_tsv("test.tsv", "index\t#1 ID\t#2 ID\t#1 String\t#2 String",
+              [[str(i), *r[1:]] for i, r in enumerate(rows("msr_paraphrase_test.txt")[1:])])
 
 
 MRPC = Item("mrpc", (
@@ -207,19 +225,11 @@ def check_commonlit(root: Path) -> None:
         raise DownloadError(f"{path} has the columns {rows[0] if rows else []}, not {','.join(COMMONLIT_HEADER)}: "
                             f"put the competition's train.csv there (not test.csv or sample_submission.csv)")
     for i, row in enumerate(rows[1:], 1):
-        if len(row) != len(COMMONLIT_HEADER) or not is_number(row[4]):
+        if len(row) != len(COMMONLIT_HEADER) or not re.fullmatch(r"-?\d+(\.\d*)?([eE][-+]?\d+)?", row[4]):
             raise DownloadError(f"{path}: record {i} has no numeric target: download train.csv again")
     if len(rows) - 1 != COMMONLIT_ROWS:
         raise DownloadError(f"{path} has {len(rows) - 1} records, the CommonLit train.csv has {COMMONLIT_ROWS}: "
                             f"download train.csv again")
-
-
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 READ = Item("read", (), ("read/train.csv",), check=check_commonlit)
@@ -242,20 +252,22 @@ def expand(names: list[str]) -> list[Item]:
         elif name in ITEMS:
             out[name] = ITEMS[name]
         else:
-            raise SystemExit(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
+            raise DownloadError(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
     return list(out.values())
 
 
 def mirror_bases(overrides: list[str], environ=os.environ) -> dict[str, tuple[str, ...]]:
     """SOURCES with the bases replaced by XDBERT_MIRROR_<NAME> and then by --mirror NAME=URL."""
+    variables = {f"XDBERT_MIRROR_{name.upper()}": name for name in SOURCES}
+    specs = [(var, variables[var], url) for var, url in environ.items() if var in variables and url]
+    specs += [(f"--mirror {spec}", *spec.partition("=")[::2]) for spec in overrides]
     bases = dict(SOURCES)
-    for name in SOURCES:
-        if url := environ.get(f"XDBERT_MIRROR_{name.upper()}"):
-            bases[name] = (url,)
-    for spec in overrides:
-        name, sep, url = spec.partition("=")
-        if not sep or name not in SOURCES:
-            raise SystemExit(f"--mirror {spec!r}: write NAME=URL with NAME one of {', '.join(SOURCES)}")
+    for where, name, url in specs:
+        if name not in SOURCES:
+            raise DownloadError(f"{where}: write NAME=URL with NAME one of {', '.join(SOURCES)}")
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise DownloadError(f"{where}: {url!r} is not an http:// or https:// URL: write the scheme, e.g. "
+                                f"http://127.0.0.1:8000")
         bases[name] = (url,)
     return bases
 
@@ -264,7 +276,9 @@ def url_of(remote: Remote, base: str) -> str:
     return f"{base.rstrip('/')}/{remote.path}"
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fetching one file: stream to .part, resume with Range, retry, verify, rename
+# Fetching one file: stream into a locked .part, resume with Range, retry, verify, rename
+
+TIMEOUT = 30.0  # seconds of silence from a server before a try is given up and retried (--timeout)
 
 
 class _Transient(Exception):
@@ -275,99 +289,142 @@ TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.ex
 
 
 def fetch(url: str, dest, *, size: int | None = None, sha256: str | None = None,
-          session: requests.Session | None = None, retries: int = 5, backoff: float = 1.0,
-          timeout: float = 60.0) -> Path:
-    """Download url to dest unless dest is already there and verifies. After `retries` failed tries in a row that
-    made no progress it gives up, keeping the .part file for the next run to resume."""
+          session: requests.Session | None = None, force: bool = False, timeout: float = TIMEOUT,
+          retries: int = 5, backoff: float = 1.0) -> Path:
+    """Download url to dest unless dest is already there and matches the published size and sha256 (or force). A
+    size not published is asked for with HEAD; the body goes to <dest>.part, which this process holds locked, and
+    is renamed into place only once its size and sha256 match what is known."""
     dest = Path(dest)
-    if dest.exists():
-        if verifies(dest, size, sha256):
+    if dest.exists() and not force:
+        if not (problem := mismatch(dest, size, sha256)):
             return dest
-        print(f"{dest} does not match its published size or sha256: fetching it again")
-        dest.unlink()
+        print(f"{dest} {problem}: fetching it again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
     session = session or requests.Session()
-    failures = 0
-    while True:
-        before = file_size(part)
+    size = size or remote_size(session, url, timeout)
+    part = dest.with_name(dest.name + ".part")
+    with open(part, "ab") as f:
+        lock(f, part, dest)
         try:
-            stream(session, url, part, timeout)
-            break
-        except TRANSIENT as err:
-            failures = 0 if file_size(part) > before else failures + 1
-            if failures > retries:
-                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {err}); check the "
-                                    f"network or pass another --mirror, then run the same command to resume") from None
-            time.sleep(min(60.0, backoff * 2 ** failures))
-    check_download(part, url, size, sha256)
-    os.replace(part, dest)
+            stream_with_retries(session, url, f, size, timeout, retries, backoff)
+        except BaseException:
+            if f.tell() == 0:
+                part.unlink()
+            raise
+        f.flush()
+        if problem := mismatch(part, size, sha256):
+            part.unlink()
+            raise DownloadError(f"{url}: the download {problem}; it was removed: run the same command again or pass "
+                                f"another --mirror")
+        os.fsync(f.fileno())  # the bytes on disk before the name: a power loss cannot leave an empty dest
+        os.replace(part, dest)
     return dest
 
 
-def stream(session: requests.Session, url: str, part: Path, timeout: float) -> None:
-    """One GET into part: append after a 206 answer to our Range request, start over after a 200."""
-    have = file_size(part)
+def lock(f, part: Path, dest: Path) -> None:
+    """An exclusive lock on the open .part file, so that two downloads of one file never write into one .part; the
+    second stops with this error at once rather than wait without a word."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        ours = os.path.samestat(os.stat(part), os.fstat(f.fileno()))  # not renamed into place meanwhile
+    except (BlockingIOError, FileNotFoundError):
+        ours = False
+    if not ours:
+        raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
+                            f"same command again")
+
+
+def stream_with_retries(session: requests.Session, url: str, f, size: int | None, timeout: float, retries: int,
+                        backoff: float) -> None:
+    """GETs into the open .part file f until the body is complete. Each failed try is printed with its reason and
+    the wait, which doubles from `backoff` (none after a try that made progress); after `retries` retries in a row
+    without progress it gives up, and the .part is kept for the next run to resume."""
+    failures, best = 0, f.tell()
+    while True:
+        try:
+            return stream(session, url, f, size, timeout)
+        except TRANSIENT as err:
+            why = reason(err, timeout)
+            failures, best = (0 if f.tell() > best else failures + 1), max(best, f.tell())
+            if failures > retries:
+                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {why}); check the network "
+                                    f"or pass another --mirror, then run the same command to resume") from None
+            wait = backoff * 2 ** (failures - 1) if failures else 0
+            print(f"{url}: {why}; " + (f"retry {failures} of {retries} in {wait:g} s" if failures else "resuming"),
+                  file=sys.stderr)
+            time.sleep(wait)
+
+
+def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> None:
+    """One GET into the open .part file f: append after a 206 answer to our Range request, start over after a 200.
+    A body shorter than announced (Content-Length, Content-Range, else `size`) is a transient failure."""
+    have = f.tell()
     headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code}")
+            raise _Transient(f"HTTP {r.status_code} {r.reason}")
         if r.status_code == 416:
-            part.unlink()
+            restart(f)
             raise _Transient("the server cannot resume this partial file (HTTP 416); starting over")
         if r.status_code >= 400:
             raise DownloadError(f"HTTP {r.status_code} {r.reason} for {url}: check the URL (or the --mirror base)")
         if r.status_code == 206:
-            total = resumed_total(r, have, part)
+            total = resumed_total(r, have, f)
         else:
             have, total = 0, int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        progress = Progress(part.name.removesuffix(".part"), have, total)
-        with open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                have += len(chunk)
-                progress.update(have)
+            restart(f)
+        total = total or size
+        progress = Progress(Path(f.name).name.removesuffix(".part"), have, total)
+        for chunk in r.iter_content(1 << 16):
+            f.write(chunk)
+            have += len(chunk)
+            progress.update(have)
         progress.close()
-    if total is not None and have != total:
+    if total is not None and have < total:
         raise _Transient(f"the connection closed after {have} of {total} bytes")
 
 
-def resumed_total(r: requests.Response, have: int, part: Path) -> int | None:
+def resumed_total(r: requests.Response, have: int, f) -> int | None:
     """The full size from a 206's Content-Range 'bytes START-END/TOTAL'; a range not starting at `have` restarts."""
     span, _, total = r.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
     if span.partition("-")[0] != str(have):
-        part.unlink()
+        restart(f)
         raise _Transient(f"the server resumed at {span or '?'} instead of byte {have}; starting over")
     return int(total) if total.isdigit() else None
 
 
-def check_download(part: Path, url: str, size: int | None, sha256: str | None) -> None:
-    """Size and sha256 of a finished .part; a bad file is removed."""
-    got = part.stat().st_size
-    if size is not None and got != size:
-        part.unlink()
-        raise DownloadError(f"{url} gave {got} bytes instead of {size}; the file was removed: run again or pass "
-                            f"another --mirror")
-    if sha256 is not None and (digest := file_sha256(part)) != sha256:
-        part.unlink()
-        raise DownloadError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; the bad file was removed: "
-                            f"run again or pass another --mirror")
+def restart(f) -> None:
+    f.seek(0)
+    f.truncate()
 
 
-def verifies(path: Path, size: int | None, sha256: str | None) -> bool:
-    return (size is None or path.stat().st_size == size) and (sha256 is None or file_sha256(path) == sha256)
+def reason(err: Exception, timeout: float) -> str:
+    """A failed try's cause in a few words, not urllib3's paragraph."""
+    if isinstance(err, requests.Timeout) or "timed out" in str(err):
+        return f"no data for {timeout:g} s (--timeout)"
+    cause = re.search(r"\[Errno -?\d+\] ([^'\"]+)|(Connection broken)", str(err))
+    return (cause[1] or cause[2]) if cause else str(err)
 
 
-def file_size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
+def remote_size(session: requests.Session, url: str, timeout: float) -> int | None:
+    """Content-Length from a HEAD request (following redirects), or None."""
+    try:
+        r = session.head(url, allow_redirects=True, timeout=timeout, headers={"Accept-Encoding": "identity"})
+        return (int(r.headers.get("Content-Length", 0)) if r.ok else 0) or None  # 0: the server did not say
+    except (requests.RequestException, ValueError):
+        return None
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+def mismatch(path: Path, size: int | None, sha256: str | None) -> str | None:
+    """How a file differs from its known size and sha256, or None."""
+    if size is not None and path.stat().st_size != size:
+        return f"has {path.stat().st_size} bytes, not {size}"
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256:
+            return f"has sha256 {digest}, not {sha256}"
+    return None
 
 
 def human(n: float) -> str:
@@ -415,63 +472,53 @@ class Progress:
 # Items: plan, fetch, build
 
 
-def fetch_remote(remote: Remote, root: Path, bases: dict, session: requests.Session) -> Path:
-    """A Remote from the first of its source's bases that delivers it."""
-    errors = []
-    for base in bases[remote.source]:
+def fetch_remote(remote: Remote, root: Path, bases: dict, **how) -> Path:
+    """A Remote from the first of its source's bases that delivers it; `how` holds fetch's options."""
+    urls = [url_of(remote, base) for base in bases[remote.source]]
+    fetch_to_dest = functools.partial(fetch, dest=root / remote.dest, size=remote.size, sha256=remote.sha256, **how)
+    for url in urls[:-1]:
         try:
-            return fetch(url_of(remote, base), root / remote.dest, size=remote.size, sha256=remote.sha256,
-                         session=session)
+            return fetch_to_dest(url)
         except DownloadError as err:
-            errors.append(err)
-            print(f"{err}", file=sys.stderr)
-    if len(errors) == 1:
-        raise errors[0]
-    raise DownloadError(f"every mirror of {remote.path} failed (see above): pass a working one with "
-                        f"--mirror {remote.source}=URL")
+            print(f"{err}; trying the next mirror", file=sys.stderr)
+    return fetch_to_dest(urls[-1])
 
 
 def is_done(item: Item, root: Path) -> bool:
     return all((root / out).exists() for out in item.outputs)
 
 
-def get(item: Item, root: Path, bases: dict, session: requests.Session) -> None:
-    """Fetch and build an item unless its outputs are there; then validate them."""
-    if not is_done(item, root) and item.remotes:
+def get(item: Item, root: Path, bases: dict, force: bool = False, **how) -> None:
+    """Fetch and build an item unless its outputs are there (or force); then validate them."""
+    if item.remotes and (force or not is_done(item, root)):
         for remote in item.remotes:
-            fetch_remote(remote, root, bases, session)
+            fetch_remote(remote, root, bases, force=force, **how)
         if item.build:
             item.build(root)
         for remote in item.remotes:
             if remote.dest not in item.outputs:
                 (root / remote.dest).unlink()
+                with contextlib.suppress(OSError):  # its folder (downloads/), once empty
+                    (root / remote.dest).parent.rmdir()
     if item.check:
         item.check(root)
     print(f"{item.name}: ok")
 
 
-def remote_size(session: requests.Session, url: str) -> int | None:
-    """Content-Length from a HEAD request (following redirects), or None."""
-    try:
-        r = session.head(url, allow_redirects=True, timeout=15, headers={"Accept-Encoding": "identity"})
-        return int(r.headers["Content-Length"]) if r.ok and "Content-Length" in r.headers else None
-    except (requests.RequestException, ValueError):
-        return None
-
-
-def show_plan(items: list[Item], root: Path, bases: dict, session: requests.Session) -> None:
+def show_plan(items: list[Item], root: Path, bases: dict, session: requests.Session, timeout: float,
+              force: bool) -> None:
     """What will be fetched, with sizes (published, else from a HEAD request), before anything is."""
     print(f"data directory: {root}")
     total, unknown = 0, 0
     for item in items:
-        if is_done(item, root):
-            print(f"  {item.name:14} present, skipped")
+        if is_done(item, root) and not force:
+            print(f"  {item.name:14} present, skipped (--force fetches it again)")
             continue
         if not item.remotes:
             print(f"  {item.name:14} manual download:\n" + READ_HELP.format(path=root / item.outputs[0]))
         for remote in item.remotes:
             url = url_of(remote, bases[remote.source][0])
-            size = remote.size or remote_size(session, url)
+            size = remote.size or remote_size(session, url, timeout)
             total, unknown = total + (size or 0), unknown + (size is None)
             print(f"  {item.name:14} {url}  {human(size) if size else 'size unknown'}")
     print(f"to fetch: {human(total)}" + (f" + {unknown} files of unknown size" if unknown else ""))
@@ -486,20 +533,29 @@ def main(argv=None) -> None:
     parser.add_argument("--mirror", action="append", default=[], metavar="NAME=URL",
                         help=f"replace a source's base URL; NAME is one of {', '.join(SOURCES)}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be fetched and stop")
+    parser.add_argument("--force", action="store_true", help="fetch the names again and replace files already there")
+    parser.add_argument("--timeout", type=float, default=TIMEOUT, metavar="SECONDS",
+                        help=f"silence from a server before a try is retried (default {TIMEOUT:g})")
     parser.add_argument("--toy", action="store_true", help="build the offline toy kit (no network)")
     args = parser.parse_args(argv)
     root = Path(args.data or ("data/toy" if args.toy else "data"))
     if args.toy:
         build_toy(root)
         return
-    items, bases, session = expand(args.names), mirror_bases(args.mirror), requests.Session()
-    show_plan(items, root, bases, session)
+    if not args.timeout > 0:
+        raise SystemExit(f"--timeout {args.timeout}: give a positive number of seconds")
+    try:
+        items, bases = expand(args.names), mirror_bases(args.mirror)
+    except DownloadError as err:
+        raise SystemExit(str(err))
+    how = dict(session=requests.Session(), timeout=args.timeout, force=args.force)
+    show_plan(items, root, bases, **how)
     if args.dry_run:
         return
     failed = []
     for item in items:
         try:
-            get(item, root, bases, session)
+            get(item, root, bases, **how)
         except DownloadError as err:
             print(f"{item.name}: {err}", file=sys.stderr)
             failed.append(item.name)

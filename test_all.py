@@ -3,6 +3,7 @@ tokenizers), scikit-learn and scipy (metrics, CCA), real vocabularies (bert-base
 CLIP's BPE list from open-clip-torch), torchrun with 2 gloo processes, a real HTTP server on 127.0.0.1.
 Run: python -m pytest -q test_all.py
 """
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -930,8 +931,10 @@ def test_data_encode_clip_blocks_and_choice(data_clip_dir):
 
 
 class _DownloadHandler(BaseHTTPRequestHandler):
-    """Serves server.files[path]; server.modes[path] may hold 'cut-once' (send half the body, then close),
-    'ignore-range' (always 200 with the whole file) and '500-once'. Every request is logged."""
+    """Serves server.files[path]; server.modes[path] maps a failure to how many GETs it hits: '500' (answer HTTP 500),
+    'cut' (send half the body, then close), 'unsized-cut' (the same without a Content-Length, whose HEAD still says
+    the size), 'hold' (send half, then wait for server.release before the rest) and 'ignore-range' (answer 200 with
+    the whole file). Every request is logged."""
     protocol_version = "HTTP/1.1"
 
     def log_message(self, *args):
@@ -946,28 +949,36 @@ class _DownloadHandler(BaseHTTPRequestHandler):
     def serve(self, body):
         srv, path, wanted = self.server, self.path, self.headers.get("Range")
         srv.log.append((self.command, path, wanted))
-        content, mode = srv.files.get(path), srv.modes.get(path, set())
-        if content is None or (body and "500-once" in mode and srv.once(path, "500")):
+        content = srv.files.get(path)
+        if content is None or (body and srv.take(path, "500")):
             self.send_response(404 if content is None else 500)
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
         start = 0
-        if wanted and "ignore-range" not in mode:
+        if wanted and not srv.take(path, "ignore-range"):
             start = int(wanted.removeprefix("bytes=").removesuffix("-"))
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
         else:
             self.send_response(200)
-        self.send_header("Content-Length", str(len(content) - start))
+        unsized = body and srv.take(path, "unsized-cut")
+        self.send_header(*("Connection", "close") if unsized else ("Content-Length", str(len(content) - start)))
         self.end_headers()
         if not body:
             return
-        if "cut-once" in mode and srv.once(path, "cut"):
-            self.wfile.write(content[start:start + (len(content) - start) // 2])
+        half = start + (len(content) - start) // 2
+        if unsized or srv.take(path, "cut"):
+            self.wfile.write(content[start:half])
             self.close_connection = True
-            return
-        self.wfile.write(content[start:])
+        elif srv.take(path, "hold"):
+            self.wfile.write(content[start:half])
+            self.wfile.flush()
+            srv.release.wait(30)
+            with contextlib.suppress(OSError):  # the client may have given up on us
+                self.wfile.write(content[half:])
+        else:
+            self.wfile.write(content[start:])
 
 
 class _DownloadServer(ThreadingHTTPServer):
@@ -975,14 +986,15 @@ class _DownloadServer(ThreadingHTTPServer):
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _DownloadHandler)
-        self.files, self.modes, self.log, self.done = {}, {}, [], set()
+        self.files, self.modes, self.log, self.release = {}, {}, [], threading.Event()
         self.url = f"http://127.0.0.1:{self.server_address[1]}"
 
-    def once(self, path, what):
-        """True the first time (path, what) is asked for."""
-        first = (path, what) not in self.done
-        self.done.add((path, what))
-        return first
+    def take(self, path, failure):
+        """True while `failure` has GETs of path left to hit (one used up per call)."""
+        left = self.modes.get(path, {}).get(failure, 0)
+        if left:
+            self.modes[path][failure] = left - 1
+        return bool(left)
 
     def gets(self, path):
         return [r for r in self.log if r[0] == "GET" and r[1] == path]
@@ -991,9 +1003,10 @@ class _DownloadServer(ThreadingHTTPServer):
 @pytest.fixture
 def download_server():
     server = _DownloadServer()
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     yield server
+    server.release.set()
     server.shutdown()
     server.server_close()
 
@@ -1002,11 +1015,11 @@ DOWNLOAD_BLOB = random.Random(0).randbytes(3_000_000)
 DOWNLOAD_SHA = hashlib.sha256(DOWNLOAD_BLOB).hexdigest()
 
 
-def _download_get(server, tmp_path, mode=(), **kw):
+def _download_get(server, tmp_path, modes=None, **kw):
     server.files["/f.bin"] = DOWNLOAD_BLOB
-    server.modes["/f.bin"] = set(mode)
+    server.modes["/f.bin"] = modes or {}
     dest = tmp_path / "sub" / "f.bin"
-    download.fetch(f"{server.url}/f.bin", dest, backoff=0, **kw)
+    download.fetch(f"{server.url}/f.bin", dest, **{"backoff": 0, **kw})
     return dest
 
 
@@ -1021,15 +1034,23 @@ def test_download_full_file_with_progress(download_server, tmp_path, capsys):
     assert "3.0 MB / 3.0 MB (100%)" in capsys.readouterr().err  # sparse progress lines off a terminal
 
 
-def test_download_resumes_after_a_cut_with_range(download_server, tmp_path):
-    dest = _download_get(download_server, tmp_path, ["cut-once"], sha256=DOWNLOAD_SHA)
+def test_download_resumes_after_a_cut_with_range(download_server, tmp_path, capsys):
+    dest = _download_get(download_server, tmp_path, {"cut": 1}, sha256=DOWNLOAD_SHA)
     assert dest.read_bytes() == DOWNLOAD_BLOB
     _download_assert_resumed(download_server)
+    assert f"{download_server.url}/f.bin: Connection broken; resuming" in capsys.readouterr().err
 
 
 def test_download_restarts_when_the_server_ignores_range(download_server, tmp_path):
-    dest = _download_get(download_server, tmp_path, ["cut-once", "ignore-range"], sha256=DOWNLOAD_SHA)
+    dest = _download_get(download_server, tmp_path, {"cut": 1, "ignore-range": math.inf}, sha256=DOWNLOAD_SHA)
     assert dest.read_bytes() == DOWNLOAD_BLOB  # appending the 200's full body would have doubled the first half
+    _download_assert_resumed(download_server)
+
+
+def test_download_size_from_head_catches_a_cut_without_content_length(download_server, tmp_path):
+    dest = _download_get(download_server, tmp_path, {"unsized-cut": 1})  # no published size or sha256
+    assert dest.read_bytes() == DOWNLOAD_BLOB  # not the half that came before the connection closed
+    assert download_server.log[0] == ("HEAD", "/f.bin", None)
     _download_assert_resumed(download_server)
 
 
@@ -1039,22 +1060,25 @@ def _download_assert_resumed(server):
     assert first is None and 0 < int(re.fullmatch(r"bytes=(\d+)-", second)[1]) <= len(DOWNLOAD_BLOB) // 2
 
 
-def test_download_retries_a_server_error(download_server, tmp_path):
-    assert _download_get(download_server, tmp_path, ["500-once"]).read_bytes() == DOWNLOAD_BLOB
-    assert len(download_server.gets("/f.bin")) == 2
+def test_download_retries_print_their_reason_and_wait(download_server, tmp_path, capsys):
+    dest = _download_get(download_server, tmp_path, {"500": 3}, backoff=0.01)
+    assert dest.read_bytes() == DOWNLOAD_BLOB and len(download_server.gets("/f.bin")) == 4
+    err = capsys.readouterr().err
+    for i, wait in enumerate(["0.01", "0.02", "0.04"], 1):  # doubling waits, each announced
+        assert f"{download_server.url}/f.bin: HTTP 500 Internal Server Error; retry {i} of 5 in {wait} s" in err
 
 
 def test_download_gives_up_after_retries(download_server, tmp_path):
     download_server.files["/f.bin"] = DOWNLOAD_BLOB
-    download_server.modes["/f.bin"] = {"500-once"}
-    expected = f"{download_server.url}/f.bin: no progress in 1 attempt(s) (the last: HTTP 500)"
+    download_server.modes["/f.bin"] = {"500": 1}
+    expected = f"{download_server.url}/f.bin: no progress in 1 attempt(s) (the last: HTTP 500 Internal Server Error)"
     with pytest.raises(download.DownloadError, match=re.escape(expected)):
         download.fetch(f"{download_server.url}/f.bin", tmp_path / "f.bin", retries=0, backoff=0)
-    assert not (tmp_path / "f.bin").exists()
+    assert not list(tmp_path.iterdir())  # no empty .part left behind
 
 
 def test_download_sha256_mismatch_removes_the_file(download_server, tmp_path):
-    with pytest.raises(download.DownloadError, match=r"sha256 mismatch for http://127\.0\.0\.1:\d+/f\.bin.*removed"):
+    with pytest.raises(download.DownloadError, match=r"127\.0\.0\.1:\d+/f\.bin: the download has sha256 .* removed"):
         _download_get(download_server, tmp_path, sha256="0" * 64)
     assert not list((tmp_path / "sub").iterdir())
 
@@ -1062,7 +1086,7 @@ def test_download_sha256_mismatch_removes_the_file(download_server, tmp_path):
 def test_download_404_names_the_url(download_server, tmp_path):
     with pytest.raises(download.DownloadError, match=re.escape(f"HTTP 404 Not Found for {download_server.url}/nope")):
         download.fetch(f"{download_server.url}/nope", tmp_path / "nope", backoff=0)
-    assert not list(tmp_path.iterdir()) and len(download_server.log) == 1
+    assert not list(tmp_path.iterdir()) and len(download_server.gets("/nope")) == 1
 
 
 def test_download_present_and_verified_makes_no_request(download_server, tmp_path):
@@ -1076,13 +1100,77 @@ def test_download_present_and_verified_makes_no_request(download_server, tmp_pat
     assert dest.read_bytes() == DOWNLOAD_BLOB and len(download_server.gets("/f.bin")) == 1
 
 
-def test_download_next_mirror_after_a_failure(download_server, tmp_path):
+def test_download_next_mirror_after_a_failure(download_server, tmp_path, capsys):
     download_server.files["/good/w.zip"] = DOWNLOAD_BLOB
     remote = download.Remote("wikitext", "w.zip", "w.zip", len(DOWNLOAD_BLOB), DOWNLOAD_SHA)
     bases = {"wikitext": (f"{download_server.url}/bad", f"{download_server.url}/good")}
-    download.fetch_remote(remote, tmp_path, bases, download.requests.Session())
+    download.fetch_remote(remote, tmp_path, bases)
     assert (tmp_path / "w.zip").read_bytes() == DOWNLOAD_BLOB
     assert [r[1] for r in download_server.log] == ["/bad/w.zip", "/good/w.zip"]
+    assert f"/bad/w.zip: check the URL (or the --mirror base); trying the next mirror" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The command line: a checkpoint, GLUE zips, READ, names, mirrors and flags
+
+DOWNLOAD_BERT = {f"/google-bert/bert-base-uncased/resolve/main/{name}": content for name, content in [
+    ("config.json", b'{"model_type": "bert"}'), ("model.safetensors", DOWNLOAD_BLOB),
+    ("tokenizer.json", b'{"version": "1.0"}'), ("vocab.txt", b"[PAD]\n[UNK]\n")]}
+
+
+def _download_bert(server, tmp_path, *flags):
+    """`python download.py bert-base` from the server, in this process; the folder it fills."""
+    server.files.update(DOWNLOAD_BERT)
+    download.main(["bert-base", "--data", str(tmp_path), "--mirror", f"hf={server.url}", *flags])
+    return tmp_path / "ckpt" / "bert-base"
+
+
+def _download_same_files(folder):
+    return {path.rsplit("/", 1)[1]: content for path, content in DOWNLOAD_BERT.items()} == {
+        p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_download_force_replaces_a_damaged_checkpoint(download_server, tmp_path, capsys):
+    folder = _download_bert(download_server, tmp_path)
+    assert _download_same_files(folder)
+    (folder / "model.safetensors").write_bytes(DOWNLOAD_BLOB[:1000])  # damaged in place, e.g. by a full disk
+    _download_bert(download_server, tmp_path)
+    assert "present, skipped (--force fetches it again)" in capsys.readouterr().out
+    requests_made = len(download_server.log)
+    _download_bert(download_server, tmp_path, "--force")
+    assert _download_same_files(folder) and not _download_leftovers(tmp_path)
+    assert len([r for r in download_server.log[requests_made:] if r[0] == "GET"]) == len(DOWNLOAD_BERT)
+
+
+def test_download_timeout_retries_a_silent_server(download_server, tmp_path, capsys):
+    download_server.modes[next(p for p in DOWNLOAD_BERT if p.endswith("safetensors"))] = {"hold": 1}
+    assert _download_same_files(_download_bert(download_server, tmp_path, "--timeout", "0.3"))
+    assert "model.safetensors: no data for 0.3 s (--timeout); resuming" in capsys.readouterr().err
+
+
+def test_download_two_processes_never_share_a_part_file(download_server, tmp_path, capsys):
+    """A second download of the same item stops with one clear line while the first holds the .part; the first
+    finishes intact."""
+    held = next(p for p in DOWNLOAD_BERT if p.endswith("safetensors"))
+    download_server.files.update(DOWNLOAD_BERT)
+    download_server.modes[held] = {"hold": 1}
+    first = subprocess.Popen([sys.executable, "download.py", "bert-base", "--data", str(tmp_path), "--mirror",
+                              f"hf={download_server.url}"], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not download_server.gets(held) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(SystemExit, match="not done: bert-base"):
+            _download_bert(download_server, tmp_path)
+        download_server.release.set()
+        out, _ = first.communicate(timeout=60)
+    finally:
+        first.kill()
+    assert first.returncode == 0 and "bert-base: ok" in out, out
+    err = capsys.readouterr().err
+    assert err.count("another process is downloading") == 1 and "model.safetensors.part" in err
+    assert len(download_server.gets(held)) == 1 and _download_same_files(tmp_path / "ckpt" / "bert-base")
 
 
 def _download_zip(members):
@@ -1118,7 +1206,7 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
         f"{download.MRPC_HEADER}\n1\t11\t12\tA one.\tA 1.\n1\t31\t32\tC three.\tC 3.\n")
     assert (mrpc / "dev.tsv").read_text() == f"{download.MRPC_HEADER}\n0\t21\t22\tB two.\tB 3.\n"
     assert (mrpc / "test.tsv").read_text() == "index\t#1 ID\t#2 ID\t#1 String\t#2 String\n0\t41\t42\tD.\tD!\n"
-    assert not list((tmp_path / "downloads").iterdir()) and not _download_leftovers(tmp_path)
+    assert not (tmp_path / "downloads").exists() and not _download_leftovers(tmp_path)
     requests_made = len(download_server.log)
     download.main(argv)
     assert len(download_server.log) == requests_made and "present, skipped" in capsys.readouterr().out
@@ -1130,6 +1218,12 @@ def test_download_zip_without_the_expected_member(download_server, tmp_path, cap
         download.main(["rte", "--data", str(tmp_path), "--mirror", f"fb={download_server.url}"])
     assert "has no RTE/train.tsv" in capsys.readouterr().err and not (tmp_path / "glue" / "RTE").exists()
     assert not (tmp_path / "downloads" / "RTE.zip").exists()
+
+
+def test_download_cli_prints_each_error_once(download_server, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="not done: swag"):
+        download.main(["swag", "--data", str(tmp_path), "--mirror", f"swag={download_server.url}"])
+    assert capsys.readouterr().err.count(f"HTTP 404 Not Found for {download_server.url}/train.csv") == 1
 
 
 def test_download_read_explains_and_validates(tmp_path, capsys):
@@ -1158,13 +1252,26 @@ def test_download_names_and_mirrors():
     assert [i.name for i in download.expand([])] == []
     assert [i.name for i in download.expand(["main"])] == [
         "bert-base", "clip", "wikitext", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax"]
-    with pytest.raises(SystemExit, match="unknown name 'bert'"):
+    with pytest.raises(download.DownloadError, match="unknown name 'bert'"):
         download.expand(["bert"])
-    environ = {"XDBERT_MIRROR_HF": "http://x", "XDBERT_MIRROR_FB": "http://y"}
+    environ = {"XDBERT_MIRROR_HF": "http://x", "XDBERT_MIRROR_FB": "http://y", "PATH": "/bin"}
     bases = download.mirror_bases(["hf=http://127.0.0.1:1"], environ)
     assert bases["hf"] == ("http://127.0.0.1:1",) and bases["fb"] == ("http://y",)
-    with pytest.raises(SystemExit, match="NAME=URL"):
+    with pytest.raises(download.DownloadError, match="NAME=URL"):
         download.mirror_bases(["nope=http://x"])
+    with pytest.raises(download.DownloadError, match="XDBERT_MIRROR_FB: 'y.org' is not an http:// or https:// URL"):
+        download.mirror_bases([], {"XDBERT_MIRROR_FB": "y.org"})
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--mirror", "hf=127.0.0.1:8000"], "--mirror hf=127.0.0.1:8000: '127.0.0.1:8000' is not an http:// or https://"),
+    (["--mirror", "hf=localhost:8000"], "'localhost:8000' is not an http:// or https:// URL"),
+    (["--timeout", "0"], "--timeout 0.0: give a positive number of seconds"),
+    (["bert"], "unknown name 'bert'")])
+def test_download_bad_flags_are_one_line_before_any_request(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        download.main([*flags, "bert-base", "--data", str(tmp_path)])
+    assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())
 
 
 # ----------------------------------------------------------------------------------------------------------------------
