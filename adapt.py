@@ -1,25 +1,28 @@
 """Sec. 2.3 + App. C.1: cross-modal adaptation of BERT/ELECTRA with CLIP's text transformer (XDBERT).
 
-    python adapt.py --toy                                         # the quick start: the toy kit, 89 steps on a CPU
-    torchrun --nproc_per_node 8 adapt.py --encoder bert-base      # the paper's run: one epoch of WikiText-103
-    python adapt.py --encoder electra-large --tasks mlm,match     # Table 3 ablations: --tasks, --xlayers, --epochs
-    python adapt.py --encoder bert-base --no-clip                 # Sec. 3 fair baseline: one more epoch of plain MLM
-    python adapt.py --encoder bert-base --benchmark 20            # speed on synthetic batches of the real shapes
-    python adapt.py --encoder bert-base --name NAME --resume      # continue runs/NAME/ckpt.pt
+    python adapt.py --toy                                          # the quick start: the toy kit on a CPU
+    torchrun --nproc_per_node 8 adapt.py --encoder bert-base       # the paper's run: one epoch of WikiText-103
+    python adapt.py --encoder bert-base --epochs 20 --save-epochs 1,2   # Table 3's 1-, 2- and 20-epoch models
+    python adapt.py --encoder electra-large --tasks mlm,match      # Table 3 ablations: --tasks, --xlayers
+    python adapt.py --encoder bert-base --no-clip                  # Sec. 3's fair baseline: one more epoch of MLM
+    python adapt.py --encoder bert-base --resume --epochs 2        # continue runs/<run>/ckpt.pt, here to epoch 2
 
-The model (model.CrossModalTransformer) is trained on the WikiText-103 cache of data.py with the plain sum of the
-MLM, MATCH and CLIPTC cross-entropies (Sec. 2.3), AdamW at 1e-4, 5% warm-up then linear decay, gradient clipping
-1.0, one epoch of windows of 512 BERT tokens and 9 x 77 CLIP tokens (App. B, C.1). The global batch of about 300
-sequences (Spec 6: ~800 optimizer steps per epoch) is split as
-    global batch = per-device batch (--batch-size) x gradient accumulation x world size.
+The model (model.CrossModalTransformer) trains on data.py's WikiText-103 cache with the plain sum of the MLM,
+MATCH and CLIPTC cross-entropies (Sec. 2.3): AdamW at 1e-4, gradient clipping 1.0, windows of 512 BERT tokens and
+9 x 77 CLIP tokens (App. B). App. C.1 lays a linear schedule over 40 epochs ("max_epoch = 40 ... warmup ratio =
+0.05": warm-up over the first 2 epochs, then linear decay) and stops after 1: the paper's XDBERT was taken mid-warm-up,
+at half the peak rate. --schedule-epochs sets the schedule, --epochs where the run stops (a resumed run may stop
+later), --save-epochs the epochs whose encoder is also kept (Table 3's 1, 2 and 20 epochs are one run).
+    global batch (about 300 sequences, App. C.1: ~800 steps per epoch) = micro-batch x accumulation x world size
 Outputs, in runs/<run>/: xdbert/ (the adapted language encoder in the hub layout, for finetune.py --encoder),
-crossmodal.pt (the whole model, for finetune.py --full-model), ckpt.pt (the resumable state), log.jsonl.
+xdbert-epoch<e>/ for --save-epochs, crossmodal.pt (the whole model, for finetune.py --full-model), ckpt.pt (the
+resumable state, written every --ckpt-every steps in the background), log.jsonl.
 
 Distributed: torchrun's RANK / LOCAL_RANK / WORLD_SIZE select DDP (nccl on GPU, gloo on CPU); without them this is
-one process. The examples of optimizer step s are the slice [s*G, (s+1)*G) of a permutation drawn from
-(--seed, epoch); its G/B micro-batches go round-robin over the ranks, and dropout is seeded from (--seed, micro-batch),
-so a run gives the same weights (to float rounding) on any world size, and a run killed and resumed from ckpt.pt
-gives bitwise the same weights as one never interrupted (on CPU).
+one process. The examples of optimizer step s are the slice [s*G, (s+1)*G) of a permutation drawn from (--seed,
+epoch); its micro-batches go round-robin over the ranks, and dropout is seeded per micro-batch, so any world size
+runs the same computation (equal up to float rounding, which compounds over a long run), and a run killed and
+resumed from ckpt.pt gives bitwise the same weights as one never interrupted (on CPU).
 
 MFU (model FLOPs utilisation, as in nanoGPT / PaLM App. B): the FLOPs of one training sequence are
     6 x (matmul parameters x the tokens they act on)   forward + backward of every weight matrix
@@ -32,12 +35,18 @@ check it against torch's FlopCounterMode). The peak is the dense bf16 tensor-cor
 or --peak-flops); on a CPU MFU is printed only with --peak-flops.
 """
 import argparse
+import functools
 import json
 import math
 import os
+import pickle
+import re
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,96 +55,143 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import model as xm
 
-# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets; SXM parts)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "A10": 125e12,
-              "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
-TASK_NAMES = ("mlm", "match", "cliptc")
-# Defaults of the flags left unset: the toy kit's random tiny encoders need a larger learning rate to move in 89 steps
-TOY = {"data": "data/toy", "encoder": "bert-toy", "clip": "clip-toy", "seq_len": 128, "clip_blocks": 2,
-       "global_batch": 16, "batch_size": 16, "lr": 3e-3}
-FULL = {"data": "data", "encoder": "bert-base", "clip": "clip", "seq_len": 512, "clip_blocks": 9,
-        "global_batch": 320, "batch_size": 8, "lr": 1e-4}
+# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets), matched against the device name in this order
+PEAK_FLOPS = ((r"H200 NVL|H100 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H100|H200|GH200", 989e12),
+              (r"A100", 312e12), (r"L40S", 362e12), (r"A10G", 70e12), (r"A10\b", 125e12), (r"L4\b", 121e12),
+              (r"V100", 125e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"T4\b", 65e12))
+LOGGED = ("loss", "mlm", "match", "cliptc", "match_acc")  # train_step's means, in this order
+DROPOUT_SEED_STRIDE = 1_000_003  # dropout seed of micro-batch m: seed + stride x (m + 1), distinct for every m
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="the toy kit: data/toy, bert-toy + clip-toy, short windows")
-    p.add_argument("--data", help="data root (default data, or data/toy with --toy)")
-    p.add_argument("--encoder", help="a name under DATA/ckpt/ or a hub-layout dir (default bert-base)")
-    p.add_argument("--clip", help="CLIP text tower: a name under DATA/ckpt/ or a dir (default clip)")
-    p.add_argument("--corpus", help="raw text corpus (default DATA/wikitext-103-raw/wiki.train.raw)")
-    p.add_argument("--cache", help="an existing cache dir built by data.build_cache (default: build or reuse one)")
-    p.add_argument("--tasks", default="mlm,match,cliptc", help="Table 3: any subset of mlm,match,cliptc")
-    p.add_argument("--xlayers", type=int, default=2, help="cross-modal layers (App. B: 2; Table 3: 1)")
-    p.add_argument("--no-clip", action="store_true", help="Sec. 3 fair baseline: the language encoder alone, plain MLM")
-    p.add_argument("--schedule-epochs", type=float, default=40.0,
-                   help="App. C.1: the learning-rate schedule spans 40 epochs (warm-up: the first 5%%)")
-    p.add_argument("--epochs", type=float, default=1.0, help="where the run stops, in epochs (App. C.1: 1; Table 3: 2, 20)")
-    p.add_argument("--seq-len", type=int, help="BERT window (App. B: 512)")
-    p.add_argument("--clip-blocks", type=int, help="CLIP blocks of 77 per window (App. B: 9)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default 320; Spec 6: about 300)")
-    p.add_argument("--batch-size", type=int, help="sequences per device per micro-step (default 8)")
-    p.add_argument("--grad-accum", type=int,
-                   help="micro-steps per optimizer step; sets the global batch to batch-size x grad-accum x world size")
-    p.add_argument("--lr", type=float, help="peak learning rate (App. C.1: 1e-4; --toy: 3e-3)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (App. C.1: 0.05)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay of the matrices (not biases, norms)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (the authors' code: 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", help="cuda or cpu (default cuda when available)")
-    p.add_argument("--name", help="writes <out>/<name>/ (default <encoder>-<tasks>, or toy)")
-    p.add_argument("--out", default="runs", help="runs root")
-    p.add_argument("--resume", action="store_true", help="continue from runs/<run>/ckpt.pt")
-    p.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: at the end only)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule is unchanged)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on random batches of the real shapes")
-    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: PEAK_FLOPS by device name)")
-    args = p.parse_args(argv)
-    for key, value in (TOY if args.toy else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    chosen = args.tasks.split(",")
-    args.tasks = tuple(t for t in TASK_NAMES if t in chosen)
-    unknown = set(chosen) - set(TASK_NAMES)
-    if unknown or not args.tasks:
-        p.error(f"--tasks {','.join(sorted(unknown)) or '(empty)'}: choose a subset of {','.join(TASK_NAMES)}")
-    if args.no_clip:
-        args.tasks = ("mlm",)
-    return args
+@dataclass
+class AdaptConfig:
+    """Every setting of an adaptation run; PRESETS["paper"] is App. C.1's, PRESETS["toy"] the toy kit's."""
+    data: str = "data"                  # data root: ckpt/, wikitext-103-raw/, cache/
+    encoder: str = "bert-base"          # a name under DATA/ckpt/ or a hub-layout directory
+    clip: str = "clip"
+    corpus: str | None = None           # default DATA/wikitext-103-raw/wiki.train.raw
+    cache: str | None = None            # an existing data.build_cache directory
+    all_lines: bool = False             # keep WikiText's headings and short lines (data.wikitext_line)
+    tasks: tuple[str, ...] = xm.TASKS   # Table 3: any subset of mlm, match, cliptc
+    xlayers: int = 2                    # cross-modal layers (App. B: 2; Table 3: 1)
+    no_clip: bool = False               # Sec. 3's fair baseline: the language encoder alone, plain MLM
+    schedule_epochs: float = 40.0       # App. C.1: max_epoch = 40
+    epochs: float = 1.0                 # where the run stops (App. C.1: 1)
+    save_epochs: tuple[float, ...] = ()  # epochs whose adapted encoder is also kept (Table 3: 1, 2, 20)
+    seq_len: int = 512                  # App. B
+    clip_blocks: int = 9                # App. B: 9 x 77
+    global_batch: int = 320             # App. C.1: about 300 (320 divides over 8 GPUs)
+    micro_batch: int | None = None      # per device and micro-step; None: the largest that fits (micro_batch_size)
+    lr: float = 1e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.01          # on the matrices (the paper is silent)
+    clip_grad: float = 1.0              # the authors' code
+    seed: int = 0
+    dtype: str = "auto"                 # auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU
+    compile: bool = False
+    device: str | None = None           # default cuda when available
+    name: str | None = None             # default <encoder>-<tasks>
+    out: str = "runs"
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200
+    max_steps: int | None = None
+    peak_flops: float | None = None
+
+
+# The toy kit's tiny encoders need a larger learning rate and shorter windows; same schedule shape as the paper's.
+PRESETS = {"paper": AdaptConfig(),
+           "toy": AdaptConfig(data="data/toy", encoder="bert-toy", clip="clip-toy", name="toy", seq_len=128,
+                              clip_blocks=2, global_batch=16, lr=3e-3)}
+# A resumed run must match its checkpoint in what defines the schedule and the data; the learning rate may change
+# (with a note), and where the run stops is free (--epochs, --max-steps, --save-epochs).
+RUN_DEFINING = ("encoder", "clip", "corpus", "cache", "all_lines", "tasks", "xlayers", "no_clip", "schedule_epochs",
+                "seq_len", "clip_blocks", "global_batch", "warmup", "weight_decay", "clip_grad", "seed")
+
+
+def parse_args(argv=None) -> AdaptConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy + clip-toy")
+    for name in ("data", "encoder", "clip", "corpus", "cache", "name", "out", "device"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--all-lines", action="store_true", help="keep WikiText's headings and short lines")
+    p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), help="Table 3: a subset of mlm,match,cliptc")
+    p.add_argument("--no-clip", action="store_true", help="Sec. 3's fair baseline: the encoder alone, plain MLM")
+    p.add_argument("--save-epochs", type=lambda s: tuple(map(float, s.split(","))), help="e.g. 1,2")
+    for name in ("xlayers", "seq_len", "clip_blocks", "global_batch", "micro_batch", "seed", "log_every",
+                 "ckpt_every", "max_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
+    for name in ("schedule_epochs", "epochs", "lr", "warmup", "weight_decay", "clip_grad", "peak_flops"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    for name in ("compile", "resume", "overwrite"):
+        p.add_argument(f"--{name}", action="store_true")
+    given = vars(p.parse_args(argv))
+    cfg = replace(PRESETS["toy" if given.pop("toy", False) else "paper"], **given)
+    if cfg.no_clip:
+        cfg = replace(cfg, tasks=("mlm",), xlayers=0)
+    check(cfg)
+    return replace(cfg, tasks=tuple(t for t in xm.TASKS if t in cfg.tasks))
+
+
+def check(cfg: AdaptConfig):
+    """ValueError naming the first setting that the model or the data cannot take."""
+    unknown = set(cfg.tasks) - set(xm.TASKS)
+    problems = [
+        (unknown or not cfg.tasks, f"--tasks {','.join(sorted(unknown)) or '(empty)'}: choose a subset of "
+                                   f"{','.join(xm.TASKS)}"),
+        (cfg.xlayers < (0 if cfg.no_clip else 1), f"--xlayers {cfg.xlayers}: at least 1 cross-modal layer"),
+        (cfg.seq_len < 8, f"--seq-len {cfg.seq_len}: windows need at least 8 tokens"),
+        (cfg.clip_blocks < 1, f"--clip-blocks {cfg.clip_blocks}: at least 1 block of 77"),
+        (cfg.epochs <= 0 or cfg.schedule_epochs <= 0, "--epochs and --schedule-epochs must be positive"),
+        (cfg.epochs > cfg.schedule_epochs, f"--epochs {cfg.epochs:g} runs past the schedule of "
+                                           f"{cfg.schedule_epochs:g} epochs: raise --schedule-epochs"),
+        (any(not 0 < e <= cfg.epochs for e in cfg.save_epochs), f"--save-epochs must lie in (0, --epochs "
+                                                                 f"{cfg.epochs:g}]"),
+        (cfg.max_steps is not None and cfg.max_steps < 1, "--max-steps must be at least 1"),
+        (min(cfg.global_batch, 1 if cfg.micro_batch is None else cfg.micro_batch, cfg.log_every) < 1,
+         "--global-batch, --micro-batch and --log-every must be at least 1"),
+        (cfg.ckpt_every < 0, "--ckpt-every must be 0 (at the end only) or more"),
+        (cfg.lr <= 0 or cfg.clip_grad <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.warmup < 1,
+         "--lr and --clip-grad must be positive, --weight-decay non-negative, --warmup in [0, 1)")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
 
 # ----------------------------------------------------------------------------- distributed set-up
 
 
-def setup_distributed(device_arg):
-    """torchrun's env vars -> (rank, local_rank, world, device); one process when they are absent."""
+def setup_distributed(cfg):
+    """torchrun's env vars -> (rank, world, device); one process when they are absent. The long timeout lets the
+    other ranks wait while rank 0 builds the WikiText cache (minutes)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device_type = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.global_batch % world:
+        raise ValueError(f"global batch {cfg.global_batch} is not divisible by the world size {world}: pass "
+                         f"--global-batch as a multiple of {world}")
+    device_type = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, local_rank, world, device
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
 
 
-def split_batch(args, world):
-    """global batch = batch-size x grad-accum x world; returns grad-accum (micro-steps per rank per step)."""
-    if args.grad_accum is not None:
-        args.global_batch = args.batch_size * args.grad_accum * world
-    if args.global_batch % world:
-        raise SystemExit(f"global batch {args.global_batch} is not divisible by the world size {world}: "
-                         f"pass --global-batch as a multiple of {world}")
-    per_rank = args.global_batch // world
-    if per_rank % args.batch_size:
-        raise SystemExit(f"the {per_rank} sequences per device of global batch {args.global_batch} do not split into "
-                         f"micro-batches of --batch-size {args.batch_size}: pass a --batch-size dividing {per_rank}")
-    return per_rank // args.batch_size
+def micro_batch_size(cfg, world, device):
+    """--micro-batch, or the largest divisor of the per-device batch up to 16 on a CPU and, on a GPU, up to 64
+    sequences or one per 2 GiB of its memory (a 512-token training sequence takes about 0.5 GiB in bf16)."""
+    per_rank = cfg.global_batch // world
+    if cfg.micro_batch:
+        if per_rank % cfg.micro_batch:
+            raise ValueError(f"the {per_rank} sequences per device of global batch {cfg.global_batch} do not split "
+                             f"into micro-batches of --micro-batch {cfg.micro_batch}: pass one dividing {per_rank}")
+        return cfg.micro_batch
+    cap = 16 if device.type != "cuda" else min(64, torch.cuda.get_device_properties(device).total_memory >> 31)
+    return max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
 
 
 def autocast_setup(dtype_arg, device):
@@ -161,6 +217,7 @@ def lr_at(step, total, warmup, peak):
     return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
+@functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
     """The permutation of the n windows for an epoch, the same on every rank (DistributedSampler's rule)."""
     g = torch.Generator().manual_seed(seed + epoch)
@@ -176,66 +233,9 @@ def micro_batches(order, step, global_batch, batch_size, rank, world):
     return [(m, chunk[m * batch_size:(m + 1) * batch_size]) for m in range(rank, n_micro, world)]
 
 
-def peak_flops(device, override):
-    if override:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    return None
-
-# ----------------------------------------------------------------------------- the run
-
-
-def build_model(args, lang_dir, clip_dir):
-    """The cross-modal transformer from the public checkpoints; --no-clip: the language encoder with its MLM head
-    alone (model.py's baseline: no CLIP-T, no cross-modal layers)."""
-    if args.no_clip:
-        return xm.load_crossmodal_from_hf(lang_dir, None, xlayers=0, tasks=("mlm",))
-    return xm.load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=args.xlayers, tasks=args.tasks)
-
-
-def prepare_data(args, rank, world, lang_dir, clip_dir):
-    """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
-    if args.cache:
-        if not os.path.isdir(args.cache):
-            raise SystemExit(f"no cache at {args.cache}: drop --cache to build one from --corpus")
-        return data.AdaptationData(args.cache)
-    corpus = args.corpus or os.path.join(args.data, "wikitext-103-raw", "wiki.train.raw")
-    if not os.path.isfile(corpus):
-        hint = "python download.py --toy" if args.toy else "python download.py wikitext"
-        raise SystemExit(f"no corpus at {corpus}: run `{hint}` or pass --corpus FILE")
-    def cache(log):
-        return data.build_cache(corpus, lang_dir, clip_dir, os.path.join(args.data, "cache"), seq_len=args.seq_len,
-                                n_blocks=args.clip_blocks, log=log)
-    if rank == 0:
-        built = cache(print)
-    if world > 1:
-        dist.barrier()
-    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
-
-
-def run_config(args):
-    """The flags a resumed run must share with the run it continues."""
-    keys = ("encoder", "clip", "corpus", "cache", "tasks", "xlayers", "no_clip", "schedule_epochs", "seq_len", "clip_blocks",
-            "global_batch", "lr", "warmup", "weight_decay", "clip_grad", "seed")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keys}
-
-
-def save_outputs(raw_model, args, run_dir, lang_dir):
-    """runs/<run>/xdbert/ (hub layout + the encoder's tokenizer files) and runs/<run>/crossmodal.pt."""
-    out, tmp = os.path.join(run_dir, "xdbert"), os.path.join(run_dir, "xdbert.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    xm.save_hf(raw_model.language, tmp)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(lang_dir, name)):
-            shutil.copyfile(os.path.join(lang_dir, name), os.path.join(tmp, name))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    if not args.no_clip:
-        xm.save_crossmodal(raw_model, os.path.join(run_dir, "crossmodal.pt"))
+def peak_flops(device_name):
+    """The PEAK_FLOPS entry of a CUDA device name ("NVIDIA H100 PCIe" -> 756e12), None if unknown."""
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, device_name)), None)
 
 
 def unread_streams(m):
@@ -274,165 +274,299 @@ def flops_per_sequence(m, seq_len, clip_blocks):
             train_macs += 0.15 * V * (P * W + W * cc.vocab_size)
     return 6 * train_macs + 2 * forward_macs
 
+# ----------------------------------------------------------------------------- the parts of a run
 
-def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, step):
+
+def checkpoints(cfg):
+    """(language encoder dir, CLIP dir), checked against what the run needs before any cache is built."""
+    lang_dir, clip_dir = data.checkpoint_dir(cfg.encoder, cfg.data), data.checkpoint_dir(cfg.clip, cfg.data)
+    lang, kind = xm.config_from_hf(lang_dir)
+    if kind == "clip":
+        raise ValueError(f"--encoder {cfg.encoder}: {lang_dir} holds a CLIP checkpoint; the language encoder must be "
+                         f"BERT or ELECTRA (CLIP-T goes to --clip)")
+    if xm.config_from_hf(clip_dir)[1] != "clip" and not cfg.no_clip:
+        raise ValueError(f"--clip {cfg.clip}: {clip_dir} is not a CLIP checkpoint (config.json model_type clip)")
+    if cfg.seq_len > lang.max_positions:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {lang.max_positions} positions of {lang_dir}")
+    return lang_dir, clip_dir
+
+
+def prepare_data(cfg, rank, world, lang_dir, clip_dir):
+    """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
+    if cfg.cache:
+        if not os.path.isdir(cfg.cache):
+            raise FileNotFoundError(f"no cache at {cfg.cache}: drop --cache to build one from --corpus")
+        return data.AdaptationData(cfg.cache)
+    corpus = cfg.corpus or os.path.join(cfg.data, "wikitext-103-raw", "wiki.train.raw")
+    if not os.path.isfile(corpus):
+        hint = "python download.py --toy" if cfg.data.rstrip("/").endswith("toy") else "python download.py wikitext"
+        raise FileNotFoundError(f"no corpus at {corpus}: run `{hint}` or pass --corpus FILE")
+    cache_root = os.path.join(cfg.data, "cache")
+
+    def cache(log):
+        return data.build_cache(corpus, lang_dir, clip_dir, cache_root, seq_len=cfg.seq_len,
+                                n_blocks=cfg.clip_blocks, log=log, all_lines=cfg.all_lines)
+    if rank == 0:
+        xm.sweep_stale(cache_root)
+        built = cache(print)
+    if world > 1:
+        dist.barrier()
+    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
+
+
+def build_model(cfg, lang_dir, clip_dir):
+    """The cross-modal transformer from the public checkpoints; --no-clip: the language encoder with its MLM head
+    alone (model.py's baseline: no CLIP-T, no cross-modal layers)."""
+    return xm.load_crossmodal_from_hf(lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers, cfg.tasks)
+
+
+def make_optimizer(raw_model, cfg, device):
+    """AdamW, weight decay on the matrices only (not biases, LayerNorms); fused on CUDA."""
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def wrap(raw_model, cfg, world, device):
+    """DDP, then torch.compile (PyTorch's DDP notes: compiling the DDP module lets TorchDynamo split the graph at
+    the gradient buckets). An ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP stream
+    without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
+    model = raw_model
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=any(unread_streams(raw_model)))
+    return torch.compile(model) if cfg.compile else model
+
+
+def run_name(cfg):
+    tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
+    return cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}"
+
+
+def start_run(cfg, run_dir):
+    """A new run refuses a folder that holds one already, unless told to replace it."""
+    found = [f for f in ("log.jsonl", "ckpt.pt", "xdbert") if os.path.exists(os.path.join(run_dir, f))]
+    if found and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume, start "
+                         f"another with --name NEW, or replace it with --overwrite")
+    os.makedirs(run_dir, exist_ok=True)
+    keep_log_until(os.path.join(run_dir, "log.jsonl"), 0)
+
+
+def resume(cfg, ckpt_path, raw_model, optimizer, scaler, schedule):
+    """Load ckpt.pt (on the CPU; weights_only: it holds tensors and plain containers) and return its step."""
+    if not os.path.isfile(ckpt_path):
+        raise FileNotFoundError(f"no checkpoint at {ckpt_path} to resume: drop --resume to start the run")
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{ckpt_path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
+                         f"loaded; restore it, or start a new --name") from None
+    saved = ckpt["config"]
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k in RUN_DEFINING and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume with settings that differ from {ckpt_path}: {', '.join(changed)}; use the run's "
+                         f"settings or a new --name")
+    if ckpt["schedule"] != schedule:
+        raise ValueError(f"{ckpt_path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
+                         f"{schedule['total']}: resume with the cache it was built from, or start a new --name")
+    if saved["lr"] != cfg.lr:
+        print(f"note: the peak learning rate changes from {saved['lr']:g} to {cfg.lr:g} at step {ckpt['step']}")
+    raw_model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
+def to_cpu(obj):
+    """A CPU copy of a state (tensors in dicts and lists), taken before training moves on."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
+
+
+def save_outputs(raw_model, cfg, folder, lang_dir):
+    """<folder>/ (hub layout + the encoder's tokenizer files) and, beside it, crossmodal.pt for the final one."""
+    with xm.atomic_dir(folder) as tmp:
+        xm.save_hf(raw_model.language, tmp)
+        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(lang_dir, name)):
+                shutil.copyfile(os.path.join(lang_dir, name), os.path.join(tmp, name))
+    if not cfg.no_clip and os.path.basename(folder) == "xdbert":
+        xm.save_crossmodal(raw_model, os.path.join(os.path.dirname(folder), "crossmodal.pt"))
+
+
+def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
+    """This rank's micro-batches of optimizer step `step` as [(dropout seed, batch)], in pinned memory on CUDA."""
+    epoch, within = divmod(step, steps_per_epoch)
+    keep = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels") if cfg.no_clip else None
+    out = []
+    for m, indices in micro_batches(epoch_order(len(dataset), cfg.seed, epoch), within, cfg.global_batch, micro,
+                                    rank, world):
+        batch = {k: v.pin_memory() if pin else v for k, v in dataset.batch(indices, cfg.seed, epoch).items()
+                 if keep is None or k in keep}
+        out.append((cfg.seed + DROPOUT_SEED_STRIDE * (step * (cfg.global_batch // micro) + m + 1), batch))
+    return out
+
+
+def prefetched(load, steps):
+    """load(s) for s in steps, the next one built in a background thread while the caller trains on this one."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = [pool.submit(load, s) for s in steps[:1]]
+        for s in steps:
+            current = ahead.pop()
+            if s + 1 < steps.stop:
+                ahead.append(pool.submit(load, s + 1))
+            yield current.result()
+
+
+def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, device):
     """One optimizer step over this rank's micro-batches [(dropout seed, batch)]: accumulate, all-reduce (DDP syncs
-    only on the last micro-batch), unscale, clip, step. Returns the global-batch mean of
-    [loss, mlm, match, cliptc, match_acc] (0 for a task that is off) and the gradient norm."""
-    sums = None
+    only on the last micro-batch), unscale, clip, step. Returns the global-batch means of LOGGED (0 for a task that is
+    off) and the gradient norm, both left on the device (no host sync)."""
+    sums = torch.zeros(len(LOGGED), device=device)
     for i, (seed, batch) in enumerate(micro):
         torch.manual_seed(seed)
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with (model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()), ctx:
             out = model(**batch)
         scaler.scale(out["loss"] / len(micro)).backward()
-        parts = torch.stack([out[k].detach().float() if k in out else torch.zeros((), device=out["loss"].device)
-                             for k in ("loss", "mlm", "match", "cliptc", "match_acc")])
-        sums = parts if sums is None else sums + parts
+        sums += torch.stack([out[k].detach().float() if k in out else sums.new_zeros(()) for k in LOGGED])
     if world > 1:
         dist.all_reduce(sums)
-    means = (sums / (len(micro) * world)).tolist()
-    if not math.isfinite(means[0]):
-        raise SystemExit(f"the loss is {means[0]} at step {step} (mlm {means[1]}, match {means[2]}, cliptc "
-                         f"{means[3]}): lower --lr or use --dtype bfloat16/float32, then --resume from ckpt.pt")
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                      clip_grad))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16 overflow: the scaler skips the step
-        raise SystemExit(f"the gradient norm is {grad_norm} at step {step}: lower --lr, then --resume from ckpt.pt")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return means, grad_norm
+    return sums / (len(micro) * world), grad_norm
 
 
-def make_optimizer(raw_model, args, device):
-    """AdamW, weight decay on the matrices only (not biases, LayerNorms); fused on CUDA."""
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+def first_non_finite(pending, first_step):
+    """pending: the (means, grad norm) of the steps since the last check, on the device -> (their means as lists,
+    the first step, counted from 1 as the log does, whose loss is not finite, or None)."""
+    means = torch.stack([m for m, _ in pending]).tolist()
+    bad = next((i for i, m in enumerate(means) if not math.isfinite(m[0])), None)
+    return means, None if bad is None else first_step + bad
+
+# ----------------------------------------------------------------------------- the run
 
 
-def wrap(raw_model, args, world, local_rank, device):
-    """torch.compile, then DDP; an ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP
-    stream without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    find_unused_parameters=any(unread_streams(raw_model)))
-    return model
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    grad_accum = split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))   # before any process group exists
-    rank, local_rank, world, device = setup_distributed(args.device)
-    ctx, scaler, dtype_name = autocast_setup(args.dtype, device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)                       # the same fresh heads on every rank
-    if args.benchmark:
-        benchmark(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum)
-    else:
-        train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum):
-    master = rank == 0
-    try:
-        lang_dir, clip_dir = data.checkpoint_dir(args.encoder, args.data), data.checkpoint_dir(args.clip, args.data)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
-    dataset = prepare_data(args, rank, world, lang_dir, clip_dir)
-    steps_per_epoch = len(dataset) // args.global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
-                         f"{args.global_batch}: pass a smaller --global-batch or a larger --corpus")
-    total = max(1, round(args.schedule_epochs * steps_per_epoch))
-    warmup = math.ceil(args.warmup * total)
-    last = min(total, round(args.epochs * steps_per_epoch), args.max_steps or total)
-    run = args.name or ("toy" if args.toy else os.path.basename(os.path.normpath(args.encoder)) + "-"
-                        + ("noclip" if args.no_clip else "+".join(args.tasks)))
-    run_dir = os.path.join(args.out, run)
+def train(cfg: AdaptConfig):
+    rank, world, device = setup_distributed(cfg)
+    micro = micro_batch_size(cfg, world, device)
+    master, run_dir = rank == 0, os.path.join(cfg.out, run_name(cfg))
     ckpt_path = os.path.join(run_dir, "ckpt.pt")
-
-    raw_model = build_model(args, lang_dir, clip_dir).to(device)
-    optimizer = make_optimizer(raw_model, args, device)
-    step = 0
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"no checkpoint at {ckpt_path} to resume: drop --resume to start the run")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in run_config(args).items()
-                   if ckpt["config"].get(k) != v]
-        if changed:
-            raise SystemExit(f"--resume with flags that differ from {ckpt_path}: {', '.join(changed)}; "
-                             f"use the run's flags or a new --name")
-        if ckpt["schedule"] != {"total": total, "warmup": warmup}:
-            raise SystemExit(f"{ckpt_path} was a run of {ckpt['schedule']['total']} steps, the corpus now gives "
-                             f"{total}: resume with the cache it was built from, or start a new --name")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        step = ckpt["step"]
+    lang_dir, clip_dir = checkpoints(cfg)
+    dataset = prepare_data(cfg, rank, world, lang_dir, clip_dir)
+    steps_per_epoch = len(dataset) // cfg.global_batch
+    if steps_per_epoch == 0:
+        raise ValueError(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
+                         f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
+    total = max(1, round(cfg.schedule_epochs * steps_per_epoch))
+    schedule = {"total": total, "warmup": math.ceil(cfg.warmup * total)}
+    stop = min(total, max(1, round(cfg.epochs * steps_per_epoch)), cfg.max_steps or total)
+    saves = {max(1, round(e * steps_per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}
+    torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
+    raw_model = build_model(cfg, lang_dir, clip_dir).to(device)
+    optimizer = make_optimizer(raw_model, cfg, device)
+    ctx, scaler, dtype_name = autocast_setup(cfg.dtype, device)
     if master:
-        os.makedirs(run_dir, exist_ok=True)
+        xm.sweep_stale(run_dir)
+    step = resume(cfg, ckpt_path, raw_model, optimizer, scaler, schedule) if cfg.resume else 0
+    if master and not cfg.resume:
+        start_run(cfg, run_dir)
+    elif master:
         keep_log_until(os.path.join(run_dir, "log.jsonl"), step)
-        print(f"{run}: {len(dataset)} windows, {steps_per_epoch} steps/epoch, {total} steps ({warmup} warm-up)"
-              f"{f', from step {step}' if step else ''}, global batch {args.global_batch} = {args.batch_size} x "
-              f"{grad_accum} accum x {world} ranks, {dtype_name} on {device}, "
-              f"{xm.count_parameters(raw_model):,} parameters", flush=True)
-    model = wrap(raw_model, args, world, local_rank, device)
-    flops_seq = flops_per_sequence(raw_model, args.seq_len, args.clip_blocks)
-    peak = peak_flops(device, args.peak_flops)
-    keep = None if not args.no_clip else ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")
-    n_micro = args.global_batch // args.batch_size
-
-    def save_checkpoint():
-        if master:
-            xm.atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "step": step, "config": run_config(args),
-                            "schedule": {"total": total, "warmup": warmup},
-                            "rng": {"cpu": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
-                           ckpt_path)
-
+    if master:
+        print(f"{run_dir}: {len(dataset)} windows, {steps_per_epoch} steps/epoch, schedule {total} steps "
+              f"({schedule['warmup']} warm-up), stop at {stop}{f', from step {step}' if step else ''}; global batch "
+              f"{cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} ranks, "
+              f"{dtype_name} on {device}, {xm.count_parameters(raw_model):,} parameters", flush=True)
+    model = wrap(raw_model, cfg, world, device)
+    flops = flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks)
+    peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    load = functools.partial(load_step, dataset, cfg, steps_per_epoch=steps_per_epoch, micro=micro, rank=rank,
+                             world=world, pin=device.type == "cuda")
+    writer, pending, t_log = ThreadPoolExecutor(1), [], time.time()
+    written = writer.submit(lambda: None)
     model.train()
-    t_log, step_at_log = time.time(), step
-    while step < last:
-        epoch, within = divmod(step, steps_per_epoch)
-        lr = lr_at(step, total, warmup, args.lr)
+    for batches in prefetched(load, range(step, stop)):
+        lr = lr_at(step, total, schedule["warmup"], cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        order = epoch_order(len(dataset), args.seed, epoch)
-        micro = []
-        for m, indices in micro_batches(order, within, args.global_batch, args.batch_size, rank, world):
-            batch = dataset.batch(indices, args.seed, epoch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if keep is None or k in keep}
-            micro.append((args.seed + 1_000_003 * (step * n_micro + m + 1), batch))   # dropout seed per micro-batch
-        means, grad_norm = train_step(model, optimizer, scaler, ctx, micro, world, args.clip_grad, step)
+        pending.append(train_step(model, optimizer, scaler, ctx, batches, world, cfg.clip_grad, device))
         step += 1
-        if master and (step % args.log_every == 0 or step == last):
-            now = time.time()
-            dt = (now - t_log) / (step - step_at_log)
-            t_log, step_at_log = now, step
-            record = {"step": step, "epoch": epoch + (within + 1) / steps_per_epoch, "lr": lr,
-                      **{k: means[j] for j, k in enumerate(("loss", "mlm", "match", "cliptc", "match_acc"))
-                         if k == "loss" or k in raw_model.tasks or (k == "match_acc" and "match" in raw_model.tasks)},
-                      "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": args.global_batch * args.seq_len / dt,
-                      "mfu": flops_seq * args.global_batch / dt / world / peak if peak else None}
-            log(run_dir, record, last, dt * (last - step))
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < last:
-            save_checkpoint()
-    save_checkpoint()
+        checkpoint = step == stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+        if not (step % cfg.log_every == 0 or checkpoint or step in saves):
+            continue
+        means, bad = first_non_finite(pending, step - len(pending) + 1)
+        if bad is not None:
+            raise FloatingPointError(f"the loss is {means[bad - step + len(pending) - 1][0]} at step {bad}: "
+                                     f"{ckpt_path} holds the last step with a finite loss; lower --lr and --resume")
+        dt, t_log = (time.time() - t_log) / len(pending), time.time()
+        if master:
+            record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
+                      **{k: v for k, v in zip(LOGGED, means[-1]) if k == "loss" or k in raw_model.tasks
+                         or (k == "match_acc" and "match" in raw_model.tasks)},
+                      "grad_norm": float(pending[-1][1]), "step_s": dt,
+                      "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
+                      "mfu": flops * cfg.global_batch / dt / world / peak if peak else None}
+            log(run_dir, record, stop, dt * (stop - step))
+        pending = []
+        if master and step in saves:
+            save_outputs(raw_model, cfg, os.path.join(run_dir, saves[step]), lang_dir)
+        if master and checkpoint:
+            written.result()
+            state = to_cpu({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "step": step, "config": asdict(cfg), "schedule": schedule,
+                            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
+                                    if device.type == "cuda" else []}})
+            written = writer.submit(xm.atomic_save, state, ckpt_path)
+    written.result()
+    writer.shutdown()
     if master:
-        save_outputs(raw_model, args, run_dir, lang_dir)
-        print(f"wrote {run_dir}/xdbert" + ("" if args.no_clip else f" and {run_dir}/crossmodal.pt"), flush=True)
+        save_outputs(raw_model, cfg, os.path.join(run_dir, "xdbert"), lang_dir)
+        print(f"wrote {run_dir}/xdbert" + ("" if cfg.no_clip else f" and {run_dir}/crossmodal.pt"), flush=True)
+
+
+def keep_log_until(path, step):
+    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first. A torn last line
+    (a kill mid-write) is dropped with a note."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            records.append((json.loads(line), line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n} is not a JSON line: repair or delete that line, then --resume") from None
+            print(f"note: dropping the torn last line of {path}")
+    with xm.atomic_file(path, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for r, line in records if r["step"] <= step)
+
+
+def log(run_dir, record, last, eta):
+    parts = [f"step {record['step']}/{last} ({100 * record['step'] / last:.0f}%)", f"lr {record['lr']:.2e}",
+             *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record),
+             f"{record['step_s']:.2f} s/step", f"{record['tokens_per_s']:,.0f} tok/s"]
+    if record["mfu"] is not None:
+        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+    eta = round(eta)
+    parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
+    print(" | ".join(parts), flush=True)
+    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
@@ -454,65 +588,14 @@ def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def benchmark(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum):
-    """--benchmark N: N optimizer steps (after 2 untimed) on random batches of the run's shapes, random weights
-    from model.PRESETS (no download needed). Prints tokens/s, step time and MFU."""
-    for name in (args.encoder,) + (() if args.no_clip else (args.clip,)):
-        if name not in xm.PRESETS:
-            raise SystemExit(f"--benchmark builds models from model.PRESETS: {name!r} is not one of "
-                             f"{', '.join(xm.PRESETS)}")
-    clip_cfg = None if args.no_clip else xm.PRESETS[args.clip]
-    raw_model = xm.CrossModalTransformer(xm.PRESETS[args.encoder], clip_cfg, 0 if args.no_clip else args.xlayers,
-                                         args.tasks).to(device)
-    optimizer = make_optimizer(raw_model, args, device)
-    model = wrap(raw_model, args, world, local_rank, device)
-    model.train()
-    g = torch.Generator().manual_seed(args.seed + rank)
-    micro = [(args.seed + i, synthetic_batch(raw_model, args.batch_size, args.seq_len, args.clip_blocks, device, g))
-             for i in range(grad_accum)]
-    times = []
-    for i in range(args.benchmark + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_step(model, optimizer, scaler, ctx, micro, world, args.clip_grad, i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    dt = sorted(times[2:])[len(times[2:]) // 2]
-    flops = flops_per_sequence(raw_model, args.seq_len, args.clip_blocks) * args.global_batch
-    peak = peak_flops(device, args.peak_flops)
-    if rank == 0:
-        what = args.encoder if args.no_clip else f"{args.encoder} + {args.clip} x{args.xlayers}"
-        print(f"benchmark {what}, {'+'.join(raw_model.tasks)}, T={args.seq_len}, CLIP {args.clip_blocks}x77, "
-              f"global batch {args.global_batch} = {args.batch_size} x {grad_accum} x {world}, {dtype_name} on "
-              f"{device}{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
-              f"{', compiled' if args.compile else ''}: median of {args.benchmark} steps {dt:.3f} s/step, "
-              f"{args.global_batch * args.seq_len / dt:,.0f} tokens/s, {flops / dt / world / 1e12:.2f} TFLOP/s "
-              f"per device" + (f", MFU {100 * flops / dt / world / peak:.1f}%" if peak else ""), flush=True)
-
-
-def keep_log_until(path, step):
-    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with xm.atomic_file(path, "w") as f:
-        f.writelines(lines)
-
-
-def log(run_dir, record, last, eta):
-    parts = [f"step {record['step']}/{last} ({100 * record['step'] / last:.0f}%)", f"lr {record['lr']:.2e}",
-             *(f"{k} {record[k]:.4f}" for k in ("loss", "mlm", "match", "cliptc", "match_acc") if k in record),
-             f"{record['step_s']:.2f} s/step", f"{record['tokens_per_s']:,.0f} tok/s"]
-    if record["mfu"] is not None:
-        parts.append(f"MFU {100 * record['mfu']:.1f}%")
-    eta = round(eta)
-    parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
-    print(" | ".join(parts), flush=True)
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
+def main(argv=None):
+    try:
+        train(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        raise SystemExit(f"adapt.py: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import adapt
+import bench
 import data
 import download
 import finetune
@@ -1492,7 +1493,7 @@ def adapt_log(run_dir):
 
 
 # 8 sequences per step as 2 micro-batches of 4: one process accumulates both, two ranks take one each
-ADAPT_STEPS = ["--global-batch", "8", "--batch-size", "4", "--max-steps", "6", "--lr", "1e-3", "--warmup", "0"]
+ADAPT_STEPS = ["--global-batch", "8", "--micro-batch", "4", "--max-steps", "6", "--lr", "1e-3", "--warmup", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -1579,10 +1580,71 @@ def test_adapt_sigkill_then_resume_is_bitwise_equal(adapt_kit, adapt_reference):
     assert [r["loss"] for r in adapt_log(resumed)] == [r["loss"] for r in adapt_log(adapt_reference)]
 
 
-def test_adapt_resume_refuses_changed_flags(adapt_kit, adapt_reference):
+def test_adapt_resume_refuses_a_changed_schedule_but_takes_a_new_lr_and_stop(adapt_kit, adapt_reference, tmp_path,
+                                                                            capsys):
+    """What defines the run must match its checkpoint; the learning rate (with a note) and where it stops may change:
+    a run stopped at step 4 and resumed to step 6 equals the run that went to 6 at once, bitwise."""
     flags = [*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(adapt_reference.parent), "--name", "reference"]
-    with pytest.raises(SystemExit, match=r"differ from .*ckpt.pt: lr 0.001 -> 0.0005"):
-        adapt.main([*flags, *ADAPT_STEPS, "--resume", "--lr", "5e-4"])
+    with pytest.raises(SystemExit, match=r"differ from .*ckpt.pt: seed 0 -> 1"):
+        adapt.main([*flags, *ADAPT_STEPS, "--resume", "--seed", "1"])
+    shutil.copytree(adapt_reference, tmp_path / "runs" / "lr")
+    flags[flags.index("--out") + 1:flags.index("--name") + 2] = [str(tmp_path / "runs"), "--name", "lr"]
+    adapt.main([*flags, *ADAPT_STEPS, "--resume", "--lr", "5e-4", "--max-steps", "7"])
+    assert "the peak learning rate changes from 0.001 to 0.0005 at step 6" in capsys.readouterr().out
+    assert [r["step"] for r in adapt_log(tmp_path / "runs" / "lr")] == list(range(1, 8))
+    stopped = adapt_run(adapt_kit, "stopped", *ADAPT_STEPS, "--max-steps", "4", "--ckpt-every", "0")
+    resumed = adapt_run(adapt_kit, "stopped", *ADAPT_STEPS, "--ckpt-every", "0", "--resume")
+    assert stopped == resumed and [r["step"] for r in adapt_log(resumed)] == list(range(1, 7))
+    ours, ref = adapt_weights(resumed), adapt_weights(adapt_reference)
+    assert all(torch.equal(ours[n], ref[n]) for n in ref)
+
+
+def test_adapt_default_schedule_spans_40_epochs_and_stops_after_one(adapt_kit):
+    """App. C.1: warm-up over the first 2 of 40 epochs, the run stops after epoch 1 at half the peak rate; the
+    --save-epochs encoders are kept beside the final one and differ from it."""
+    run = adapt_run(adapt_kit, "schedule", "--global-batch", "256", "--micro-batch", "256", "--save-epochs", "0.5",
+                    "--tasks", "mlm", "--xlayers", "1")
+    log = adapt_log(run)
+    steps_per_epoch = len(data.AdaptationData(next((adapt_kit / "cache").glob("*-32x1-*")))) // 256
+    warmup = math.ceil(0.05 * 40 * steps_per_epoch)
+    assert log[-1]["step"] == steps_per_epoch and log[-1]["epoch"] == 1.0
+    assert log[-1]["lr"] == pytest.approx(3e-3 * (steps_per_epoch - 1) / warmup) == pytest.approx(1.5e-3, rel=0.1)
+    half, final = model.from_hf(run / "xdbert-epoch0.5"), model.from_hf(run / "xdbert")
+    assert not torch.equal(half.blocks[0].ffn.fc.weight, final.blocks[0].ffn.fc.weight)
+
+
+def test_adapt_a_rerun_without_resume_refuses_and_loses_nothing(adapt_kit, adapt_reference, tmp_path):
+    before = (adapt_reference / "log.jsonl").read_bytes(), (adapt_reference / "ckpt.pt").read_bytes()
+    flags = [*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(adapt_reference.parent), "--name", "reference"]
+    with pytest.raises(SystemExit, match=r"already holds a run \(log.jsonl, ckpt.pt, xdbert\): continue it with "
+                                         r"--resume, start another with --name NEW, or replace it with --overwrite"):
+        adapt.main([*flags, *ADAPT_STEPS])
+    assert ((adapt_reference / "log.jsonl").read_bytes(), (adapt_reference / "ckpt.pt").read_bytes()) == before
+    shutil.copytree(adapt_reference, tmp_path / "again")
+    adapt_run(adapt_kit, "again", *ADAPT_STEPS, "--max-steps", "2", "--out", str(tmp_path), "--overwrite")
+    assert [r["step"] for r in adapt_log(tmp_path / "again")] == [1, 2]
+
+
+def test_adapt_resume_never_unpickles_code_and_repairs_what_a_kill_left(adapt_kit, adapt_reference, tmp_path, capsys):
+    run = tmp_path / "runs" / "r"
+    shutil.copytree(adapt_reference, run)
+    flags = [*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(run.parent), "--name", "r", *ADAPT_STEPS, "--resume"]
+    with open(run / "log.jsonl", "a") as f:
+        f.write('{"step": 7, "lo')                              # a kill while logging
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / f"ckpt.pt.{dead.stdout.strip()}.abcd1234.tmp").write_bytes(b"x" * 100)   # and one while checkpointing
+    adapt.main(flags)
+    assert "dropping the torn last line" in capsys.readouterr().out and not list(run.glob("*.tmp"))
+    assert [r["step"] for r in adapt_log(run)] == list(range(1, 7))
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.write_text, (tmp_path / "pwned", "ran"))
+    ckpt = torch.load(run / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "extra": Payload()}, run / "ckpt.pt")
+    with pytest.raises(SystemExit, match=r"ckpt.pt is not a checkpoint adapt.py wrote .*it was not loaded"):
+        adapt.main(flags)
+    assert not (tmp_path / "pwned").exists()
 
 
 # ----------------------------------------------------------------------------- learning, ablations, outputs
@@ -1591,7 +1653,7 @@ def test_adapt_resume_refuses_changed_flags(adapt_kit, adapt_reference):
 def test_adapt_toy_kit_learns_mlm_and_cliptc(adapt_kit):
     """A few dozen steps on the toy kit take MLM and CLIPTC well below their start. MATCH is logged but not asserted:
     the toy encoders are random, and MATCH stays at chance for hundreds of steps there (README, Known limits)."""
-    run = adapt_run(adapt_kit, "learn", "--global-batch", "16", "--batch-size", "16", "--lr", "3e-3", "--warmup",
+    run = adapt_run(adapt_kit, "learn", "--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--warmup",
                     "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
     log = adapt_log(run)
     first, last = log[0], log[-5:]
@@ -1625,14 +1687,14 @@ def test_adapt_match_learns_same_text_where_the_encoders_tell_texts_apart(colour
     it well above chance (0.5; the ceiling is 0.96, as 1 negative in 12 has the same colour). Seeds 0, 1, 2 reach
     0.72, 0.94, 0.94 here; with std 0.02 it stays at 0.50 (README, Known limits)."""
     run = adapt_run(colour_world, "match", "--seq-len", "16", "--tasks", "match", "--global-batch", "32",
-                    "--batch-size", "32", "--lr", "1e-3", "--epochs", "6", "--schedule-epochs", "6", "--max-steps", "300",
+                    "--micro-batch", "32", "--lr", "1e-3", "--epochs", "6", "--schedule-epochs", "6", "--max-steps", "300",
                     "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.65 and sum(r["match"] for r in last) / 50 < 0.6
 
 
 def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
-    run = adapt_run(adapt_kit, "mlm-cliptc", "--tasks", "cliptc,mlm", "--global-batch", "8", "--batch-size", "8",
+    run = adapt_run(adapt_kit, "mlm-cliptc", "--tasks", "cliptc,mlm", "--global-batch", "8", "--micro-batch", "8",
                     "--max-steps", "2")
     assert {"mlm", "cliptc"} <= adapt_log(run)[-1].keys() and not {"match", "match_acc"} & adapt_log(run)[-1].keys()
     weights = adapt_weights(run)
@@ -1644,7 +1706,7 @@ def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
 
 def test_adapt_no_clip_trains_the_encoder_alone_and_writes_a_bert(adapt_kit):
     from transformers import BertModel
-    run = adapt_run(adapt_kit, "noclip", "--no-clip", "--global-batch", "8", "--batch-size", "8", "--max-steps", "2")
+    run = adapt_run(adapt_kit, "noclip", "--no-clip", "--global-batch", "8", "--micro-batch", "8", "--max-steps", "2")
     assert set(adapt_log(run)[-1]) & {"mlm", "match", "cliptc", "match_acc"} == {"mlm"}
     assert not (run / "crossmodal.pt").exists()
     assert {p.name for p in (run / "xdbert").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
@@ -1678,21 +1740,30 @@ def adapt_toy_step(dtype, scaler=None):
     return m, optimizer, scaler or default_scaler, ctx, [(1, batch)]
 
 
-def test_adapt_nan_loss_stops_naming_the_step():
+def test_adapt_nan_loss_is_found_and_numbered_from_one():
     m, optimizer, scaler, ctx, micro = adapt_toy_step("float32")
+    good = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
     with torch.no_grad():
         m.mlm_head.bias[3] = float("nan")
-    with pytest.raises(SystemExit, match="the loss is nan at step 7"):
-        adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, 7)
+    bad = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
+    means, first = adapt.first_non_finite([good, good, bad, bad], 5)
+    assert first == 7 and math.isnan(means[2][0]) and adapt.first_non_finite([good], 5)[1] is None
 
 
 def test_adapt_fp16_overflow_is_skipped_not_fatal():
     m, optimizer, scaler, ctx, micro = adapt_toy_step("float16", torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    means, grad_norm = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, 0)
-    assert all(map(math.isfinite, means)) and not math.isfinite(grad_norm)
+    means, grad_norm = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
+    assert torch.isfinite(means).all() and not torch.isfinite(grad_norm)
     assert scaler.get_scale() < 2.0 ** 100                              # the scaler backed off
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # and skipped the step
+
+
+def test_adapt_peak_flops_tell_the_variants_apart():
+    assert [adapt.peak_flops(n) for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                                          "NVIDIA H200", "NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB", "NVIDIA A10",
+                                          "NVIDIA A10G", "Tesla T4", "NVIDIA L40S", "Some GPU")] == \
+        [989e12, 756e12, 835e12, 989e12, 835e12, 312e12, 125e12, 70e12, 65e12, 362e12, None]
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -1702,25 +1773,43 @@ def test_adapt_fp16_overflow_is_skipped_not_fatal():
     (["--corpus", "nowhere.raw"], "no corpus at nowhere.raw"),
     (["--cache", "no/such/cache"], "no cache at no/such/cache"),
     (["--encoder", "bert-huge"], "no checkpoint 'bert-huge'"),
+    (["--encoder", "clip-toy"], "holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA"),
     (["--tasks", "mlm,itm"], "--tasks itm"),
-    (["--benchmark", "1", "--encoder", "bert-huge"], "'bert-huge' is not one of"),
+    (["--max-steps", "0"], "--max-steps must be at least 1"),
+    (["--epochs", "0"], "--epochs and --schedule-epochs must be positive"),
+    (["--epochs", "-1"], "--epochs and --schedule-epochs must be positive"),
+    (["--epochs", "41"], "--epochs 41 runs past the schedule of 40 epochs"),
+    (["--save-epochs", "2"], "--save-epochs must lie in (0, --epochs 1]"),
+    (["--xlayers", "-1"], "--xlayers -1: at least 1 cross-modal layer"),
+    (["--global-batch", "0"], "--global-batch, --micro-batch and --log-every must be at least 1"),
+    (["--micro-batch", "0"], "--global-batch, --micro-batch and --log-every must be at least 1"),
+    (["--log-every", "0"], "--global-batch, --micro-batch and --log-every must be at least 1"),
+    (["--seq-len", "600"], "--seq-len 600 exceeds the 128 positions of"),
+    (["--clip-blocks", "0"], "--clip-blocks 0: at least 1 block of 77"),
 ])
-def test_adapt_bad_input_is_one_clear_sentence(adapt_kit, tmp_path, capsys, flags, message):
+def test_adapt_bad_input_is_one_clear_sentence(adapt_kit, tmp_path, flags, message):
+    before = sorted(os.listdir(adapt_kit / "cache"))
     with pytest.raises(SystemExit) as e:
         adapt.main([*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(tmp_path), *flags])
-    assert message in str(e.value) + capsys.readouterr().err
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert sorted(os.listdir(adapt_kit / "cache")) == before  # refused before any cache is built
 
 
 def test_adapt_global_batch_must_split_over_the_world(adapt_kit, monkeypatch):
-    args = adapt.parse_args(["--toy", "--global-batch", "9", "--batch-size", "3"])
-    assert adapt.split_batch(args, 3) == 1
-    with pytest.raises(SystemExit, match="global batch 9 is not divisible by the world size 2"):
-        adapt.split_batch(args, 2)
-    with pytest.raises(SystemExit, match="do not split into micro-batches of --batch-size 3"):
-        adapt.split_batch(adapt.parse_args(["--toy", "--global-batch", "8", "--batch-size", "3"]), 1)
+    cpu = torch.device("cpu")
+    assert adapt.micro_batch_size(adapt.parse_args(["--toy", "--global-batch", "9", "--micro-batch", "3"]), 3, cpu) == 3
+    assert adapt.micro_batch_size(adapt.parse_args(["--global-batch", "320"]), 1, cpu) == 16   # the CPU's cap
+    assert adapt.micro_batch_size(adapt.parse_args(["--global-batch", "320"]), 8, cpu) == 10
+    with pytest.raises(ValueError, match="do not split into micro-batches of --micro-batch 3"):
+        adapt.micro_batch_size(adapt.parse_args(["--toy", "--global-batch", "8", "--micro-batch", "3"]), 1, cpu)
     monkeypatch.setenv("WORLD_SIZE", "2")      # as torchrun --nproc_per_node 2 sets it, before any process group
     with pytest.raises(SystemExit, match="global batch 7 is not divisible by the world size 2"):
-        adapt.main(["--toy", "--data", str(adapt_kit), "--global-batch", "7", "--batch-size", "1"])
+        adapt.main(["--toy", "--data", str(adapt_kit), "--global-batch", "7", "--micro-batch", "1"])
+
+
+def test_bench_refuses_a_model_it_cannot_build():
+    with pytest.raises(SystemExit, match="'bert-huge' is not one of"):
+        bench.main(["adapt", "--encoder", "bert-huge"])
 
 
 # =====================================================================================================================
