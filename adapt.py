@@ -406,7 +406,7 @@ def save_outputs(raw_model, cfg, folder, lang_dir):
 def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
     """This rank's micro-batches of optimizer step `step` as [(dropout seed, batch)], in pinned memory on CUDA."""
     epoch, within = divmod(step, steps_per_epoch)
-    keep = ("input_ids", "attention_mask", "token_type_ids", "mlm_labels") if cfg.no_clip else None
+    keep = ("input_ids", "token_type_ids", "mlm_positions", "mlm_targets") if cfg.no_clip else None
     out = []
     for m, indices in micro_batches(epoch_order(len(dataset), cfg.seed, epoch), within, cfg.global_batch, micro,
                                     rank, world):
@@ -570,21 +570,23 @@ def log(run_dir, record, last, eta):
 
 
 def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
-    """Random token ids in the real shapes: BERT (B, T) with 15% MLM labels, CLIP (B, n, 77) framed by
-    <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% CLIPTC labels, random MATCH labels."""
-    def labels(ids):
-        chosen = torch.rand(ids.shape, generator=g) < 0.15
-        return torch.where(chosen, ids, -100)
+    """Random token ids in the real shapes, without padding: BERT (B, T) with 15% of the positions as MLM targets,
+    CLIP (B, n, 77) framed by <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% as CLIPTC targets,
+    random MATCH labels."""
+    def targets(ids):  # (B, L) -> positions, targets (B, round(0.15 L)) at distinct random positions
+        positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :round(0.15 * ids.shape[1])].sort(1).values
+        return positions, ids.gather(1, positions)
     V = raw_model.language.config.vocab_size
     ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-             "mlm_labels": labels(ids)}
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+             **dict(zip(("mlm_positions", "mlm_targets"), targets(ids)))}
     if raw_model.clip is not None:
         cv, C = raw_model.clip.config.vocab_size, raw_model.clip.config.context_length
         clip = torch.randint(1, cv - 2, (batch_size, clip_blocks, C), generator=g)
         clip[..., 0], clip[..., -1] = cv - 2, cv - 1
-        batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip), "cliptc_labels": labels(clip),
-                  "match_labels": torch.randint(0, 2, (batch_size,), generator=g)}
+        batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip),
+                  "match_labels": torch.randint(0, 2, (batch_size,), generator=g),
+                  **dict(zip(("cliptc_positions", "cliptc_targets"), targets(clip.flatten(1))))}
     return {k: v.to(device) for k, v in batch.items()}
 
 

@@ -409,28 +409,40 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
 # ----------------------------------------------------------------------------------------------------------------------
 # Adaptation batches (Sec. 2.3): joint MLM, MATCH, CLIPTC
 
-IGNORE = -100  # label of positions no loss is computed on
+IGNORE = -100  # target of an unused prediction slot: no loss is computed there
+
+
+def prediction_slots(n: int, prob: float) -> int:
+    """round(prob * n), at least 1: how many of n candidates _choose picks, and so the fixed number of MLM / CLIPTC
+    prediction slots per sequence when at most n tokens are candidates (every shape stays static)."""
+    return max(1, round(prob * n))
 
 
 def _choose(candidates: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
-    """round(prob * n) of the n candidate positions (at least one), without replacement (Devlin et al. 2019)."""
+    """prediction_slots(n, prob) of the n candidate positions, without replacement (Devlin et al. 2019)."""
     if len(candidates) == 0:
         return candidates
-    return rng.choice(candidates, max(1, round(prob * len(candidates))), replace=False)
+    return rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False)
 
 
-def mlm_masking(ids: np.ndarray, sp: SpecialIds, prob: float, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _slots(chosen: np.ndarray, ids: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen positions of ids (flat) -> positions (slots,) in increasing order and their targets (slots,), the unused
+    slots padded with position 0 and target IGNORE."""
+    chosen, pad = np.sort(chosen), (0, slots - len(chosen))
+    return np.pad(chosen, pad), np.pad(ids[chosen], pad, constant_values=IGNORE)
+
+
+def mlm_masking(ids: np.ndarray, sp: SpecialIds, prob: float, rng: np.random.Generator, slots: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Sec. 2.3.1: choose prob of the real tokens (never [CLS], [SEP], padding); 80% -> [MASK], 10% -> a random
-    plain token (never a special or [unused] id), 10% kept. ids (T,) -> inputs (T,), labels (T,) (IGNORE elsewhere)."""
+    plain token (never a special or [unused] id), 10% kept. ids (T,) -> inputs (T,), positions and targets (slots,)."""
     chosen = _choose(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), prob, rng)
-    inputs, labels = ids.copy(), np.full_like(ids, IGNORE)
-    labels[chosen] = ids[chosen]
+    inputs = ids.copy()
     action = rng.random(len(chosen))
     inputs[chosen[action < 0.8]] = sp.mask
     swap = chosen[(action >= 0.8) & (action < 0.9)]
     inputs[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
-    return inputs, labels
+    return (inputs, *_slots(chosen, ids, slots))
 
 
 def match_partner(index: int, n: int, prob: float, rng: np.random.Generator) -> tuple[int, int]:
@@ -442,15 +454,21 @@ def match_partner(index: int, n: int, prob: float, rng: np.random.Generator) -> 
     return other + (other >= index), 0
 
 
-def cliptc_labels(clip_ids: np.ndarray, lengths: np.ndarray, sp: SpecialIds, prob: float,
-                  rng: np.random.Generator) -> np.ndarray:
+def cliptc_targets(clip_ids: np.ndarray, lengths: np.ndarray, sp: SpecialIds, prob: float,
+                   rng: np.random.Generator, slots: int) -> tuple[np.ndarray, np.ndarray]:
     """Sec. 2.3.3 (CLIPTC): prob of the real CLIP tokens (never start/end/padding) become targets, the input is left
-    unchanged. clip_ids (n, 77), lengths (n,) -> labels (n, 77) (IGNORE elsewhere)."""
+    unchanged. clip_ids (n, 77), lengths (n,) -> positions into the n*77 flattened ids and targets (slots,)."""
     real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))
-    labels = np.full(clip_ids.size, IGNORE, np.int64)
-    chosen = _choose(np.flatnonzero(real), prob, rng)
-    labels[chosen] = clip_ids.reshape(-1)[chosen]
-    return labels.reshape(clip_ids.shape)
+    return _slots(_choose(np.flatnonzero(real), prob, rng), clip_ids.reshape(-1), slots)
+
+
+def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
+    """The blocks of a (B, n, 77) CLIP mask that CLIP-T runs on, as indices (N,) into the flattened B*n blocks: all
+    that hold text, topped up with empty ones to N = B x ceil(mean blocks per window), so N takes at most n values
+    (a handful of compiled shapes: English fills about 7 of a window's 9 blocks)."""
+    used = clip_mask[..., 0].flatten().bool()  # (B*n,): a block's <|startoftext|> is real unless it is all padding
+    B = clip_mask.shape[0]
+    return torch.argsort((~used).byte(), stable=True)[:B * -(-int(used.sum()) // B)]
 
 
 class AdaptationData:
@@ -472,27 +490,34 @@ class AdaptationData:
         self.clip_ids = np.memmap(Path(cache_dir) / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
         self.clip_lengths = np.memmap(Path(cache_dir) / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
         self.mask_prob, self.match_prob, self.cliptc_prob = mask_prob, match_prob, cliptc_prob
+        # at most seq_len - 2 real tokens ([CLS] and [SEP] frame a window) and 75 real CLIP tokens per block
+        self.mlm_slots = prediction_slots(seq_len - 2, mask_prob)
+        self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, cliptc_prob)
 
     def __len__(self) -> int:
         return len(self.bert_ids)
 
     def example(self, index: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
-        """One window's inputs and labels; its random draws depend on (seed, epoch, index) only."""
+        """One window's inputs and targets; its random draws depend on (seed, epoch, index) only."""
         rng = np.random.default_rng((seed, epoch, index))
         partner, match = match_partner(index, len(self), self.match_prob, rng)
-        input_ids, mlm_labels = mlm_masking(self.bert_ids[index].astype(np.int64), self.special, self.mask_prob, rng)
+        input_ids, mlm_positions, mlm_targets = mlm_masking(self.bert_ids[index].astype(np.int64), self.special,
+                                                            self.mask_prob, rng, self.mlm_slots)
         clip_ids, lengths = self.clip_ids[partner].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != self.special.pad).astype(np.int64),
-                "token_type_ids": np.zeros_like(input_ids), "mlm_labels": mlm_labels,
-                "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
-                "cliptc_labels": cliptc_labels(clip_ids, lengths, self.special, self.cliptc_prob, rng),
-                "match_labels": np.int64(match)}
+        cliptc_positions, cliptc = cliptc_targets(clip_ids, lengths, self.special, self.cliptc_prob, rng,
+                                                  self.cliptc_slots)
+        return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
+                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
+                "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, token_type_ids, mlm_labels (B, T); clip_ids, clip_mask, cliptc_labels
-        (B, n, 77); match_labels (B,) (1 = same text); all int64."""
+        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, K); clip_ids, clip_mask (B, n, 77);
+        clip_blocks (N,) (clip_blocks_to_run); cliptc_positions, cliptc_targets (B, K'); match_labels (B,) (1 = same
+        text); all int64, K and K' fixed by the cache (mlm_slots, cliptc_slots). No attention_mask: windows are cut
+        from the running text and never padded, so the language side masks nothing."""
         examples = [self.example(int(i), seed, epoch) for i in indices]
-        return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        out = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -144,10 +144,9 @@ class Block(nn.Module):
 
 
 def _padding_mask(attention_mask):
-    """(B, T) 0/1 -> bool (B, T), or None when nothing is padded (lets SDPA pick its fastest kernel)."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask.bool()
+    """(B, T) 0/1 -> bool (B, T). None means "nothing is padded": the caller decides that on the CPU batch (no wait
+    for the device), and SDPA then picks its fastest kernel."""
+    return None if attention_mask is None else attention_mask.bool()
 
 
 class Embeddings(nn.Module):
@@ -194,7 +193,7 @@ class LanguageEncoder(nn.Module):
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        # input_ids (B, T) -> hidden (B, T, H), pooled (B, H) or None
+        # input_ids (B, T), attention_mask (B, T) 0/1 or None (no padding) -> hidden (B, T, H), pooled (B, H) or None
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         mask = _padding_mask(attention_mask)
@@ -301,12 +300,13 @@ class TokenPredictionHead(nn.Module):
         return F.linear(self.ln(F.gelu(self.dense(x))), embedding_weight, self.bias)
 
 
-def token_loss(head, hidden, labels, embedding_weight):
-    """Cross-entropy over the positions whose label is not -100. Only those rows reach the vocabulary-sized
-    decoder: (B, T, D) -> (N, D) -> (N, V). Returns 0 (with a graph) when no position is labelled."""
-    chosen = labels != -100
-    logits = head(hidden[chosen], embedding_weight)
-    return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+def token_loss(head, hidden, positions, targets, embedding_weight):
+    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (-100: an unused slot). Only
+    those rows reach the vocabulary-sized decoder, in static shapes: hidden (B, L, D) gathered at positions (B, K)
+    -> (B, K, D) -> logits (B, K, V). Returns 0 (with a graph) when no target is real."""
+    chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, K, D)
+    logits = head(chosen, embedding_weight).float().flatten(0, 1)  # (B*K, V)
+    return F.cross_entropy(logits, targets.flatten(), reduction="sum") / (targets != -100).sum().clamp(min=1)
 
 
 TASKS = ("mlm", "match", "cliptc")
@@ -348,13 +348,18 @@ class CrossModalTransformer(nn.Module):
             if name not in ("language", "clip"):  # new layers start as LXMERT's: the language config's std
                 module.apply(lambda m: init_weights(m, lang_cfg.initializer_range))
 
-    def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask):
-        """Both encoders, then the cross-modal layers. Returns lang (B, T, H) and vis (B, n*77, P) or None."""
+    def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks=None):
+        """Both encoders, then the cross-modal layers. Returns lang (B, T, H) and vis (B, n*77, P) or None.
+        attention_mask None: no padding. clip_blocks (N,): the blocks of the flattened (B*n) CLIP-T runs on (all when
+        None); the others are all padding and enter the cross-modal layers as zeros, masked out like any padding."""
         lang, _ = self.language(input_ids, token_type_ids, attention_mask)  # (B, T, H)
         if self.clip is None:
             return lang, None
         B, n, C = clip_ids.shape
-        vis, _ = self.clip(clip_ids.reshape(B * n, C))  # (B, n, 77) -> (B*n, 77) -> (B*n, 77, P)
+        blocks = clip_ids.reshape(B * n, C)  # (B, n, 77) -> (B*n, 77)
+        vis, _ = self.clip(blocks if clip_blocks is None else blocks[clip_blocks])  # (B*n or N, 77) -> (.., 77, P)
+        if clip_blocks is not None:  # (N, 77, P) -> (B*n, 77, P), the skipped blocks as zeros
+            vis = vis.new_zeros(B * n, C, vis.shape[-1]).index_copy(0, clip_blocks, vis)
         vis = vis.reshape(B, n * C, -1)  # -> (B, n*77, P), e.g. (B, 693, 512)
         lang_mask, vis_mask = _padding_mask(attention_mask), _padding_mask(clip_mask.reshape(B, n * C))
         for layer in self.xlayers:
@@ -365,18 +370,22 @@ class CrossModalTransformer(nn.Module):
         """The cross-modal [CLS] pooler that MATCH classifies (and full-model finetuning uses, App. C.3)."""
         return self.match_pooler(lang)
 
-    def forward(self, input_ids, attention_mask, clip_ids=None, clip_mask=None, token_type_ids=None,
-                mlm_labels=None, match_labels=None, cliptc_labels=None):
-        lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask)
+    def forward(self, input_ids, attention_mask=None, clip_ids=None, clip_mask=None, token_type_ids=None,
+                clip_blocks=None, mlm_positions=None, mlm_targets=None, match_labels=None, cliptc_positions=None,
+                cliptc_targets=None):
+        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}; MLM and CLIPTC are predicted at
+        mlm_positions (B, K) of the T language positions and cliptc_positions (B, K') of the n*77 CLIP positions."""
+        lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks)
         out = {}
         if "mlm" in self.tasks:
-            out["mlm"] = token_loss(self.mlm_head, lang, mlm_labels, self.language.embeddings.word_embeddings.weight)
+            out["mlm"] = token_loss(self.mlm_head, lang, mlm_positions, mlm_targets,
+                                    self.language.embeddings.word_embeddings.weight)
         if "match" in self.tasks:
             logits = self.match_classifier(self.pooled(lang))  # (B, 2)
             out["match"] = F.cross_entropy(logits.float(), match_labels)
             out["match_acc"] = (logits.argmax(-1) == match_labels).float().mean().detach()
         if "cliptc" in self.tasks:
-            out["cliptc"] = token_loss(self.cliptc_head, vis.flatten(0, 1), cliptc_labels.flatten(),
+            out["cliptc"] = token_loss(self.cliptc_head, vis, cliptc_positions, cliptc_targets,
                                        self.clip.token_embedding.weight)
         out["loss"] = sum(out[t] for t in self.tasks)
         return out

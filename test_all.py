@@ -246,6 +246,8 @@ def _model_toy(tasks=model.TASKS, xlayers=2, seed=6):
 
 
 def _model_batch(B=3, T=24, n=2, seed=7):
+    """Padded language rows, CLIP rows of 1 or 2 used blocks out of n, and MLM / CLIPTC targets in 4 fixed slots
+    per row (row 1 leaves one slot unused, as data.py pads them: position 0, target -100)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 1000, (B, T), generator=g)
     mask = _model_padding(B, T)
@@ -253,14 +255,25 @@ def _model_batch(B=3, T=24, n=2, seed=7):
     clip_ids[..., 0] = 1022
     clip_ids[:, 0, 20], clip_ids[:, 1, 9] = 1023, 1023
     clip_mask = torch.zeros(B, n, 77, dtype=torch.long)
-    clip_mask[:, 0, :21], clip_mask[:, 1, :10] = 1, 1
+    clip_mask[:, 0, :21], clip_mask[0, 1, :10] = 1, 1
     clip_ids = clip_ids * clip_mask
-    mlm = torch.full((B, T), -100)
-    mlm[:, 1:4] = ids[:, 1:4]
-    cliptc = torch.full((B, n, 77), -100)
-    cliptc[:, 0, 2:5] = clip_ids[:, 0, 2:5]
+    mlm_positions = torch.tensor([1, 2, 3, 5]).repeat(B, 1)
+    cliptc_positions = torch.tensor([2, 3, 4, 80]).repeat(B, 1)  # 80: block 1, token 3
+    mlm_positions[1, 3], cliptc_positions[1, 3] = 0, 0
+    mlm_targets, cliptc_targets = ids.gather(1, mlm_positions), clip_ids.flatten(1).gather(1, cliptc_positions)
+    mlm_targets[1, 3], cliptc_targets[1:, 3] = -100, -100
     return dict(input_ids=ids, attention_mask=mask, clip_ids=clip_ids, clip_mask=clip_mask,
-                mlm_labels=mlm, match_labels=torch.tensor([1, 0, 1][:B]), cliptc_labels=cliptc)
+                clip_blocks=data.clip_blocks_to_run(clip_mask), mlm_positions=mlm_positions, mlm_targets=mlm_targets,
+                match_labels=torch.tensor([1, 0, 1][:B]), cliptc_positions=cliptc_positions,
+                cliptc_targets=cliptc_targets)
+
+
+def _model_labels(positions, targets, length):
+    """The fixed slots back as one label per position, -100 where none is predicted: (B, K) -> (B, length)."""
+    labels = torch.full((len(positions), length), -100)
+    for row, (p, t) in enumerate(zip(positions, targets)):
+        labels[row, p[t != -100]] = t[t != -100]
+    return labels
 
 
 def test_model_padding_never_changes_real_positions():
@@ -280,23 +293,54 @@ def test_model_padding_never_changes_real_positions():
 
 def test_model_losses_gradients_and_ignored_labels():
     net = _model_toy()
-    net.eval()  # no dropout: the losses are compared with an independent computation below
+    net.eval()  # no dropout: the losses are compared with independent computations below
     batch = _model_batch()
     out = net(**batch)
     assert set(out) == {"mlm", "match", "cliptc", "match_acc", "loss"}
     assert all(torch.isfinite(out[k]) for k in out)
     assert torch.allclose(out["loss"], out["mlm"] + out["match"] + out["cliptc"])
     lang, vis = net.encode(batch["input_ids"], batch["attention_mask"], None, batch["clip_ids"], batch["clip_mask"])
-    logits = net.mlm_head(lang, net.language.embeddings.word_embeddings.weight)  # every position, then ignore -100
-    assert torch.allclose(out["mlm"], F.cross_entropy(logits.transpose(1, 2), batch["mlm_labels"]), atol=1e-5)
-    logits = net.cliptc_head(vis, net.clip.token_embedding.weight)
-    ref = F.cross_entropy(logits.transpose(1, 2), batch["cliptc_labels"].flatten(1))
-    assert torch.allclose(out["cliptc"], ref, atol=1e-5)
+    for task, hidden, weight in (("mlm", lang, net.language.embeddings.word_embeddings.weight),
+                                 ("cliptc", vis, net.clip.token_embedding.weight)):
+        head, labels = getattr(net, f"{task}_head"), _model_labels(batch[f"{task}_positions"],
+                                                                    batch[f"{task}_targets"], hidden.shape[1])
+        every = head(hidden, weight)  # every position's logits, then -100 ignored: the mean over the chosen ones
+        assert torch.allclose(out[task], F.cross_entropy(every.transpose(1, 2), labels), atol=1e-5)
+        chosen = labels != -100  # the boolean selection that fixed slots replaced: the same value
+        assert chosen.sum() == (batch[f"{task}_targets"] != -100).sum() < batch[f"{task}_targets"].numel()
+        old = F.cross_entropy(head(hidden[chosen], weight), labels[chosen], reduction="sum") / chosen.sum()
+        assert torch.allclose(out[task], old, rtol=1e-6, atol=0)
     out["loss"].backward()
     for part in (net.language.blocks[0], net.language.embeddings, net.clip.blocks[0], net.xlayers[0],
                  net.xlayers[1].lang_ffn, net.mlm_head, net.match_classifier, net.cliptc_head):
         assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
     assert net.language.pooler.dense.weight.grad is None  # adaptation leaves BERT's own pooler as it was
+
+
+def test_model_clip_t_skips_blocks_of_padding_only():
+    """CLIP-T on the clip_blocks alone gives the losses and gradients of running every block (dropout on: the
+    cross-modal layers keep every block, so they draw the same dropout masks)."""
+    batch = _model_batch(n=3)
+    assert len(batch["clip_blocks"]) == 6 < 9  # 4 blocks hold text, 2 empty ones top them up to 2 per row
+    results = []
+    for blocks in (batch["clip_blocks"], None):
+        net = _model_toy()
+        torch.manual_seed(3)
+        out = net(**(batch | {"clip_blocks": blocks}))
+        out["loss"].backward()
+        results.append((out, {k: p.grad for k, p in net.named_parameters() if p.grad is not None}))
+    (skip, skip_grads), (every, every_grads) = results
+    for k in ("mlm", "match", "cliptc"):
+        assert torch.allclose(skip[k], every[k], rtol=1e-6, atol=0), k
+    assert skip_grads.keys() == every_grads.keys()
+    assert all(torch.allclose(skip_grads[k], every_grads[k], rtol=1e-5, atol=1e-7) for k in every_grads)
+
+
+def test_model_no_mask_means_no_padding():
+    """attention_mask None (decided on the CPU) is the same model as a mask of ones."""
+    net, batch = _model_toy().eval(), _model_batch()
+    ones = batch | {"attention_mask": torch.ones_like(batch["input_ids"])}
+    assert torch.allclose(net(**ones)["loss"], net(**(batch | {"attention_mask": None}))["loss"], rtol=1e-6)
 
 
 def test_model_tasks_switched_off_add_no_loss_and_no_head():
@@ -311,7 +355,8 @@ def test_model_tasks_switched_off_add_no_loss_and_no_head():
     assert set(only(**batch)) == {"cliptc", "loss"}
     torch.manual_seed(8)
     baseline = model.CrossModalTransformer(model.PRESETS["bert-toy"], None, xlayers=0, tasks=("mlm",))
-    out = baseline(batch["input_ids"], batch["attention_mask"], mlm_labels=batch["mlm_labels"])
+    out = baseline(batch["input_ids"], batch["attention_mask"], mlm_positions=batch["mlm_positions"],
+                   mlm_targets=batch["mlm_targets"])
     assert set(out) == {"mlm", "loss"} and baseline.clip is None
     with pytest.raises(ValueError, match="unknown adaptation task"):
         _model_toy(tasks=("mlm", "itm"))
@@ -348,8 +393,10 @@ def test_model_match_inherits_nsp_with_its_labels_in_our_order(tmp_path, model_h
     batch = _model_batch()
     batch["input_ids"] %= 101
     batch["clip_ids"] %= 99
-    batch["mlm_labels"] = torch.where(batch["mlm_labels"] >= 0, batch["input_ids"], -100)
-    batch["cliptc_labels"] = torch.where(batch["cliptc_labels"] >= 0, batch["clip_ids"], -100)
+    batch["mlm_targets"] = torch.where(batch["mlm_targets"] >= 0, batch["input_ids"].gather(1, batch["mlm_positions"]),
+                                       -100)
+    batch["cliptc_targets"] = torch.where(batch["cliptc_targets"] >= 0,
+                                          batch["clip_ids"].flatten(1).gather(1, batch["cliptc_positions"]), -100)
     with torch.no_grad():
         nsp = pre(batch["input_ids"], attention_mask=batch["attention_mask"]).seq_relationship_logits
         lang, _ = net.encode(batch["input_ids"], batch["attention_mask"], None, batch["clip_ids"], batch["clip_mask"])
@@ -727,15 +774,25 @@ def test_data_non_utf8_corpus_names_its_line_and_leaves_no_temporary_folder(data
 
 # ------------------------------------------------------------------------------------------------ adaptation batches
 
+def data_labels(positions, targets, shape):
+    """Fixed prediction slots (B, K) back to one label per position, -100 where none is predicted."""
+    labels = torch.full((len(positions), math.prod(shape)), -100)
+    real = targets != -100
+    labels[torch.arange(len(positions))[:, None].expand_as(positions)[real], positions[real]] = targets[real]
+    return labels.reshape(len(positions), *shape)
+
+
 def test_data_batches_masking_statistics(data_cache):
     ds = data.AdaptationData(data_cache[0])
     idx = np.arange(len(ds))
     batches = [ds.batch(idx, seed=3, epoch=e) for e in range(8)]
     ids = torch.from_numpy(ds.bert_ids.astype(np.int64)).repeat(8, 1)
-    inputs, labels = torch.cat([b["input_ids"] for b in batches]), torch.cat([b["mlm_labels"] for b in batches])
+    inputs = torch.cat([b["input_ids"] for b in batches])
+    labels = torch.cat([data_labels(b["mlm_positions"], b["mlm_targets"], (64,)) for b in batches])
     assert batches[0]["input_ids"].shape == (len(ds), 64) and batches[0]["input_ids"].dtype == torch.int64
+    assert batches[0]["mlm_positions"].shape == (len(ds), ds.mlm_slots) and ds.mlm_slots == round(0.15 * 62)
     chosen = labels != -100
-    assert (chosen.sum(1) == round(0.15 * 62)).all()  # 15% of the 62 real tokens of each window
+    assert (chosen.sum(1) == round(0.15 * 62)).all()  # 15% of the 62 real tokens of each window, no slot unused
     assert not chosen[:, 0].any() and not chosen[:, -1].any()
     assert (labels[chosen] == ids[chosen]).all() and (inputs[~chosen] == ids[~chosen]).all()
     masked = (inputs[chosen] == 103).float().mean()
@@ -743,38 +800,55 @@ def test_data_batches_masking_statistics(data_cache):
     replaced = inputs[chosen][(inputs[chosen] != 103) & (inputs[chosen] != ids[chosen])]
     assert abs(masked - 0.8) < 0.02 and abs(kept - 0.1) < 0.015 and abs(len(replaced) / chosen.sum() - 0.1) < 0.015
     assert replaced.min() >= 999 and replaced.max() < 30522 and len(replaced.unique()) > 0.5 * len(replaced)
-    assert (batches[0]["attention_mask"] == 1).all() and (batches[0]["token_type_ids"] == 0).all()
+    assert "attention_mask" not in batches[0] and (batches[0]["token_type_ids"] == 0).all()  # windows are never padded
 
 
 def test_data_batches_match_and_cliptc(data_cache):
     ds = data.AdaptationData(data_cache[0])
     idx = np.arange(len(ds))
     own_ids = torch.from_numpy(ds.clip_ids.astype(np.int64))
-    matches, fractions = [], []
+    matches, fractions, unused = [], [], 0
     for epoch in range(6):
         b = ds.batch(idx, seed=0, epoch=epoch)
-        assert b["clip_ids"].shape == b["clip_mask"].shape == b["cliptc_labels"].shape == (len(ds), 1, 77)
+        assert b["clip_ids"].shape == b["clip_mask"].shape == (len(ds), 1, 77)
+        assert b["cliptc_positions"].shape == b["cliptc_targets"].shape == (len(ds), ds.cliptc_slots)
         same = (b["clip_ids"] == own_ids).flatten(1).all(1)
         assert (same == (b["match_labels"] == 1)).all()  # negatives really differ, positives are the window's own
         matches.append(b["match_labels"])
         real = (b["clip_mask"] == 1) & (b["clip_ids"] != 49406) & (b["clip_ids"] != 49407)
-        chosen = b["cliptc_labels"] != -100
-        assert not (chosen & ~real).any() and (b["cliptc_labels"][chosen] == b["clip_ids"][chosen]).all()
+        labels = data_labels(b["cliptc_positions"], b["cliptc_targets"], (1, 77))
+        chosen = labels != -100
+        assert not (chosen & ~real).any() and (labels[chosen] == b["clip_ids"][chosen]).all()
         assert (chosen.flatten(1).sum(1) == (0.15 * real.flatten(1).sum(1)).round().clamp(min=1)).all()
+        unused += (b["cliptc_targets"] == -100).sum()
         fractions.append(chosen.sum() / real.sum())
     assert abs(torch.cat(matches).float().mean() - 0.5) < 0.05
     assert abs(torch.stack(fractions).mean() - 0.15) < 0.01
+    assert unused > 0  # windows with fewer than 75 real CLIP tokens leave slots unused
+
+
+def test_data_batches_skip_clip_blocks_of_padding_only(data_clip_dir, tmp_path):
+    """clip_blocks holds every block with text and as few empty ones as keep N a multiple of B."""
+    data_write_corpus(tmp_path / "wiki.train.raw", 40)
+    ds = data.AdaptationData(data.build_cache(tmp_path / "wiki.train.raw", DATA_BERT_DIR, data_clip_dir,
+                                              tmp_path / "cache", seq_len=66, n_blocks=3, log=lambda s: None))
+    b = ds.batch(range(len(ds)), seed=0, epoch=0)
+    used = (b["clip_mask"][..., 0] == 1).flatten()  # windows of 64 WordPieces fill 1 or 2 of their 3 blocks
+    assert len(b["clip_blocks"]) - len(ds) < used.sum() < len(b["clip_blocks"]) < used.numel()
+    assert len(b["clip_blocks"]) % len(ds) == 0
+    assert used[b["clip_blocks"]].sum() == used.sum() and len(b["clip_blocks"].unique()) == len(b["clip_blocks"])
+    assert (b["cliptc_positions"] < b["clip_ids"][0].numel()).all() and ds.cliptc_slots == round(0.15 * 3 * 75)
 
 
 def test_data_batches_are_deterministic(data_cache):
     ds, again = data.AdaptationData(data_cache[0]), data.AdaptationData(data_cache[0])
     whole = ds.batch([5, 9, 2, 7], seed=1, epoch=4)
     parts = [again.batch([i], seed=1, epoch=4) for i in (5, 9, 2, 7)]
-    for k in whole:
+    for k in whole.keys() - {"clip_blocks"}:  # clip_blocks indexes the whole batch's blocks
         assert torch.equal(whole[k], torch.cat([p[k] for p in parts])), k
     other = ds.batch([5, 9, 2, 7], seed=1, epoch=5)
-    assert not torch.equal(whole["mlm_labels"], other["mlm_labels"])
-    assert not torch.equal(whole["mlm_labels"], ds.batch([5, 9, 2, 7], seed=2, epoch=4)["mlm_labels"])
+    assert not torch.equal(whole["mlm_positions"], other["mlm_positions"])
+    assert not torch.equal(whole["mlm_positions"], ds.batch([5, 9, 2, 7], seed=2, epoch=4)["mlm_positions"])
 
 
 def test_data_no_match_negatives_when_switched_off(data_cache):
@@ -1533,6 +1607,57 @@ def test_adapt_flop_formula_matches_torch_flop_counter(encoder, clip, tasks):
     with counter, sdpa_kernel(SDPBackend.MATH):
         m(**batch)["loss"].backward()
     assert adapt.flops_per_sequence(m, 32, 2) == pytest.approx(counter.get_total_flops() / 8, rel=0.01)
+
+
+def test_adapt_step_is_one_graph_and_other_masks_do_not_recompile(adapt_kit):
+    """A training forward + backward on the toy kit's batches is one graph without breaks (no host syncs), and the
+    next batch, with other masks and prediction positions in the same shapes, reuses it (1-layer encoders: quick)."""
+    from torch._dynamo.testing import CompileCounter
+    ckpt = adapt_kit / "ckpt"
+    cache = data.build_cache(adapt_kit / "wikitext-103-raw" / "wiki.train.raw", ckpt / "bert-toy", ckpt / "clip-toy",
+                             adapt_kit / "cache", seq_len=32, n_blocks=1, log=lambda _: None)
+    first, second = (data.AdaptationData(cache).batch(range(i, i + 4), seed=0, epoch=i) for i in (0, 4))
+    assert not torch.equal(first["mlm_positions"], second["mlm_positions"])
+    assert not torch.equal(first["clip_mask"], second["clip_mask"])
+    one_layer = [dataclasses.replace(model.from_hf(ckpt / n).config, num_layers=1) for n in ("bert-toy", "clip-toy")]
+    torch.manual_seed(0)
+    net = model.CrossModalTransformer(*one_layer, xlayers=1).train()
+    explained = torch._dynamo.explain(lambda **b: net(**b)["loss"])(**first)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
+    counter = CompileCounter()
+    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    for batch in (first, second):
+        torch.manual_seed(1)
+        loss = compiled(**batch)["loss"]
+        loss.backward()
+        torch.manual_seed(1)
+        assert torch.equal(loss, net(**batch)["loss"])  # the same dropout draws: the graph is the eager model
+    assert counter.frame_count == 1
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (.ci/gpu runs these)")
+
+
+@CUDA
+def test_cuda_bf16_adaptation_step_agrees_with_fp32(monkeypatch):
+    """BERT-base + CLIP-T at random weights, 4 windows of 128 tokens and 2 CLIP blocks, dropout off: under bf16
+    autocast every loss is within 1% of fp32's (TF32 off) and the gradients have cosine >= 0.999 (0.99993 on a
+    CPU's bf16 autocast)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    net = model.CrossModalTransformer(model.PRESETS["bert-base"], model.PRESETS["clip"]).cuda().eval()
+    batch = adapt.synthetic_batch(net, 4, 128, 2, "cuda", torch.Generator().manual_seed(0))
+    runs = []
+    for bf16 in (False, True):
+        net.zero_grad()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = net(**batch)
+        out["loss"].backward()
+        runs.append(({k: out[k].item() for k in model.TASKS},
+                     torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])))
+    (fp32, grad32), (bf16, grad16) = runs
+    assert all(bf16[k] == pytest.approx(fp32[k], rel=0.01) for k in model.TASKS), (fp32, bf16)
+    assert F.cosine_similarity(grad32.double(), grad16.double(), dim=0) >= 0.999
 
 
 def test_adapt_micro_batches_cover_the_global_batch_for_any_world_size():
