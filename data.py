@@ -7,6 +7,7 @@
 - The adaptation corpus (WikiText-103 raw or any raw text) is streamed once into uint16 memmaps; AdaptationData draws
   the MLM masks, MATCH negatives and CLIPTC targets of Sec. 2.3 deterministically from (seed, epoch, index).
 - GLUE, SWAG and READ (CommonLit readability) readers, and [CLS] a [SEP] b [SEP] features of length 128.
+- Pictures: svg_lines and svg_bars write standalone SVG charts (loss curves, bar charts such as Fig. 4).
 
 Benchmark of the cache build (generates a WikiText-style corpus, prints MB/s and peak memory):
     python data.py bench --mb 50 [--bert data/ckpt/bert-base --clip data/ckpt/clip]
@@ -750,9 +751,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(str(error))
 
 
-if __name__ == "__main__":
-    main()
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Pictures: standalone SVG charts (loss curves, Table 1-style bars, Fig. 4) written as text, no plotting library
 
@@ -840,3 +838,7 @@ def svg_bars(groups: dict[str, dict[str, float]], title: str, y_label: str,
                             f'{sy(low):.1f}{tick}M{mid - width / 4:.1f},{sy(high):.1f}{tick}" stroke="black"/>')
     x_ticks = [(SVG_LEFT + (g + 0.5) * slot, group) for g, group in enumerate(groups)]
     return _svg(title, "", y_label, y_ticks, x_ticks, names, body)
+
+
+if __name__ == "__main__":
+    main()
