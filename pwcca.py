@@ -128,7 +128,7 @@ def table_2(names, data_root, size, reading, epsilon):
     spaces = [load_space(n, data_root) for n in names]
     words, ids = common_words([tok for _, tok in spaces], size)
     if len(words) < 2:
-        raise ValueError(f"{', '.join(names)} share {len(words)} single-token words: PWCCA needs more")
+        raise ValueError(f"the word list of {', '.join(names)} has {len(words)} words: PWCCA needs more (--words)")
     tables = {n: table[i] for n, (table, _), i in zip(names, spaces, ids)}          # (W, H) each
     tables["random"] = np.random.default_rng(RANDOM_SEED).standard_normal(spaces[0][0].shape)[ids[0]]
     print(f"Table 2, PWCCA ({reading} reading) over the {len(words):,} most frequent words all {len(names)} "
