@@ -7,6 +7,7 @@
 - The adaptation corpus (WikiText-103 raw or any raw text) is streamed once into uint16 memmaps; AdaptationData draws
   the MLM masks, MATCH negatives and CLIPTC targets of Sec. 2.3 deterministically from (seed, epoch, index).
 - GLUE, SWAG and READ (CommonLit readability) readers, and [CLS] a [SEP] b [SEP] features of length 128.
+- Pictures: svg_lines and svg_bars write standalone SVG charts (loss curves, bar charts such as Fig. 4).
 
 Benchmark of the cache build (generates a WikiText-style corpus, prints MB/s and peak memory):
     python data.py bench --mb 50 [--bert data/ckpt/bert-base --clip data/ckpt/clip]
@@ -813,6 +814,95 @@ def main(argv: list[str] | None = None) -> None:
         bench(args.mb, args.bert or Path(args.data) / "ckpt/bert-base", args.clip or Path(args.data) / "ckpt/clip")
     except FileNotFoundError as error:
         raise SystemExit(str(error))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pictures: standalone SVG charts (loss curves, Table 1-style bars, Fig. 4) written as text, no plotting library
+
+SVG_WIDTH, SVG_HEIGHT = 640, 400
+SVG_LEFT, SVG_RIGHT, SVG_TOP, SVG_BOTTOM = 70, 490, 40, 350   # the plot area in pixels; the legend sits to its right
+SVG_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+
+
+def nice_ticks(lo: float, hi: float, n: int = 5) -> np.ndarray:
+    """About n round tick values (steps of 1, 2 or 5 x 10^k) from at most lo to at least hi."""
+    if hi <= lo:
+        lo, hi = lo - 0.5, lo + 0.5
+    unit = 10.0 ** math.floor(math.log10((hi - lo) / n))
+    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= (hi - lo) / n)
+    return np.arange(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1) * step
+
+
+def _axis(ticks: np.ndarray, start: float, end: float) -> Callable[[float], float]:
+    """Data value -> pixel, with ticks[0] at start and ticks[-1] at end."""
+    return lambda v: start + (v - ticks[0]) * (end - start) / (ticks[-1] - ticks[0])
+
+
+def _text(x: float, y: float, text: str, anchor: str = "middle", more: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{more}>{html.escape(text)}</text>'
+
+
+def _svg(title: str, x_label: str, y_label: str, y_ticks: np.ndarray, x_ticks: list[tuple[float, str]],
+         names: list[str], body: list[str]) -> str:
+    """The frame both charts share: title, axes with their ticks and labels, the plotted body, a legend."""
+    sy, mid, y_mid = _axis(y_ticks, SVG_BOTTOM, SVG_TOP), (SVG_LEFT + SVG_RIGHT) / 2, (SVG_TOP + SVG_BOTTOM) / 2
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
+             f'font-family="sans-serif" font-size="12">', f'<rect width="100%" height="100%" fill="white"/>',
+             _text(mid, 22, title, more=' font-size="15"'), _text(mid, SVG_BOTTOM + 36, x_label),
+             _text(18, y_mid, y_label, more=f' transform="rotate(-90 18 {y_mid})"'),
+             f'<path class="axes" d="M{SVG_LEFT},{SVG_TOP}V{SVG_BOTTOM}H{SVG_RIGHT}" fill="none" stroke="black"/>']
+    for t in y_ticks:
+        parts += [f'<path d="M{SVG_LEFT - 4},{sy(t):.1f}H{SVG_RIGHT}" stroke="#ddd"/>',
+                  _text(SVG_LEFT - 7, sy(t) + 4, f"{t:.6g}", "end")]
+    parts += [_text(x, SVG_BOTTOM + 16, label) for x, label in x_ticks] + body + ['<g class="legend">']
+    for i, name in enumerate(names):
+        y = SVG_TOP + 10 + 20 * i
+        parts.append(f'<g class="entry"><rect x="{SVG_RIGHT + 15}" y="{y - 10}" width="12" height="12" '
+                     f'fill="{SVG_COLOURS[i % len(SVG_COLOURS)]}"/>{_text(SVG_RIGHT + 33, y, name, "start")}</g>')
+    return "\n".join(parts + ["</g>", "</svg>"]) + "\n"
+
+
+def _points(points: list[tuple[float, float]], sx: Callable, sy: Callable) -> str:
+    return " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
+
+
+def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str) -> str:
+    """A line chart as standalone SVG: one polyline per series of (x, y) points (e.g. a loss curve per run)."""
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        raise ValueError(f"svg_lines({title!r}) got no points: give each series a list of (x, y) pairs")
+    x_ticks, y_ticks = (nice_ticks(min(c), max(c)) for c in zip(*points))
+    sx, sy = _axis(x_ticks, SVG_LEFT, SVG_RIGHT), _axis(y_ticks, SVG_BOTTOM, SVG_TOP)
+    body = [f'<polyline class="series" data-series="{html.escape(name)}" fill="none" stroke-width="1.5" '
+            f'stroke="{SVG_COLOURS[i % len(SVG_COLOURS)]}" points="{_points(p, sx, sy)}"/>'
+            for i, (name, p) in enumerate(series.items())]
+    return _svg(title, x_label, y_label, y_ticks, [(sx(t), f"{t:.6g}") for t in x_ticks], list(series), body)
+
+
+def svg_bars(groups: dict[str, dict[str, float]], title: str, y_label: str,
+             errors: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
+    """A grouped bar chart as standalone SVG: one cluster per group along x, one bar per series in the series' colour;
+    errors[group][series] = (low, high) draws a whisker between those two values."""
+    names, errors = list(dict.fromkeys(s for bars in groups.values() for s in bars)), errors or {}
+    if not names:
+        raise ValueError(f"svg_bars({title!r}) got no bars: give each group a dict of series -> value")
+    values = [v for bars in groups.values() for v in bars.values()]
+    values += [e for whiskers in errors.values() for pair in whiskers.values() for e in pair]
+    y_ticks = nice_ticks(min(0.0, *values), max(0.0, *values))
+    sy, slot = _axis(y_ticks, SVG_BOTTOM, SVG_TOP), (SVG_RIGHT - SVG_LEFT) / len(groups)
+    width, body = 0.8 * slot / len(names), []
+    for g, (group, bars) in enumerate(groups.items()):
+        for i, name in ((i, name) for i, name in enumerate(names) if name in bars):
+            x, v, c = SVG_LEFT + (g + 0.1 + 0.8 * i / len(names)) * slot, bars[name], SVG_COLOURS[i % len(SVG_COLOURS)]
+            body.append(f'<rect class="bar" data-series="{html.escape(name)}" x="{x:.1f}" y="{sy(max(v, 0)):.1f}" '
+                        f'width="{width:.1f}" height="{abs(sy(v) - sy(0)):.1f}" fill="{c}">'
+                        f'<title>{html.escape(f"{group}, {name}: {v:.6g}")}</title></rect>')
+            if name in errors.get(group, {}):
+                (low, high), mid, tick = errors[group][name], x + width / 2, f"h{width / 2:.1f}"
+                body.append(f'<path class="error" d="M{mid:.1f},{sy(low):.1f}V{sy(high):.1f}M{mid - width / 4:.1f},'
+                            f'{sy(low):.1f}{tick}M{mid - width / 4:.1f},{sy(high):.1f}{tick}" stroke="black"/>')
+    x_ticks = [(SVG_LEFT + (g + 0.5) * slot, group) for g, group in enumerate(groups)]
+    return _svg(title, "", y_label, y_ticks, x_ticks, names, body)
 
 
 if __name__ == "__main__":

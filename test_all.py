@@ -2333,19 +2333,22 @@ def test_finetune_table_medians(tmp_path, capsys):
 
 
 # =====================================================================================================================
-# pwcca.py: PWCCA and the visual-grounding analysis (issue 7)
+# pwcca.py: PWCCA (Table 2), the visual-grounding analysis (Fig. 4, App. D); data.py's SVG pictures (issues 7, 11)
 # =====================================================================================================================
 
-def pwcca_correlated(rng, n=400, p=6, q=4):
-    """Two data sets sharing a latent signal: (n, p), (n, q)."""
+READINGS = ("svcca", "textbook")
+
+
+def pwcca_correlated(rng, n=400, p=6, q=4, offset=0.0):
+    """Two data sets sharing a latent signal, each neuron shifted by up to `offset`: (n, p), (n, q)."""
     z = rng.standard_normal((n, 3))
-    x = z @ rng.standard_normal((3, p)) + 0.5 * rng.standard_normal((n, p))
-    y = z @ rng.standard_normal((3, q)) + 0.8 * rng.standard_normal((n, q))
+    x = z @ rng.standard_normal((3, p)) + 0.5 * rng.standard_normal((n, p)) + offset * rng.standard_normal(p)
+    y = z @ rng.standard_normal((3, q)) + 0.8 * rng.standard_normal((n, q)) + offset * rng.standard_normal(q)
     return x, y
 
 
 def pwcca_scipy_route(x, y):
-    """Canonical correlations and PWCCA from whitened covariances, Cxx^-1/2 Cxy Cyy^-1/2 (an independent route)."""
+    """Textbook canonical correlations and PWCCA from whitened covariances, Cxx^-1/2 Cxy Cyy^-1/2 (independent)."""
     xc, yc = x - x.mean(0), y - y.mean(0)
     wx = scipy.linalg.inv(scipy.linalg.sqrtm(xc.T @ xc)).real
     wy = scipy.linalg.inv(scipy.linalg.sqrtm(yc.T @ yc)).real
@@ -2356,60 +2359,123 @@ def pwcca_scipy_route(x, y):
     return rho[:k], float((alpha / alpha.sum()) @ rho[:k])
 
 
-def test_pwcca_identical_inputs_give_one():
-    x = np.random.default_rng(0).standard_normal((300, 20))
-    assert pwcca.pwcca(x, x) == pytest.approx(1.0, abs=1e-9)
+def pwcca_svcca_route(x, y):
+    """svcca's compute_pwcca as its description reads, from np.cov and scipy (the second branch using y's own data):
+    weights from the set with fewer neurons, directions u_i^T (x - mean) + mean with u from the SVD of
+    Cxx^-1/2 Cxy Cyy^-1/2, QR, raw data projected. Signs: each u_i with its largest entry positive."""
+    if y.shape[1] < x.shape[1]:
+        x, y = y, x
+    p, k = x.shape[1], min(x.shape[1], y.shape[1])
+    c = np.cov(x.T, y.T)
+    whiten = [scipy.linalg.inv(scipy.linalg.sqrtm(block)).real for block in (c[:p, :p], c[p:, p:])]
+    u, rho, _ = scipy.linalg.svd(whiten[0] @ c[:p, p:] @ whiten[1])
+    u = u[:, :k] * np.sign(u[np.abs(u[:, :k]).argmax(0), np.arange(k)])
+    directions = ((u.T @ (x - x.mean(0)).T) + x.mean(0)[:k, None]).T
+    basis, _ = scipy.linalg.qr(directions, mode="economic")
+    alpha = np.abs(basis.T @ x).sum(1)
+    return float((alpha / alpha.sum()) @ rho[:k])
 
 
-def test_pwcca_invertible_linear_map_gives_one():
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((300, 20))
-    y = x @ rng.standard_normal((20, 20)) + 3.0
-    assert pwcca.pwcca(x, y) == pytest.approx(1.0, abs=1e-8)
-    assert pwcca.pwcca(y, x) == pytest.approx(1.0, abs=1e-8)
+@pytest.mark.parametrize("reading", READINGS)
+def test_pwcca_identical_rotated_and_independent_spaces(reading):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 20)) + 2.0
+    assert pwcca.pwcca(x, x, reading) == pytest.approx(1.0, abs=1e-9)
+    rotation, _ = np.linalg.qr(rng.standard_normal((20, 20)))
+    assert pwcca.pwcca(x, x @ rotation - 3.0, reading) == pytest.approx(1.0, abs=1e-8)
+    mixed = x @ rng.standard_normal((20, 20)) + 3.0                        # any invertible linear map
+    assert pwcca.pwcca(mixed, x, reading) == pytest.approx(1.0, abs=1e-8)
+    x, y = rng.standard_normal((20000, 8)) + 1.0, rng.standard_normal((20000, 8))
+    assert pwcca.pwcca(x, y, reading) < 0.05
 
 
-def test_pwcca_independent_data_near_zero():
-    rng = np.random.default_rng(2)
-    x, y = rng.standard_normal((20000, 8)), rng.standard_normal((20000, 8))
-    assert pwcca.pwcca(x, y) < 0.05
-
-
-def test_pwcca_agrees_with_whitened_covariance_route():
-    x, y = pwcca_correlated(np.random.default_rng(3))
-    rho, _ = pwcca.canonical_correlations(x, y)
+def test_pwcca_textbook_agrees_with_whitened_covariance_route():
+    x, y = pwcca_correlated(np.random.default_rng(3), offset=2.0)
+    rho, _, _ = pwcca.canonical_correlations(x, y)
     rho_scipy, score_scipy = pwcca_scipy_route(x, y)
     np.testing.assert_allclose(rho, rho_scipy, atol=1e-10)
-    assert pwcca.pwcca(x, y) == pytest.approx(score_scipy, abs=1e-10)
-    assert pwcca.pwcca(y, x) == pytest.approx(pwcca_scipy_route(y, x)[1], abs=1e-10)
-    assert pwcca.pwcca(x, y) != pytest.approx(pwcca.pwcca(y, x), abs=1e-3)   # weights come from the first set
+    assert pwcca.pwcca(x, y, "textbook") == pytest.approx(score_scipy, abs=1e-10)
+    assert pwcca.pwcca(y, x, "textbook") == pytest.approx(pwcca_scipy_route(y, x)[1], abs=1e-10)
+    assert pwcca.pwcca(x, y, "textbook") != pytest.approx(pwcca.pwcca(y, x, "textbook"), abs=1e-3)   # from the first
 
 
-def test_pwcca_permuting_data_points_together_changes_nothing():
+def test_pwcca_svcca_reading_agrees_with_its_covariance_route():
     rng = np.random.default_rng(4)
-    x, y = pwcca_correlated(rng)
+    x, y = pwcca_correlated(rng, offset=2.0)                                # x has 6 neurons, y 4
+    score = pwcca.pwcca(x, y)
+    assert score == pytest.approx(pwcca_svcca_route(x, y), abs=1e-9)
+    assert pwcca.pwcca(y, x) == pytest.approx(score, abs=1e-12)            # the narrower set weighs, in either order
+    assert score != pytest.approx(pwcca.pwcca(x, y, "textbook"), abs=1e-3)
+    assert score != pytest.approx(pwcca.pwcca(y, x, "textbook"), abs=1e-3)
+    x4 = x[:, :4]                                                           # a tie: the first set weighs
+    assert pwcca.pwcca(x4, y) == pytest.approx(pwcca_svcca_route(x4, y), abs=1e-9)
+    assert pwcca.pwcca(y, x4) == pytest.approx(pwcca_svcca_route(y, x4), abs=1e-9)
+    assert pwcca.pwcca(x4, y) != pytest.approx(pwcca.pwcca(y, x4), abs=1e-3)
+
+
+def test_pwcca_svcca_reading_is_textbook_on_white_centred_data():
+    """The two readings differ only by Cxx^-1/2 and the means: on centred data with Cxx = I they agree."""
+    x, y = pwcca_correlated(np.random.default_rng(5))
+    white = scipy.linalg.orth(y - y.mean(0)) * 10.0               # centred, orthogonal columns of one norm: (n, 4)
+    assert pwcca.pwcca(white, x) == pytest.approx(pwcca.pwcca(white, x, "textbook"), abs=1e-10)
+    assert pwcca.pwcca(white + 1.0, x) != pytest.approx(pwcca.pwcca(white + 1.0, x, "textbook"), abs=1e-3)
+
+
+@pytest.mark.parametrize("reading", READINGS)
+def test_pwcca_permuting_data_points_together_changes_nothing(reading):
+    rng = np.random.default_rng(6)
+    x, y = pwcca_correlated(rng, offset=1.0)
     order = rng.permutation(len(x))
-    assert pwcca.pwcca(x[order], y[order]) == pytest.approx(pwcca.pwcca(x, y), abs=1e-12)
+    assert pwcca.pwcca(x[order], y[order], reading) == pytest.approx(pwcca.pwcca(x, y, reading), abs=1e-10)
 
 
 def test_pwcca_rank_deficient_inputs():
-    rng = np.random.default_rng(5)
+    rng = np.random.default_rng(7)
     x, y = pwcca_correlated(rng)
     x_deficient = np.hstack([x, x[:, :2], np.zeros((len(x), 1)), x[:, :1] + 2 * x[:, 1:2]])   # rank still 6
     np.testing.assert_allclose(pwcca.canonical_correlations(x_deficient, y)[0], pwcca.canonical_correlations(x, y)[0],
                                atol=1e-9)
-    assert 0.0 < pwcca.pwcca(x_deficient, y) < 1.0
-    few_points = rng.standard_normal((10, 30))                 # fewer data points than neurons
-    assert pwcca.pwcca(few_points, few_points) == pytest.approx(1.0, abs=1e-9)
+    for reading in READINGS:
+        assert 0.0 < pwcca.pwcca(x_deficient, y, reading) < 1.0
+        few_points = rng.standard_normal((10, 30))                          # fewer data points than neurons
+        assert pwcca.pwcca(few_points, few_points, reading) == pytest.approx(1.0, abs=1e-9)
     with pytest.raises(ValueError, match="constant"):
         pwcca.pwcca(np.ones((50, 3)), y[:50])
 
 
-def pwcca_tokenizers():
-    """A real WordPiece tokenizer and a CLIP-style BPE (end-of-word suffix "</w>") with known single-token words."""
+# ----------------------------------------------------------------------------- Table 2's word list and rows
+
+def pwcca_real_tokenizers(clip_dir):
+    return data.bert_tokenizer(DATA_BERT_DIR), data.clip_tokenizer(clip_dir)
+
+
+def test_pwcca_common_words_of_the_real_vocabularies(data_clip_dir):
+    from transformers import BertTokenizer
+    bert, clip = pwcca_real_tokenizers(data_clip_dir)
+    words, ids = pwcca.common_words([bert, clip])
+    assert len(words) == 17952 and ids.shape == (2, 17952)
+    bert_vocab = {t: i for i, t in enumerate((DATA_BERT_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    clip_vocab, _ = data_openai_clip_vocab(DATA_BPE_GZ)
+    assert ids[0].tolist() == [bert_vocab[w] for w in words]
+    assert ids[1].tolist() == [clip_vocab[w + "</w>"] for w in words]
+    assert np.all(np.diff(ids[0]) > 0)                         # most frequent first: bert-base-uncased's order
+    assert [w for w in words if len(w) > 1][:6] == ["the", "of", "and", "in", "to", "was"]
+    oracle = BertTokenizer(vocab=str(DATA_BERT_DIR / "vocab.txt"))
+    sample = words[::40]
+    assert all(oracle.tokenize(w) == [w] for w in sample)
+    split = [w for w in bert_vocab if w.isalpha() and w.isascii() and w.islower() and w + "</w>" not in clip_vocab]
+    assert len(split) > 1000 and not set(split) & set(words)   # words CLIP's BPE splits are left out
+    first, first_ids = pwcca.common_words([bert, clip], 500)
+    assert first == words[:500] and first_ids.tolist() == ids[:, :500].tolist()
+    by_clip, _ = pwcca.common_words([clip, bert], 500)         # the first tokenizer's order decides
+    assert set(by_clip) != set(first) and sorted(by_clip, key=lambda w: clip_vocab[w + "</w>"]) == by_clip
+
+
+def pwcca_toy_tokenizers():
+    """A WordPiece tokenizer and a CLIP-style BPE (end-of-word suffix "</w>") with known single-token words."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     wordpiece = Tokenizer(models.WordPiece({t: i for i, t in enumerate(
-        ["[UNK]", "red", "car", "blue", "dog", "##s"])}, unk_token="[UNK]"))
+        ["[UNK]", "car", "red", "blue", "dog", "##s"])}, unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=True)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     letters = "redcaogs"
@@ -2422,12 +2488,13 @@ def pwcca_tokenizers():
     return wordpiece, bpe
 
 
-def test_pwcca_shared_words_are_single_tokens_in_both():
-    wordpiece, bpe = pwcca_tokenizers()
-    words, ids_a, ids_b = pwcca.shared_words(wordpiece, bpe)
-    assert words == ["car", "red"]              # "dog" splits in the BPE (no "dog</w>"), "cars" in WordPiece
-    assert ids_a.tolist() == [wordpiece.token_to_id("car"), wordpiece.token_to_id("red")]
-    assert ids_b.tolist() == [bpe.token_to_id("car</w>"), bpe.token_to_id("red</w>")]
+def test_pwcca_common_words_are_whole_in_every_tokenizer():
+    wordpiece, bpe = pwcca_toy_tokenizers()
+    words, ids = pwcca.common_words([wordpiece, bpe])
+    assert words == ["car", "red"]              # WordPiece order; "dog" splits in the BPE (no "dog</w>"), "cars" in WP
+    assert ids.tolist() == [[wordpiece.token_to_id(w) for w in words], [bpe.token_to_id(w + "</w>") for w in words]]
+    assert pwcca.common_words([bpe, wordpiece])[0] == ["red", "car"]       # the BPE's order: red</w> comes first
+    assert pwcca.common_words([wordpiece, bpe, wordpiece], 1)[0] == ["car"]
 
 
 def test_pwcca_missing_checkpoint_names_download(tmp_path):
@@ -2435,38 +2502,127 @@ def test_pwcca_missing_checkpoint_names_download(tmp_path):
         pwcca.main(["clip", "electra-base", "--data", str(tmp_path)])
 
 
-def pwcca_tiny_checkpoints(root):
-    """Tiny BERT and CLIP checkpoints in hub layout (transformers writes them) under root/ckpt/."""
+@pytest.fixture(scope="module")
+def pwcca_hub(tmp_path_factory, data_clip_dir):
+    """Tiny random bert-base / electra-base / clip checkpoints with the real vocabularies, written by transformers;
+    returns the root and each one's input embeddings as transformers holds them."""
     import transformers
-    wordpiece, bpe = pwcca_tokenizers()
-    bert = transformers.BertModel(transformers.BertConfig(
-        vocab_size=wordpiece.get_vocab_size(), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-        intermediate_size=32))
+    root = tmp_path_factory.mktemp("pwcca_hub")
+    small = dict(num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    bert = transformers.BertModel(transformers.BertConfig(vocab_size=30522, hidden_size=16, **small))
+    electra = transformers.ElectraModel(transformers.ElectraConfig(vocab_size=30522, embedding_size=16, hidden_size=16,
+                                                                   **small))
     clip = transformers.CLIPModel(transformers.CLIPConfig(
-        text_config=dict(vocab_size=bpe.get_vocab_size(), hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=16, projection_dim=8),
-        vision_config=dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
-                           image_size=32, patch_size=16, projection_dim=8), projection_dim=8))
-    for name, net, tok in (("bert-tiny", bert, wordpiece), ("clip-tiny", clip, bpe)):
+        text_config=dict(vocab_size=49408, hidden_size=8, projection_dim=8, **small), projection_dim=8,
+        vision_config=dict(hidden_size=8, image_size=32, patch_size=16, projection_dim=8, **small)))
+    tables = {}
+    for name, net, tokenizer in (("bert-base", bert, DATA_BERT_DIR / "vocab.txt"),
+                                 ("electra-base", electra, DATA_BERT_DIR / "vocab.txt"),
+                                 ("clip", clip, data_clip_dir / "tokenizer.json")):
         net.save_pretrained(root / "ckpt" / name)
-        tok.save(str(root / "ckpt" / name / "tokenizer.json"))
-    return bert.get_input_embeddings().weight.detach().double().numpy(), \
-        clip.text_model.get_input_embeddings().weight.detach().double().numpy()
+        shutil.copy(tokenizer, root / "ckpt" / name / tokenizer.name)
+        embeddings = net.text_model.get_input_embeddings() if name == "clip" else net.get_input_embeddings()
+        tables[name] = embeddings.weight.detach().double().numpy()
+    return root, tables
 
 
-@pytest.mark.skipif(not hasattr(model, "from_hf"), reason="model.py's from_hf is not written yet")
-def test_pwcca_cli_on_hub_checkpoints(tmp_path, capsys):
-    bert_table, clip_table = pwcca_tiny_checkpoints(tmp_path)
-    wordpiece, bpe = pwcca_tokenizers()
-    rows_a = [wordpiece.token_to_id(w) for w in ("car", "red")]
-    rows_b = [bpe.token_to_id(w + "</w>") for w in ("car", "red")]
-    pwcca.main(["bert-tiny", "clip-tiny", "--data", str(tmp_path)])
+def pwcca_rows(out):
+    """Table 2's printed rows: {"a/b": (score, "(Table 2: ...)")}."""
+    rows = [re.fullmatch(r"(\S+) +([\d.]+) +(\(Table 2: .*\))", line).groups() for line in out.splitlines()[1:]]
+    return {name: (float(score), paper) for name, score, paper in rows}
+
+
+def test_pwcca_cli_prints_table_2_with_a_random_row(pwcca_hub, capsys):
+    root, tables = pwcca_hub
+    pwcca.main(["--data", str(root), "--words", "300"])
     out = capsys.readouterr().out
-    assert "shared single-token words: 2" in out
-    assert f"PWCCA bert-tiny/clip-tiny: {pwcca.pwcca(bert_table[rows_a], clip_table[rows_b]):.4f}" in out
+    assert out.startswith("Table 2, PWCCA (svcca reading) over the 300 most frequent words all 3 tokenizers")
+    bert_vocab = {t: i for i, t in enumerate((DATA_BERT_DIR / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    clip_vocab, _ = data_openai_clip_vocab(DATA_BPE_GZ)
+    tokenizers = [data.bert_tokenizer(DATA_BERT_DIR), data.clip_tokenizer(root / "ckpt" / "clip")]
+
+    def spaces(words):                                              # rows for the words, by the oracles' vocabularies
+        rows_wp, rows_bpe = [bert_vocab[w] for w in words], [clip_vocab[w + "</w>"] for w in words]
+        return tables["bert-base"][rows_wp], tables["electra-base"][rows_wp], tables["clip"][rows_bpe], rows_wp
+    bert, electra, clip, rows_wp = spaces(pwcca.common_words(tokenizers, 300)[0])
+    random = np.random.default_rng(pwcca.RANDOM_SEED).standard_normal(tables["bert-base"].shape)[rows_wp]
+    expected = {"bert-base/electra-base": (pwcca_svcca_route(bert, electra), "0.5498"),
+                "bert-base/clip": (pwcca_svcca_route(bert, clip), "0.4980"),
+                "electra-base/clip": (pwcca_svcca_route(electra, clip), "0.4645"),
+                "bert-base/RANDOM": (pwcca_svcca_route(bert, random), "0.3569")}
+    rows = pwcca_rows(out)
+    assert list(rows) == list(expected)
+    for name, (score, paper) in expected.items():
+        assert rows[name][0] == pytest.approx(score, abs=1e-4) and rows[name][1] == f"(Table 2: {paper})"
+    pwcca.main(["clip", "bert-base", "--data", str(root), "--words", "300", "--textbook"])
+    rows = pwcca_rows(capsys.readouterr().out)
+    assert list(rows) == ["clip/bert-base", "clip/RANDOM"]
+    bert, _, clip, _ = spaces(pwcca.common_words(tokenizers[::-1], 300)[0])   # the list in CLIP's order now
+    assert rows["clip/bert-base"][0] == pytest.approx(pwcca_scipy_route(clip, bert)[1], abs=1e-4)
+
+
+def test_pwcca_toy_flag_reads_the_given_data_root(pwcca_hub, tmp_path, capsys):
+    root, _ = pwcca_hub
+    for name in ("bert", "electra", "clip"):
+        (tmp_path / "ckpt").mkdir(exist_ok=True)
+        (tmp_path / "ckpt" / f"{name}-toy").symlink_to(root / "ckpt" / (name if name == "clip" else f"{name}-base"))
+    pwcca.main(["--toy", "--data", str(tmp_path), "--words", "50"])
+    rows = pwcca_rows(capsys.readouterr().out)
+    assert list(rows) == ["bert-toy/electra-toy", "bert-toy/clip-toy", "electra-toy/clip-toy", "bert-toy/RANDOM"]
+    assert all(paper == "(Table 2: n/a)" for _, paper in rows.values())
+    pwcca_write_captions(tmp_path / "coco" / "captions_train2017.json")
+    base, adapted = pwcca_write_runs(tmp_path, "base", [0, 3, 2]), pwcca_write_runs(tmp_path, "adapted", [3, 1, 2])
+    pwcca.main(["grounding", "--toy", "--data", str(tmp_path), "--base", *base, "--adapted", *adapted])
+    assert "improved       1" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- grounding (Fig. 4, App. D)
+
+PWCCA_APP_D = {  # App. D's worked examples (RTE dev): texts, the paper's content-piece total, grounded pieces chosen
+    "D.3 example 1": (("Jean-Claude Trichet, the European Central Bank president, made it clear, on Wednesday, that he "
+                       "would oppose unwarranted political attempts to remove Antonio Fazio: the Bank of Italy "
+                       "governor, engulfed in controversy over his handling of bank takeover bids.",
+                       "Antonio Fazio is subordinate to Jean-Claude Trichet."), 40, 11),
+    "D.1 example 3": (("Hodler claimed there were also irregularities in the campaigns organized by Atlanta for the "
+                       "1996 Summer Games, Sydney for the Summer Olympics in 2000 and Salt Lake City for the 2002 "
+                       "Winter Games.", "Before Salt Lake City, Winter Olympic Games took place in Nagano."), 30, 13),
+}
+# 11 of D.3's pieces: bank x3, european, central, president, made, clear, wednesday, political, italy;
+# 13 of D.1's: summer x2, games x3, salt x2, lake x2, city x2, winter x2
+PWCCA_GROUNDED_CAPTION = ("A bank in the central European city. Made clear: political Italy president on Wednesday; "
+                          "summer games at a salt lake in winter!")
+
+
+def test_pwcca_app_d_worked_examples_in_wordpieces(tmp_path):
+    tokenizer = data.bert_tokenizer(DATA_BERT_DIR)
+    path = tmp_path / "captions.json"
+    path.write_text(json.dumps({"annotations": [{"caption": PWCCA_GROUNDED_CAPTION}] * 101}))
+    counts = pwcca.caption_counts(str(path), tokenizer)
+    for name, (texts, total, grounded) in PWCCA_APP_D.items():
+        pieces = sum(pwcca.wordpieces(tokenizer, texts), [])
+        assert sum(not pwcca.is_stopword(p) for p in pieces) == total, name
+        assert pwcca.grounded_ratio(pieces, counts, pwcca.COCO_THRESHOLD) == pytest.approx(grounded / total), name
+    premise, hypothesis = pwcca.wordpieces(tokenizer, PWCCA_APP_D["D.3 example 1"][0])
+    assert pwcca.mark_grounded(premise, Counter(), 100) == (   # App. D's rendering, brackets and "##" as printed
+        "jean (-) claude tri ##chet (,) (the) european central bank president (,) made (it) clear (,) (on) wednesday "
+        "(,) (that) (he) would oppose un ##war ##rant ##ed political attempts (to) remove antonio fa ##zio (:) (the) "
+        "bank (of) italy governor (,) engulfed (in) controversy (over) (his) handling (of) bank takeover bids (.)")
+    assert pwcca.mark_grounded(hypothesis, counts, 100) == (
+        "antonio fa ##zio (is) subordinate (to) jean (-) claude tri ##chet (.)")
+    assert pwcca.mark_grounded(pwcca.wordpieces(tokenizer, ["Salt Lake, in 2002."])[0], counts, 100) == (
+        "*salt* *lake* (,) (in) 2002 (.)")
+
+
+def test_pwcca_caption_counts_are_bert_wordpieces(tmp_path):
+    from transformers import BertTokenizer
+    captions = ["Two giraffes standing near a tree.", "A man's surfboard -- on the beach!",
+                "Ｆｕｌｌ Café, 3.5 pizzas"]
+    (tmp_path / "c.json").write_text(json.dumps({"annotations": [{"caption": c} for c in captions]}))
+    oracle = BertTokenizer(vocab=str(DATA_BERT_DIR / "vocab.txt"))
+    counts = pwcca.caption_counts(str(tmp_path / "c.json"), data.bert_tokenizer(DATA_BERT_DIR))
+    assert counts == Counter(t for c in captions for t in oracle.tokenize(c))
+    assert counts["##s"] >= 2 and counts["."] == 2
+
 
 PWCCA_DEV = [  # index, text_a, text_b, label
     (0, "The red car is parked.", "A red car.", 1),           # content: red car parked red car -> 4/5
@@ -2491,56 +2647,105 @@ def pwcca_write_runs(root, name, correct_per_example):
 
 def pwcca_write_captions(path):
     captions = ["A red car on a street.", "A red dog.", "The car and the cat.", "A cat, a car.", "A dog."]
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"annotations": [{"id": i, "caption": c} for i, c in enumerate(captions)]}))
     # counts: red 2, car 3, dog 2, cat 2, street 1; with threshold 1 all but street are grounded
 
 
-def test_pwcca_grounded_ratio_and_marking():
-    counts = Counter({"red": 2, "car": 3, "dog": 1, "cat": 2})
-    assert pwcca.grounded_ratio("The red car is parked. A red car.", counts, 1) == pytest.approx(4 / 5)
-    assert np.isnan(pwcca.grounded_ratio("The, and of.", counts, 1))
-    assert pwcca.mark_grounded("The red dog, in 2001.", counts, 1) == "(the) *red* dog, (in) 2001."
-
-
 def test_pwcca_grounding_groups_and_statistics(tmp_path):
+    tokenizer = data.bert_tokenizer(DATA_BERT_DIR)
     pwcca_write_captions(tmp_path / "captions.json")
-    counts = pwcca.caption_counts(str(tmp_path / "captions.json"))
-    assert (counts["car"], counts["red"], counts["dog"], counts["street"]) == (3, 2, 2, 1)
+    counts = pwcca.caption_counts(str(tmp_path / "captions.json"), tokenizer)
+    assert (counts["car"], counts["red"], counts["dog"], counts["street"], counts[","]) == (3, 2, 2, 1, 1)
     base = pwcca_write_runs(tmp_path, "base", [0, 3, 2])
     adapted = pwcca_write_runs(tmp_path, "adapted", [3, 1, 2])
-    result = pwcca.grounding_analysis(base, adapted, counts, threshold=1)
+    result = pwcca.grounding_analysis(base, adapted, counts, tokenizer, threshold=1)
     assert result["groups"].tolist() == ["improved", "worsened", "unchanged"]
     np.testing.assert_allclose(result["ratios"], [4 / 5, 1 / 4, 1.0])
     assert result["stats"]["improved"]["median"] == pytest.approx(0.8)
     assert result["stats"]["worsened"]["mean"] == pytest.approx(0.25)
-    unequal = pwcca.grounding_analysis(base[:2], adapted, counts, threshold=1)   # shares, not counts: 2/2 > 2/3
+    unequal = pwcca.grounding_analysis(base[:2], adapted, counts, tokenizer, threshold=1)   # shares: 2/2 > 2/3
     assert unequal["groups"].tolist() == ["improved", "worsened", "worsened"]
+    assert np.isnan(pwcca.grounded_ratio(pwcca.wordpieces(tokenizer, ["The, and of."])[0], counts, 1))
 
 
-def test_pwcca_grounding_cli(tmp_path, capsys):
+def svg_parse(text):
+    """An SVG document's root, its bars or polylines by series, and its legend's names."""
+    import xml.etree.ElementTree as ET
+    root = ET.fromstring(text)
+    ns = "{http://www.w3.org/2000/svg}"
+    assert root.tag == ns + "svg"
+    marks = {}
+    for element in root.iter():
+        if element.get("class") in ("bar", "series"):
+            marks.setdefault(element.get("data-series"), []).append(element)
+    legend = [entry.find(ns + "text").text for entry in root.iter(ns + "g") if entry.get("class") == "entry"]
+    return root, marks, legend
+
+
+def test_pwcca_grounding_cli_and_fig_4_chart(tmp_path, capsys):
     pwcca_write_captions(tmp_path / "captions.json")
     base = pwcca_write_runs(tmp_path, "base", [0, 3, 2])
     adapted = pwcca_write_runs(tmp_path, "adapted", [3, 1, 2])
     pwcca.main(["grounding", "--base", *base, "--adapted", *adapted, "--captions", str(tmp_path / "captions.json"),
-                "--threshold", "1"])
+                "--threshold", "1", "--encoder", str(DATA_BERT_DIR)])
     out = capsys.readouterr().out
     assert "improved       1  0.8000  0.8000  0.8000  0.8000" in out
     assert "base right 0/3, adapted right 3/3" in out
-    assert "(the) *red* *car* (is) parked." in out
+    assert "(the) *red* *car* (is) parked (.)" in out
     assert "correct per run: base 1.67, adapted 2.00 (+0.33, +11.11%)" in out
+    assert f"Fig. 4 chart: {tmp_path / 'grounding.svg'}" in out
+    _, bars, legend = svg_parse((tmp_path / "grounding.svg").read_text())
+    assert legend == ["improved (n=1)", "worsened (n=1)"]                   # unchanged examples set aside (Sec. 4)
+    assert {name: len(b) for name, b in bars.items()} == {"improved (n=1)": 4, "worsened (n=1)": 4}
+    heights = {name: [float(b.get("height")) for b in bs] for name, bs in bars.items()}
+    assert heights["improved (n=1)"][1] == pytest.approx(heights["worsened (n=1)"][1] * 0.8 / 0.25, rel=0.01)
     with pytest.raises(SystemExit, match="python download.py coco"):
-        pwcca.main(["grounding", "--base", *base, "--adapted", *adapted, "--data", str(tmp_path)])
+        pwcca.main(["grounding", "--base", *base, "--adapted", *adapted, "--data", str(tmp_path),
+                    "--encoder", str(DATA_BERT_DIR)])
 
 
-@pytest.mark.skipif(not hasattr(model, "from_hf"), reason="model.py's from_hf is not written yet")
-def test_pwcca_cli_random_is_seeded_normal_of_bert_width(tmp_path, capsys):
-    bert_table, _ = pwcca_tiny_checkpoints(tmp_path)
-    (tmp_path / "ckpt" / "bert-tiny").rename(tmp_path / "ckpt" / "bert-base")
-    wordpiece, _ = pwcca_tokenizers()
-    rows = [wordpiece.token_to_id(w) for w in ("blue", "car", "dog", "red")]
-    config = model.PRESETS["bert-base"]
-    random_table = np.random.default_rng(pwcca.RANDOM_SEED).standard_normal((config.vocab_size, config.hidden_size))
-    pwcca.main(["random", "bert-base", "--data", str(tmp_path)])
-    out = capsys.readouterr().out
-    assert "shared single-token words: 4" in out
-    assert f"PWCCA random/bert-base: {pwcca.pwcca(random_table[rows], bert_table[rows]):.4f}  (Table 2: 0.3569)" in out
+# ----------------------------------------------------------------------------- data.py's pictures
+
+def test_data_svg_lines_one_polyline_per_series_in_place():
+    series = {"run <a> & b": [(0, 2.0), (50, 1.0), (100, 0.5)], "flat": [(0, 1.0), (100, 1.0)], "one": [(20, 3.0)]}
+    root, lines, legend = svg_parse(data.svg_lines(series, "Loss", "step", "loss"))
+    assert legend == list(series) and {name: len(ls) for name, ls in lines.items()} == {name: 1 for name in series}
+    points = {name: [tuple(map(float, p.split(","))) for p in line[0].get("points").split()]
+              for name, line in lines.items()}
+    assert [len(p) for p in points.values()] == [3, 2, 1]
+    down = points["run <a> & b"]
+    assert down[0][0] < down[1][0] < down[2][0] and down[0][1] < down[1][1] < down[2][1]   # pixel y grows downwards
+    assert points["flat"][0][1] == points["flat"][1][1] == down[1][1]      # same value, same height
+    assert points["one"][0][1] < down[0][1]                                  # 3.0 above 2.0
+    assert "Loss" in [t.text for t in root.iter("{http://www.w3.org/2000/svg}text")]
+    with pytest.raises(ValueError, match="no points"):
+        data.svg_lines({"a": []}, "t", "x", "y")
+
+
+def test_data_svg_bars_heights_whiskers_and_legend():
+    groups = {"RTE": {"BERT": 65.0, "XDBERT": 69.3}, "MRPC": {"BERT": 88.0, "XDBERT": 88.0}, "CoLA": {"XDBERT": -5.0}}
+    errors = {"RTE": {"BERT": (60.0, 70.0), "XDBERT": (68.0, 71.0)}}
+    root, bars, legend = svg_parse(data.svg_bars(groups, "Table 1", "score", errors))
+    assert legend == ["BERT", "XDBERT"] and {n: len(b) for n, b in bars.items()} == {"BERT": 2, "XDBERT": 3}
+    h = {n: [float(b.get("height")) for b in bs] for n, bs in bars.items()}
+    y = {n: [float(b.get("y")) for b in bs] for n, bs in bars.items()}
+    assert h["XDBERT"][0] / h["BERT"][0] == pytest.approx(69.3 / 65.0, rel=1e-3) and h["BERT"][1] == h["XDBERT"][1]
+    zero = y["BERT"][0] + h["BERT"][0]                                       # the baseline every bar starts from
+    assert y["XDBERT"][2] == pytest.approx(zero, abs=0.1)                   # a negative bar hangs from the baseline
+    assert h["XDBERT"][2] / h["BERT"][0] == pytest.approx(5 / 65, rel=1e-2)
+    fills = {n: {b.get("fill") for b in bs} for n, bs in bars.items()}
+    assert all(len(f) == 1 for f in fills.values()) and fills["BERT"] != fills["XDBERT"]
+    whiskers = [e.get("d") for e in root.iter() if e.get("class") == "error"]
+    assert len(whiskers) == 2
+    ys = [float(v) for v in re.findall(r"V([-\d.]+)", whiskers[0])] + [float(whiskers[0].split(",")[1].split("V")[0])]
+    assert ys[1] == pytest.approx(y["BERT"][0] + h["BERT"][0] * (65 - 60) / 65, abs=0.2)   # from 60 ...
+    assert ys[0] == pytest.approx(y["BERT"][0] - h["BERT"][0] * (70 - 65) / 65, abs=0.2)   # ... to 70
+
+
+def test_data_nice_ticks_are_round_and_cover_the_range():
+    for lo, hi in [(0.13, 0.87), (-3.0, 41.0), (1e-5, 3e-4), (2.0, 2.0), (0, 1)]:
+        ticks = data.nice_ticks(lo, hi)
+        assert ticks[0] <= lo and ticks[-1] >= hi and 3 <= len(ticks) <= 11
+        step = ticks[1] - ticks[0]
+        assert np.allclose(np.diff(ticks), step) and round(step / 10 ** math.floor(math.log10(step)), 6) in (1, 2, 5)
