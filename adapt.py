@@ -6,6 +6,7 @@
     python adapt.py --encoder electra-large --tasks mlm,match      # Table 3 ablations: --tasks, --xlayers
     python adapt.py --encoder bert-base --no-clip                  # Sec. 3's fair baseline: one more epoch of MLM
     python adapt.py --encoder bert-base --resume --epochs 2        # continue runs/<run>/ckpt.pt, here to epoch 2
+    python adapt.py plot runs/toy [runs/other ...]                  # loss and MATCH-accuracy curves as SVG
 
 The model (model.CrossModalTransformer) trains on data.py's WikiText-103 cache with the plain sum of the MLM,
 MATCH and CLIPTC cross-entropies (Sec. 2.3): AdamW at 1e-4, gradient clipping 1.0, windows of 512 BERT tokens and
@@ -42,6 +43,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -246,11 +248,12 @@ def unread_streams(m):
     return not {"mlm", "match"} & set(m.tasks), "cliptc" not in m.tasks
 
 
-def flops_per_sequence(m, seq_len, clip_blocks):
+def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
     """Training FLOPs of one sequence by the formula of the module docstring, counted as multiply-accumulates (MACs):
     a weight matrix costs its size per token it acts on, an attention 2 x width x query tokens x key tokens (scores
     and mixing); forward + backward = 6 FLOPs per MAC, or 2 (forward only) for the last cross-modal layer's stream
-    that no chosen task reads (e.g. the CLIP stream without CLIPTC)."""
+    that no chosen task reads (e.g. the CLIP stream without CLIPTC). clip_tokens counts the CLIP stream's real tokens
+    instead of all clip_blocks x 77 positions (the "real tokens" MFU: padding is not useful work)."""
     lc = m.language.config
     T, H, E, F = seq_len, lc.hidden_size, lc.embedding_size or lc.hidden_size, lc.ffn_size
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
@@ -260,9 +263,9 @@ def flops_per_sequence(m, seq_len, clip_blocks):
         train_macs += 0.15 * T * (H * E + E * lc.vocab_size)
     if m.clip is not None:
         cc, C = m.clip.config, m.clip.config.context_length
-        W, P, V = cc.width, cc.projection_dim, clip_blocks * C
+        W, P, V = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens
         train_macs += V * (cc.num_layers * (4 * W * W + 2 * W * cc.ffn_size) + W * P)
-        train_macs += clip_blocks * cc.num_layers * 2 * W * C * C            # CLIP-T attends within each block of 77
+        train_macs += V * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of 77
         lang_unread, vis_unread = unread_streams(m)
         for i in range(len(m.xlayers)):   # per stream: cross-attention (Q, out on its tokens; K, V on the other's)
             lang = T * (2 * H * H + 4 * H * H + 2 * H * F) + V * 2 * P * H + 2 * H * T * V + 2 * H * T * T
@@ -495,13 +498,14 @@ def train(cfg: AdaptConfig):
     peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     load = functools.partial(load_step, dataset, cfg, steps_per_epoch=steps_per_epoch, micro=micro, rank=rank,
                              world=world, pin=device.type == "cuda")
-    writer, pending, t_log = ThreadPoolExecutor(1), [], time.time()
+    writer, pending, t_log, clip_real = ThreadPoolExecutor(1), [], time.time(), 0
     written = writer.submit(lambda: None)
     model.train()
     for batches in prefetched(load, range(step, stop)):
         lr = lr_at(step, total, schedule["warmup"], cfg.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
         pending.append(train_step(model, optimizer, scaler, ctx, batches, world, cfg.clip_grad, device))
         step += 1
         checkpoint = step == stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
@@ -519,8 +523,12 @@ def train(cfg: AdaptConfig):
                       "grad_norm": float(pending[-1][1]), "step_s": dt,
                       "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
                       "mfu": flops * cfg.global_batch / dt / world / peak if peak else None}
+            if peak and raw_model.clip is not None:  # this rank's real CLIP tokens per sequence since the last log
+                real = clip_real / (len(pending) * cfg.global_batch / world)
+                record["mfu_real"] = flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, real) * \
+                    cfg.global_batch / dt / world / peak
             log(run_dir, record, stop, dt * (stop - step))
-        pending = []
+        pending, clip_real = [], 0
         if master and step in saves:
             save_outputs(raw_model, cfg, os.path.join(run_dir, saves[step]), lang_dir)
         if master and checkpoint:
@@ -561,7 +569,8 @@ def log(run_dir, record, last, eta):
              *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record),
              f"{record['step_s']:.2f} s/step", f"{record['tokens_per_s']:,.0f} tok/s"]
     if record["mfu"] is not None:
-        parts.append(f"MFU {100 * record['mfu']:.1f}%")
+        parts.append(f"MFU {100 * record['mfu']:.1f}%" + (f" ({100 * record['mfu_real']:.1f}% of real tokens)"
+                                                         if "mfu_real" in record else ""))
     eta = round(eta)
     parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
     print(" | ".join(parts), flush=True)
@@ -590,8 +599,34 @@ def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
     return {k: v.to(device) for k, v in batch.items()}
 
 
+def plot(run_dirs, out=None):
+    """loss.svg and match_acc.svg in `out` (default the first run's folder): one curve per run from its log.jsonl."""
+    logs = {}
+    for run in run_dirs:
+        path = os.path.join(run, "log.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no log at {path}: give the folders of adapt.py runs (runs/<run>)")
+        with open(path, encoding="utf-8") as f:
+            logs[os.path.basename(os.path.normpath(run))] = [json.loads(line) for line in f if line.strip()]
+    out = out or run_dirs[0]
+    for key, title in (("loss", "adaptation loss (MLM + MATCH + CLIPTC, Sec. 2.3)"), ("match_acc", "MATCH accuracy")):
+        series = {run: [(r["epoch"], r[key]) for r in records if key in r] for run, records in logs.items()}
+        series = {run: points for run, points in series.items() if points}
+        if series:
+            with xm.atomic_file(os.path.join(out, f"{key}.svg"), "w") as f:
+                f.write(data.svg_lines(series, title, "epoch", key))
+            print(f"wrote {os.path.join(out, key + '.svg')}")
+
+
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["plot"]:
+            p = argparse.ArgumentParser(prog="adapt.py plot", description=plot.__doc__)
+            p.add_argument("runs", nargs="+")
+            p.add_argument("--out", help="folder for the SVGs (default: the first run's)")
+            args = p.parse_args(argv[1:])
+            return plot(args.runs, args.out)
         train(parse_args(argv))
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         raise SystemExit(f"adapt.py: {e}") from None

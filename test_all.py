@@ -1607,6 +1607,9 @@ def test_adapt_flop_formula_matches_torch_flop_counter(encoder, clip, tasks):
     with counter, sdpa_kernel(SDPBackend.MATH):
         m(**batch)["loss"].backward()
     assert adapt.flops_per_sequence(m, 32, 2) == pytest.approx(counter.get_total_flops() / 8, rel=0.01)
+    if clip:   # the real-token count replaces the 2 x 77 CLIP positions
+        assert adapt.flops_per_sequence(m, 32, 2, 154) == adapt.flops_per_sequence(m, 32, 2)
+        assert adapt.flops_per_sequence(m, 32, 2, 40) < adapt.flops_per_sequence(m, 32, 2)
 
 
 def test_adapt_step_is_one_graph_and_other_masks_do_not_recompile(adapt_kit):
@@ -1853,6 +1856,19 @@ def test_adapt_writes_an_xdbert_that_transformers_and_model_load(adapt_reference
         torch.testing.assert_close(ours(ids)[0], theirs(ids).last_hidden_state, rtol=1e-4, atol=1e-4)
     whole = model.load_crossmodal(adapt_reference / "crossmodal.pt").language.state_dict()
     assert all(torch.equal(whole[n], t) for n, t in ours.state_dict().items())
+
+
+def test_adapt_plot_draws_one_curve_per_run(adapt_reference, tmp_path):
+    import xml.etree.ElementTree as ET
+    shutil.copytree(adapt_reference, tmp_path / "other")
+    adapt.main(["plot", str(adapt_reference), str(tmp_path / "other"), "--out", str(tmp_path)])
+    for name, key in (("loss.svg", "loss"), ("match_acc.svg", "match_acc")):
+        root = ET.parse(tmp_path / name).getroot()
+        lines = [e for e in root.iter() if e.get("class") == "series"]
+        assert [e.get("data-series") for e in lines] == ["reference", "other"]
+        assert len(lines[0].get("points").split()) == len(adapt_log(adapt_reference)) == 6
+    with pytest.raises(SystemExit, match="no log at .*nowhere/log.jsonl"):
+        adapt.main(["plot", str(tmp_path / "nowhere")])
 
 
 def adapt_toy_step(dtype, scaler=None):
