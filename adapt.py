@@ -177,7 +177,7 @@ def setup_distributed(cfg):
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
+    if "RANK" in os.environ:  # under torchrun, DDP even for one process
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
                                 device_id=device if device.type == "cuda" else None)
     return rank, world, device
@@ -312,7 +312,7 @@ def prepare_data(cfg, rank, world, lang_dir, clip_dir):
     if rank == 0:
         xm.sweep_stale(cache_root)
         built = cache(print)
-    if world > 1:
+    if dist.is_initialized():
         dist.barrier()
     return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
 
@@ -331,12 +331,12 @@ def make_optimizer(raw_model, cfg, device):
     return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
 
 
-def wrap(raw_model, cfg, world, device):
+def wrap(raw_model, cfg, device):
     """DDP, then torch.compile (PyTorch's DDP notes: compiling the DDP module lets TorchDynamo split the graph at
     the gradient buckets). An ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP stream
     without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
     model = raw_model
-    if world > 1:
+    if dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
                     find_unused_parameters=any(unread_streams(raw_model)))
     return torch.compile(model) if cfg.compile else model
@@ -438,11 +438,11 @@ def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, device):
     for i, (seed, batch) in enumerate(micro):
         torch.manual_seed(seed)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with (model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()), ctx:
+        with (model.no_sync() if hasattr(model, "no_sync") and i < len(micro) - 1 else nullcontext()), ctx:
             out = model(**batch)
         scaler.scale(out["loss"] / len(micro)).backward()
         sums += torch.stack([out[k].detach().float() if k in out else sums.new_zeros(()) for k in LOGGED])
-    if world > 1:
+    if dist.is_initialized():
         dist.all_reduce(sums)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
@@ -493,7 +493,7 @@ def train(cfg: AdaptConfig):
               f"({schedule['warmup']} warm-up), stop at {stop}{f', from step {step}' if step else ''}; global batch "
               f"{cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} ranks, "
               f"{dtype_name} on {device}, {xm.count_parameters(raw_model):,} parameters", flush=True)
-    model = wrap(raw_model, cfg, world, device)
+    model = wrap(raw_model, cfg, device)
     flops = flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks)
     peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     load = functools.partial(load_step, dataset, cfg, steps_per_epoch=steps_per_epoch, micro=micro, rank=rank,

