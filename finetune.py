@@ -35,7 +35,8 @@ Outputs of one seed, in OUT/<task>-<model>-seed<k>/ (OUT = --out, default runs):
 every epoch and at the end, hyper-parameters, speed), dev_predictions.jsonl (one {"index", "text_a", "text_b",
 "label", "prediction"} per dev example in file order; MNLI adds dev_mismatched_predictions.jsonl) and, when the
 GLUE test file is there, glue_test/<Task>.tsv in the submission format (MNLI-m.tsv, MNLI-mm.tsv and AX.tsv for MNLI).
-Every file is written to a .tmp name first and renamed. The printed median is per metric over the seeds.
+Every file is written to a .tmp name first and renamed. The median of several seeds is the run whose main metric
+(the task's first) is the median, so that all metrics of a row come from one seed.
 --toy finetunes the toy kit's random-weight encoders, so it defaults to a larger learning rate (TOY_LR) and 3 seeds.
 
 Metrics are written here with numpy. Degenerate inputs give defined values instead of NaN: Pearson and Spearman
@@ -75,26 +76,29 @@ STRING_LABEL_TASKS = ("mnli", "qnli", "rte")
 
 # ---------------------------------------------------------------------------------------------------- metrics
 
-def _vectors(labels, predictions, dtype):
-    y, p = np.asarray(labels, dtype=dtype).ravel(), np.asarray(predictions, dtype=dtype).ravel()
+def _vectors(labels, predictions, classes):
+    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
     if y.shape != p.shape:
         raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
     if y.size == 0:
         raise ValueError("no examples to score: the dev set is empty")
-    if dtype == np.float64 and not (np.isfinite(y).all() and np.isfinite(p).all()):
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
         raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
-    return y, p
+    if classes and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
+        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
+                         "numbers: score regression outputs with pearson, spearman or rmse")
+    return (y.astype(np.int64), p.astype(np.int64)) if classes else (y, p)
 
 
 def accuracy(labels, predictions) -> float:
     """Share of exact matches."""
-    y, p = _vectors(labels, predictions, np.int64)
+    y, p = _vectors(labels, predictions, True)
     return float(np.mean(y == p))
 
 
 def f1(labels, predictions, positive=1) -> float:
     """Binary F1 of the positive class, 2 tp / (2 tp + fp + fn); 0.0 when there is no positive at all."""
-    y, p = _vectors(labels, predictions, np.int64)
+    y, p = _vectors(labels, predictions, True)
     tp = np.sum((y == positive) & (p == positive))
     wrong = np.sum((y == positive) != (p == positive))
     return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
@@ -102,7 +106,7 @@ def f1(labels, predictions, positive=1) -> float:
 
 def matthews(labels, predictions) -> float:
     """Matthews correlation (multi-class, Gorodkin 2004) from the confusion matrix; 0.0 if a marginal is degenerate."""
-    y, p = _vectors(labels, predictions, np.int64)
+    y, p = _vectors(labels, predictions, True)
     classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
     k = len(classes)
     confusion = np.zeros((k, k), dtype=np.float64)
@@ -115,11 +119,13 @@ def matthews(labels, predictions) -> float:
 
 
 def pearson(labels, predictions) -> float:
-    """Pearson correlation; 0.0 when either side is constant."""
-    y, p = _vectors(labels, predictions, np.float64)
+    """Pearson correlation; exactly 0.0 when either side is constant (tested before centring, whose rounding
+    residue would otherwise correlate perfectly)."""
+    y, p = _vectors(labels, predictions, False)
+    if np.ptp(y) == 0 or np.ptp(p) == 0:
+        return 0.0
     y, p = y - y.mean(), p - p.mean()
-    norm = math.sqrt(float(y @ y) * float(p @ p))
-    return float(np.clip((y @ p) / norm, -1.0, 1.0)) if norm > 0 else 0.0
+    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
 
 
 def average_ranks(x) -> np.ndarray:
@@ -131,18 +137,17 @@ def average_ranks(x) -> np.ndarray:
 
 def spearman(labels, predictions) -> float:
     """Spearman correlation: Pearson of the average ranks; 0.0 when either side is constant."""
-    y, p = _vectors(labels, predictions, np.float64)
+    y, p = _vectors(labels, predictions, False)
     return pearson(average_ranks(y), average_ranks(p))
 
 
 def rmse(labels, predictions) -> float:
     """Root mean squared error (READ)."""
-    y, p = _vectors(labels, predictions, np.float64)
+    y, p = _vectors(labels, predictions, False)
     return float(np.sqrt(np.mean((y - p) ** 2)))
 
 
 METRICS = {"accuracy": accuracy, "f1": f1, "mcc": matthews, "pearson": pearson, "spearman": spearman, "rmse": rmse}
-LOWER_IS_BETTER = ("rmse",)
 
 
 def score(task, labels, predictions) -> dict:
@@ -150,9 +155,13 @@ def score(task, labels, predictions) -> dict:
     return {name: METRICS[name](labels, predictions) for name in data.TASKS[task].metrics}
 
 
-def median_metrics(runs: list[dict]) -> dict:
-    """Per-metric median over seeds (statistics.median: the mean of the two middle runs for an even count)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def median_run(runs: list[dict]) -> dict:
+    """Sec. 3's median of several seeds: the run whose main metric is the median (for an even count the worse of the
+    two middle runs), so that every metric reported comes from that one run."""
+    def quality(r):
+        value = r["metrics"][r["main_metric"]]
+        return -value if r["main_metric"].startswith("rmse") else value
+    return sorted(runs, key=lambda r: (quality(r), r["seed"]))[(len(runs) - 1) // 2]
 
 
 # ---------------------------------------------------------------------------------------------------- heads
@@ -523,8 +532,9 @@ def run_seeds(args, log=print):
         results.append(result)
         log(f"{args.task} {label} seed {seed}: {format_metrics(final['metrics'])} "
             f"({seconds:.1f} s, {result['train_examples_per_second']:.0f} train examples/s) -> {run_dir}")
-    log(f"{args.task} {label} median of {len(results)} seed(s): "
-        f"{format_metrics(median_metrics([r['metrics'] for r in results]))}")
+    middle = median_run(results)
+    log(f"{args.task} {label} median of {len(results)} seed(s) by {middle['main_metric']}: "
+        f"{format_metrics(middle['metrics'])} (seed {middle['seed']})")
     return results
 
 
@@ -532,7 +542,8 @@ def run_seeds(args, log=print):
 
 def table(paths) -> str:
     """A Markdown table like the paper's Table 1 from results.json files: a row per model, a column per task,
-    each cell the median over seeds (x100, RMSE as is) with the number of seeds; two metrics as a/b."""
+    each cell the metrics of the median run (median_run; x100, RMSE as is) with the number of seeds; two metrics
+    as a/b."""
     cells = {}
     for path in paths:
         try:
@@ -540,7 +551,7 @@ def table(paths) -> str:
                 r = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
             raise SystemExit(f"cannot read results file {path} ({e}): give results.json files written by finetune.py")
-        cells.setdefault(r["model"], {}).setdefault(r["task"], []).append(r["metrics"])
+        cells.setdefault(r["model"], {}).setdefault(r["task"], []).append(r)
     tasks = [t for t in TASK_ORDER if any(t in row for row in cells.values())]
     lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name, row in cells.items():
@@ -549,7 +560,7 @@ def table(paths) -> str:
             if t not in row:
                 out.append("")
                 continue
-            m = median_metrics(row[t])
+            m = median_run(row[t])["metrics"]
             values = "/".join(f"{v:.3f}" if k.startswith("rmse") else f"{100 * v:.2f}" for k, v in m.items())
             out.append(f"{values} ({len(row[t])})")
         lines.append(f"| {name} | " + " | ".join(out) + " |")

@@ -15,6 +15,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -1560,6 +1561,16 @@ def test_finetune_degenerate_metrics_are_defined():
     assert finetune.f1([1, 1], [1, 1]) == 1.0 and finetune.accuracy([2], [2]) == 1.0
 
 
+def test_finetune_pearson_of_constant_sides_is_exactly_zero():
+    """Centring [0.1] * 3 leaves rounding residue (its mean is 0.10000000000000002): correlating residues gave +-1."""
+    assert np.any(np.asarray([0.1] * 3) - np.mean([0.1] * 3) != 0)
+    for a, b in (([0.1] * 3, [0.7] * 3), ([0.1] * 3, [0.3, 0.1, 0.2]), ([0.7] * 7, [0.1] * 7), ([1e-9] * 4, [3.3] * 4)):
+        assert finetune.pearson(a, b) == 0.0 and finetune.pearson(b, a) == 0.0
+        assert finetune.spearman(a, b) == 0.0
+    x = np.array([0.1, 0.1, 0.1 + 1e-12])  # nearly constant is not constant: scipy's value
+    assert finetune.pearson(x, [1.0, 2.0, 3.0]) == pytest.approx(scipy.stats.pearsonr(x, [1.0, 2.0, 3.0])[0])
+
+
 def test_finetune_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="empty"):
         finetune.accuracy([], [])
@@ -1567,12 +1578,39 @@ def test_finetune_metrics_reject_bad_input():
         finetune.f1([0, 1, 1], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
         finetune.pearson([1.0, 2.0], [float("nan"), 1.0])
+    for metric in (finetune.accuracy, finetune.f1, finetune.matthews):
+        with pytest.raises(ValueError, match="not whole numbers"):
+            metric([0.5, 1.5], [0, 1])
+        with pytest.raises(ValueError, match="not whole numbers"):
+            metric([0, 1], np.array([0.0, 0.9999]))
+        with pytest.raises(ValueError, match="NaN"):
+            metric([0, 1], [0, float("nan")])
+    assert finetune.accuracy(np.array([0.0, 1.0, 2.0]), torch.tensor([0, 1, 1]).numpy()) == pytest.approx(2 / 3)
 
 
-def test_finetune_median_over_seeds():
-    runs = [{"accuracy": a, "f1": f} for a, f in ((0.5, 0.9), (0.7, 0.1), (0.6, 0.3), (0.9, 0.2), (0.1, 0.8))]
-    assert finetune.median_metrics(runs) == {"accuracy": 0.6, "f1": 0.3}
-    assert finetune.median_metrics(runs[:4]) == pytest.approx({"accuracy": 0.65, "f1": 0.25})
+def _ft_runs(main, values, others):
+    return [{"seed": s, "main_metric": main, "metrics": {main: v, "other": o}}
+            for s, (v, o) in enumerate(zip(values, others))]
+
+
+def test_finetune_median_is_one_run():
+    """The median run by the main metric (statistics.median for odd counts, the worse middle one for even counts);
+    its other metrics come with it, not the other metric's own median."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 5, 9):
+        for main in ("f1", "rmse", "accuracy_m"):
+            values, others = rng.uniform(size=n), rng.uniform(size=n)
+            m = finetune.median_run(_ft_runs(main, values, others))
+            assert m["metrics"]["other"] == others[m["seed"]]
+            if n % 2:
+                assert m["metrics"][main] == statistics.median(values)
+            else:
+                worse = statistics.median_high if main == "rmse" else statistics.median_low
+                assert m["metrics"][main] == worse(values)
+    runs = _ft_runs("f1", (0.9, 0.1, 0.3, 0.2, 0.8), (0.5, 0.7, 0.1, 0.9, 0.6))  # per-metric medians: 0.3 and 0.6
+    assert finetune.median_run(runs)["metrics"] == {"f1": 0.3, "other": 0.1} and finetune.median_run(runs)["seed"] == 2
+    runs = _ft_runs("f1", (0.5, 0.5, 0.5), (0.1, 0.2, 0.3))  # ties: the middle seed
+    assert finetune.median_run(runs)["seed"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------- heads
@@ -1757,7 +1795,7 @@ def test_finetune_toy_rte_median_of_seeds_and_label_strings(ft_toy, tmp_path, ca
                    "--out", tmp_path)
     scores = [json.loads((tmp_path / f"rte-bert-toy-seed{s}" / "results.json").read_text())["metrics"]["accuracy"]
               for s in (4, 5, 6)]
-    assert f"median of 3 seed(s): accuracy {100 * sorted(scores)[1]:.2f}" in out
+    assert f"median of 3 seed(s) by accuracy: accuracy {100 * statistics.median(scores):.2f} (seed " in out
     tsv = (tmp_path / "rte-bert-toy-seed4" / "glue_test" / "RTE.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == [str(i) for i in range(100)]
     assert {line.split("\t")[1] for line in tsv[1:]} <= {"entailment", "not_entailment"}
@@ -1879,11 +1917,12 @@ def test_finetune_table_medians(tmp_path, capsys):
             ("bert-base", "rte", 2, {"accuracy": 0.65}), ("xd", "mrpc", 0, {"f1": 0.88, "accuracy": 0.80}),
             ("xd", "mrpc", 1, {"f1": 0.90, "accuracy": 0.84}), ("xd", "read", 0, {"rmse": 0.6354})]:
         path = tmp_path / f"{model_name}-{task}-{seed}.json"
-        path.write_text(json.dumps({"model": model_name, "task": task, "seed": seed, "metrics": metrics}))
+        path.write_text(json.dumps({"model": model_name, "task": task, "seed": seed, "metrics": metrics,
+                                    "main_metric": next(iter(metrics))}))
         paths.append(path)
     out = _ft_main(capsys, "table", *paths)
     assert out.splitlines() == ["| model | rte | mrpc | read |", "|---|---|---|---|",
-                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 89.00/82.00 (2) | 0.635 (1) |"]
+                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 88.00/80.00 (2) | 0.635 (1) |"]
 
 
 # =====================================================================================================================
