@@ -10,40 +10,22 @@
 Recipe (App. C.2, Table 5): AdamW, learning rate 1e-4 for RTE, MRPC and STS-B and 2e-5 for the other tasks on
 base-sized encoders (5e-5 and 1e-5 on large ones), 10% linear warm-up then linear decay to 0, 3 epochs, maximum
 length 128, batch 32 (the authors ran 4 x 8 accumulation: `--grad-accum`), weight decay 0, dropout 0.1, gradient
-clipping 1.0 (the Hugging Face Trainer default the authors' script ran with). Median of 5 seeds, 9 for RTE.
+clipping 1.0 (the Hugging Face Trainer default the authors' script ran with). The median of 5 seeds, 9 for RTE, is
+the run whose main metric (the task's first) is the median, so all metrics of a row come from one seed.
+"Learning rate decay of 0.9" reads like ELECTRA's layer-wise decay (`--layer-decay 0.9`, `_get_layer_lrs` in
+google-research/electra); the default is the plain schedule of the authors' BERT script.
 
-The paper's "learning rate decay of 0.9" is ambiguous: it reads like ELECTRA's layer-wise decay (Clark et al.
-2020), yet the authors' BERT script used a plain linear schedule. The default here is the plain schedule;
-`--layer-decay 0.9` switches on ELECTRA's rule (`_get_layer_lrs` in google-research/electra): the embeddings
-have depth 0, transformer layer i depth i + 1, the task head (and BERT's pooler) depth L + 2, and a parameter
-of depth d trains at lr * decay ** (L + 2 - d).
+Heads (Sec. 2.4; here, not in model.py, since finetuning alone uses them): BERT's pooled [CLS] -> dropout ->
+linear; ELECTRA, without a pooler, [CLS] -> dropout -> dense -> GELU -> dropout -> linear (Hugging Face's
+ElectraClassificationHead); one output and mean squared error for regression; SWAG scores each (context, ending)
+pair and takes the softmax over an example's 4 scores; CLIP-T alone averages the pooled end-of-text outputs of each
+sentence's non-empty blocks (2 per sentence, App. B); the full model (App. C.3) uses the cross-modal [CLS] pooler.
 
-Heads (written here, not in model.py, because finetuning alone uses them):
-- BERT: the pooled [CLS] (the pretrained dense + tanh pooler) -> dropout -> linear (Devlin et al. 2019).
-- ELECTRA has no pooler: [CLS] -> dropout -> dense -> GELU -> dropout -> linear, the convention of Hugging Face's
-  ElectraClassificationHead (the original ELECTRA code put the linear layer on [CLS] directly).
-- Regression (STS-B, READ): the same head with one output, mean squared error.
-- Multiple choice (SWAG): each of the 4 (context, ending) pairs is scored by the head with one output; the
-  softmax (cross-entropy) runs over the 4 scores of one example.
-- CLIP-T alone: CLIP's pooled end-of-text output (after the text projection) of every 77-token block, averaged
-  over the non-empty blocks of each sentence (2 blocks per sentence, App. B), the sentences concatenated ->
-  dropout -> linear. The paper does not say how CLIP-T read sentence pairs; this is the reading adopted here.
-- Full model (App. C.3): the cross-modal transformer's pooled [CLS] (its MATCH pooler) -> dropout -> linear, with
-  2 CLIP blocks per sentence: (B, 2, 77) for one sentence, (B, 4, 77) for a pair (App. B).
-
-Outputs of one seed, in OUT/<task>-<model>-seed<k>/ (OUT = --out, default runs): results.json (dev metrics after
-every epoch and at the end, hyper-parameters, speed), dev_predictions.jsonl (one {"index", "text_a", "text_b",
-"label", "prediction"} per dev example in file order; MNLI adds dev_mismatched_predictions.jsonl) and, when the
-GLUE test file is there, glue_test/<Task>.tsv in the submission format (MNLI-m.tsv, MNLI-mm.tsv and AX.tsv for MNLI).
-Every file is written to a .tmp name first and renamed. The median of several seeds is the run whose main metric
-(the task's first) is the median, so that all metrics of a row come from one seed.
---toy finetunes the toy kit's random-weight encoders, so it defaults to a larger learning rate (TOY_LR) and 3 seeds.
-
-Metrics are written here with numpy. Degenerate inputs give defined values instead of NaN: Pearson and Spearman
-are 0.0 when either side is constant (fewer than 2 distinct values), Matthews correlation is 0.0 when a
-marginal is degenerate (one class only in labels or predictions, as scikit-learn does), F1 is 0.0 when there is
-no positive label and no positive prediction (scikit-learn's zero_division=0). Empty or non-finite inputs raise
-ValueError.
+A seed writes OUT/<task>-<model>-seed<k>/: results.json, dev_predictions.jsonl (MNLI also
+dev_mismatched_predictions.jsonl) and, when the GLUE test file is there, glue_test/<Task>.tsv in the submission
+format. <model> is the encoder's name followed by every setting that differs from the recipe (-lr3e-05, -ep1, ...),
+so runs with other settings never overwrite each other. Metrics are written with numpy; constant sides give Pearson and
+Spearman 0.0, a degenerate marginal MCC 0.0, no positive at all F1 0.0 (scikit-learn's zero_division=0).
 """
 import argparse
 import copy
@@ -62,16 +44,18 @@ import torch.nn.functional as F
 import data
 import model
 
-TASK_ORDER = ("rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli", "wnli", "swag", "read")
+TASK_ORDER = tuple(data.TASKS)  # Table 1's column order: the 9 GLUE tasks, SWAG, READ
 SMALL_TASKS = ("rte", "mrpc", "stsb")  # Table 5: the higher learning rate
 LEARNING_RATES = {"base": {"small": 1e-4, "other": 2e-5}, "large": {"small": 5e-5, "other": 1e-5}}  # Table 5
 DEFAULT_SEEDS = {"rte": 9}  # App. C.2: median of 9 runs for RTE, 5 for the others
 TOY_SEEDS = 3
 TOY_LR = 3e-3  # --toy: the toy encoders have random weights (download.py --toy), Table 5's rates barely move them
-# GLUE submission (sources.md 1): file name per task and dev/test suffix; label strings for these tasks.
-SUBMISSION_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
-                    "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
-STRING_LABEL_TASKS = ("mnli", "qnli", "rte")
+# App. C.2's settings; lr None means Table 5's rate. A run's name lists those that differ, with these short names.
+RECIPE = {"lr": None, "layer_decay": None, "warmup": 0.1, "epochs": 3, "batch_size": 32, "max_len": 128,
+          "weight_decay": 0.0, "dropout": 0.1, "max_train_examples": None}
+SHORT = {"lr": "lr", "layer_decay": "ld", "warmup": "wu", "epochs": "ep", "batch_size": "bs", "max_len": "len",
+         "weight_decay": "wd", "dropout": "drop", "max_train_examples": "n"}
+GRAD_CLIP = 1.0
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -329,10 +313,10 @@ def train(net, train_set, dev_sets, args, seed, log=None):
     n = len(train_set["labels"])
     micro = math.ceil(args.batch_size / args.grad_accum)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    total = steps_per_epoch * args.epochs
     optimizer = torch.optim.AdamW(param_groups(net, args.lr, args.layer_decay), weight_decay=args.weight_decay,
                                   eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, args.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(steps_per_epoch * args.epochs,
+                                                                          args.warmup))
     order = torch.Generator().manual_seed(seed)
     params = [p for p in net.parameters() if p.requires_grad]
     history, seconds = [], 0.0
@@ -347,10 +331,12 @@ def train(net, train_set, dev_sets, args, seed, log=None):
                 with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
                     loss = loss_fn(net.kind, net(b), b["labels"])
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}: try a lower --lr")
+                    raise FloatingPointError(f"the training loss became {loss.item()} at step "
+                                             f"{(epoch - 1) * steps_per_epoch + step + 1}: finetune again with a "
+                                             f"lower --lr")
                 (loss * len(part["labels"]) / len(rows)).backward()
                 losses.append(loss.item())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
@@ -359,16 +345,20 @@ def train(net, train_set, dev_sets, args, seed, log=None):
         for suffix, tensors in dev_sets.items():
             p = predict(net, tensors, device)
             record["predictions"][suffix] = p
-            for k, v in score(args.task, tensors["labels"].numpy(), p).items():
-                record["metrics"][k + suffix] = v
+            record["metrics"] |= {k + suffix: v for k, v in score(args.task, tensors["labels"].numpy(), p).items()}
         history.append(record)
         if log:
             log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, " + format_metrics(record["metrics"]))
     return history, seconds
 
 
+def shown(metric, value):
+    """A metric as Table 1 prints it: x100 with 2 decimals, RMSE in target units with 4."""
+    return f"{value:.4f}" if metric.startswith("rmse") else f"{100 * value:.2f}"
+
+
 def format_metrics(metrics):
-    return ", ".join(f"{k} {v:.4f}" if k.startswith("rmse") else f"{k} {100 * v:.2f}" for k, v in metrics.items())
+    return ", ".join(f"{k} {shown(k, v)}" for k, v in metrics.items())
 
 
 # ---------------------------------------------------------------------------------------------------- data and models
@@ -387,11 +377,11 @@ def load_backbone(args):
         candidates = (os.path.join(run, "crossmodal.pt"), os.path.join(os.path.dirname(run), "crossmodal.pt"))
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
-            raise SystemExit(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
-                             f"runs/<run>/xdbert of a run of `python adapt.py`")
+            raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
+                                    f"runs/<run>/xdbert of a run of `python adapt.py`")
         xm = model.load_crossmodal(path)
         if xm.clip is None:
-            raise SystemExit(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
+            raise ValueError(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
         bert_tok = data.bert_tokenizer(os.path.join(os.path.dirname(path), "xdbert"))
         return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(args.clip, args.data))
     path = data.checkpoint_dir(args.encoder, args.data)
@@ -412,157 +402,164 @@ def default_lr(task, size):
     return LEARNING_RATES[size]["small" if task in SMALL_TASKS else "other"]
 
 
-def model_label(args, variant):
-    """Table row name: the checkpoint name, or the adapt.py run's name for runs/<run>/xdbert; X- for the full model,
-    -ld<decay> for layer-wise decay (so that the two readings of App. C.2 get their own runs and rows)."""
-    if args.name:
-        return args.name
-    path = os.path.normpath(args.encoder)
-    base = os.path.basename(path)
-    if base == "xdbert":
-        base = os.path.basename(os.path.dirname(path))
-    base = "X-" + base if variant == "full-model" else base
-    return base + (f"-ld{args.layer_decay:g}" if args.layer_decay is not None else "")
+def plan(args, variant, size) -> dict:
+    """What every seed of this command records, the seed aside: task, model (the table's row name), variant,
+    encoder and the settings. The model name is --name or the checkpoint's (the adapt.py run's for
+    runs/<run>/xdbert; X- for the full model) followed by each setting that differs from the recipe (App. C.2,
+    Table 5; TOY_LR with --toy), e.g. rte-bert-base-lr3e-05-ep1, so a run never overwrites one with other settings."""
+    recipe = RECIPE | {"lr": TOY_LR if args.toy else default_lr(args.task, size)}
+    settings = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in recipe.items()}
+    name = args.name
+    if not name:
+        path = os.path.normpath(args.encoder)
+        name = os.path.basename(path)
+        name = os.path.basename(os.path.dirname(path)) if name == "xdbert" else name
+        name = "X-" + name if variant == "full-model" else name
+    name += "".join(f"-{SHORT[k]}{v:g}" for k, v in settings.items() if v != recipe[k])
+    return {"task": args.task, "model": name, "variant": variant, "encoder": args.encoder,
+            "hparams": settings | {"grad_accum": args.grad_accum, "model_size": size}}
+
+
+def same_settings(a, b) -> bool:
+    """Two results of one experiment: task, model, variant, encoder, seed and recipe settings agree (precision,
+    accumulation and speed may differ)."""
+    return (all(a.get(k) == b.get(k) for k in ("task", "model", "variant", "encoder", "seed"))
+            and all(a.get("hparams", {}).get(k) == b["hparams"].get(k) for k in RECIPE))
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
 
-def python_value(x):
-    return float(x) if isinstance(x, (float, np.floating)) else int(x)
-
-
 def dev_prediction_lines(examples, labels, predictions):
     """One JSON object per dev example, in dev-file order (pwcca.py's visual-grounding analysis reads these)."""
-    return "".join(json.dumps({"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": python_value(y),
-                               "prediction": python_value(p)}) + "\n"
+    return "".join(json.dumps({"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": y.item(),
+                               "prediction": p.item()}) + "\n"
                    for i, (ex, y, p) in enumerate(zip(examples, labels, predictions)))
 
 
 def submission_tsv(task, ids, predictions, label_names):
-    """GLUE submission file (sources.md 1): header index<TAB>prediction, one row per test line in file order with
-    the file's own index (or id); label strings for MNLI, QNLI and RTE, 0/1 for the other classification tasks,
-    a float for STS-B."""
-    rows = ["index\tprediction"]
-    for i, p in zip(ids, predictions):
-        if task == "stsb":
-            value = f"{float(p):.6f}"
-        elif task in STRING_LABEL_TASKS:
-            value = label_names[int(p)]
-        else:
-            value = str(int(p))
-        rows.append(f"{i}\t{value}")
-    return "\n".join(rows) + "\n"
+    """A GLUE submission file: header index<TAB>prediction, one row per test line in file order with the file's own
+    index (or id); a float for STS-B, else the label as the task's files write it (entailment / not_entailment for
+    RTE and QNLI, MNLI's three names, 0/1 for the others)."""
+    values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
+    return "".join(f"{i}\t{v}\n" for i, v in zip(["index", *ids], ["prediction", *values]))
 
 
 def glue_test_path(task, split, data_root):
     """The GLUE test file of a split, or None when the task has no GLUE test set or it is not downloaded."""
     spec = data.TASKS[task]
-    if task not in SUBMISSION_NAMES or not spec.glue_dir:
-        return None
     path = os.path.join(data_root, spec.folder, spec.splits[split])
-    return path if os.path.isfile(path) else None
+    return path if spec.glue_dir and os.path.isfile(path) else None
 
 
 def submission_file(task, suffix):
     """The file name GLUE's server expects: RTE.tsv, MNLI-m.tsv, MNLI-mm.tsv, and AX.tsv from the MNLI model."""
-    if suffix == "_ax":
-        return "AX.tsv"
-    return SUBMISSION_NAMES[task] + {"": "", "_m": "-m", "_mm": "-mm"}[suffix] + ".tsv"
+    return "AX.tsv" if suffix == "_ax" else f"{data.TASKS[task].glue_dir}{suffix.replace('_', '-')}.tsv"
 
 
-# ---------------------------------------------------------------------------------------------------- seeds
+def write_run(run_dir, result, net, dev, test, final, args):
+    """A finished seed's files: dev predictions, GLUE test predictions, then results.json (last: its presence
+    means the run is complete)."""
+    for suffix, (examples, tensors) in dev.items():
+        name = "dev_mismatched_predictions.jsonl" if suffix == "_mm" else "dev_predictions.jsonl"
+        with model.atomic_file(os.path.join(run_dir, name), "w") as out:
+            out.write(dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
+    result["test_predictions"] = []
+    for suffix, (examples, tensors) in test.items():
+        path = os.path.join(run_dir, "glue_test", submission_file(args.task, suffix))
+        predictions = predict(net, tensors, torch.device(args.device))
+        with model.atomic_file(path, "w") as out:
+            out.write(submission_tsv(args.task, [ex.guid for ex in examples], predictions,
+                                     data.TASKS[args.task].label_names))
+        result["test_predictions"].append(path)
+    with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
+        out.write(json.dumps(result, indent=2) + "\n")
+
 
 def run_seeds(args, log=print):
-    """Load and encode once, then finetune one fresh copy per seed; print each run and the medians.
-    Returns the list of results dicts (also written to runs/<task>-<model>-seed<k>/results.json)."""
+    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run.
+    Returns the list of results dicts (also written to OUT/<task>-<model>-seed<k>/results.json)."""
     task = data.TASKS[args.task]
-    try:
-        backbone, variant, bert_tok, clip_tok = load_backbone(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    size = model_size(backbone)
-    lr = args.lr if args.lr is not None else TOY_LR if args.toy else default_lr(args.task, size)
-    label = model_label(args, variant)
+    backbone, variant, bert_tok, clip_tok = load_backbone(args)
+    head = plan(args, variant, model_size(backbone))
+    runs = {seed: os.path.join(args.out, f"{args.task}-{head['model']}-seed{seed}")
+            for seed in range(args.seed, args.seed + args.seeds)}
+    for seed, run_dir in runs.items():  # before any training
+        old = results_in(run_dir)
+        if old is not None and not same_settings(old, head | {"seed": seed}):
+            raise ValueError(f"{run_dir} holds a run with other settings (encoder {old.get('encoder')}, "
+                             f"{old.get('hparams')}): give another --name or --out, or delete it")
+    run_args = argparse.Namespace(**(vars(args) | head["hparams"]))
 
-    def encode(split):
-        examples = data.read_task(args.task, split, args.data)
-        return examples, data.encode(examples, args.task, bert_tok, args.max_len, clip_tok)
+    def encode(split, limit=None):
+        examples = data.read_task(args.task, split, args.data)[:limit]
+        return examples, data.encode(examples, args.task, bert_tok, run_args.max_len, clip_tok)
 
-    try:  # missing files and bad labels: data.py's errors name the file (and line) and the command to run
-        _, train_set = encode("train")
-        dev = {suffix: encode(split) for suffix, split in splits(args.task, "dev").items()}
-        test = {suffix: encode(split) for suffix, split in splits(args.task, "test").items()
-                if glue_test_path(args.task, split, args.data)}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    _, train_set = encode("train", run_args.max_train_examples)
+    dev = {suffix: encode(split) for suffix, split in splits(args.task, "dev").items()}
+    test = {suffix: encode(split) for suffix, split in splits(args.task, "test").items()
+            if glue_test_path(args.task, split, args.data)}
     sentences = train_set["clip_ids"].shape[-2] // 2 if variant == "clip" else 1
-    hparams = {"lr": lr, "layer_decay": args.layer_decay, "warmup": args.warmup, "epochs": args.epochs,
-               "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_len": args.max_len,
-               "weight_decay": args.weight_decay, "dropout": args.dropout, "model_size": size}
-    run_args = argparse.Namespace(**{**vars(args), "lr": lr})
-    n_train = len(train_set["labels"])
-    results = []
-    for seed in range(args.seed, args.seed + args.seeds):
+    n_train, results = len(train_set["labels"]), []
+    for seed, run_dir in runs.items():
         torch.manual_seed(seed)  # head initialisation and dropout
-        net = Finetuner(copy.deepcopy(backbone), task.kind, task.num_labels, args.dropout, sentences)
+        net = Finetuner(copy.deepcopy(backbone), task.kind, task.num_labels, run_args.dropout, sentences)
         history, seconds = train(net, train_set, {s: t for s, (_, t) in dev.items()}, run_args, seed,
                                  log if args.verbose else None)
-        run_dir = os.path.join(args.out, f"{args.task}-{label}-seed{seed}")
         final = history[-1]
-        for suffix, (examples, tensors) in dev.items():
-            name = "dev_mismatched_predictions.jsonl" if suffix == "_mm" else "dev_predictions.jsonl"
-            with model.atomic_file(os.path.join(run_dir, name), "w") as out:
-                out.write(dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
-        submissions = []
-        for suffix, (examples, tensors) in test.items():
-            path = os.path.join(run_dir, "glue_test", submission_file(args.task, suffix))
-            with model.atomic_file(path, "w") as out:
-                out.write(submission_tsv(args.task, [ex.guid for ex in examples],
-                                         predict(net, tensors, torch.device(args.device)), task.label_names))
-            submissions.append(path)
-        result = {"task": args.task, "model": label, "variant": variant, "encoder": args.encoder, "seed": seed,
-                  "metrics": final["metrics"], "main_metric": task.metrics[0] + next(iter(dev)),
-                  "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], "metrics": h["metrics"]}
-                             for h in history],
-                  "hparams": hparams, "train_examples": n_train, "train_seconds": round(seconds, 3),
-                  "train_examples_per_second": round(n_train * args.epochs / seconds, 1),
-                  "dev_predictions": os.path.join(run_dir, "dev_predictions.jsonl"), "test_predictions": submissions}
-        with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
-            out.write(json.dumps(result, indent=2) + "\n")
+        result = head | {"seed": seed, "metrics": final["metrics"], "main_metric": task.metrics[0] + next(iter(dev)),
+                         "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], "metrics": h["metrics"]}
+                                    for h in history],
+                         "train_examples": n_train, "train_seconds": round(seconds, 3),
+                         "train_examples_per_second": round(n_train * run_args.epochs / seconds, 1),
+                         "dev_predictions": os.path.join(run_dir, "dev_predictions.jsonl")}
+        write_run(run_dir, result, net, dev, test, final, run_args)
         results.append(result)
-        log(f"{args.task} {label} seed {seed}: {format_metrics(final['metrics'])} "
+        log(f"{args.task} {head['model']} seed {seed}: {format_metrics(final['metrics'])} "
             f"({seconds:.1f} s, {result['train_examples_per_second']:.0f} train examples/s) -> {run_dir}")
     middle = median_run(results)
-    log(f"{args.task} {label} median of {len(results)} seed(s) by {middle['main_metric']}: "
+    log(f"{args.task} {head['model']} median of {len(results)} seed(s) by {middle['main_metric']}: "
         f"{format_metrics(middle['metrics'])} (seed {middle['seed']})")
     return results
 
 
 # ---------------------------------------------------------------------------------------------------- Table 1
 
-def table(paths) -> str:
-    """A Markdown table like the paper's Table 1 from results.json files: a row per model, a column per task,
-    each cell the metrics of the median run (median_run; x100, RMSE as is) with the number of seeds; two metrics
-    as a/b."""
+def read_results(path) -> dict:
+    """A results.json written by finetune.py, checked (run_dir added): a ValueError names a file that is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as a results file ({e}): give results.json files of finetune.py")
+    if not isinstance(r, dict) or not {"task", "model", "seed", "metrics", "main_metric"} <= set(r):
+        raise ValueError(f"{path} is not a results file of finetune.py (task, model, seed, metrics, main_metric): "
+                         f"give the results.json of finetuning runs")
+    if r["task"] not in data.TASKS or not isinstance(r["metrics"], dict) or r["main_metric"] not in r["metrics"]:
+        raise ValueError(f"{path} has no {r['main_metric']} among its metrics: its run did not finish, run it again")
+    return r | {"run_dir": os.path.dirname(os.path.abspath(path))}
+
+
+def results_in(run_dir):
+    """The results of the finished run in run_dir (results.json and the files it lists), else None."""
+    try:
+        r = read_results(os.path.join(run_dir, "results.json"))
+    except ValueError:
+        return None
+    files = [os.path.join(run_dir, "glue_test", os.path.basename(p)) for p in r.get("test_predictions", [])]
+    return r if all(map(os.path.isfile, [*files, os.path.join(run_dir, "dev_predictions.jsonl")])) else None
+
+
+def table(results) -> str:
+    """A Markdown table like the paper's Table 1 from results dicts: a row per model, a column per task, each cell
+    the metrics of the median run (shown; two metrics as a/b) with the number of seeds."""
     cells = {}
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                r = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"cannot read results file {path} ({e}): give results.json files written by finetune.py")
+    for r in results:
         cells.setdefault(r["model"], {}).setdefault(r["task"], []).append(r)
     tasks = [t for t in TASK_ORDER if any(t in row for row in cells.values())]
     lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
     for name, row in cells.items():
-        out = []
-        for t in tasks:
-            if t not in row:
-                out.append("")
-                continue
-            m = median_run(row[t])["metrics"]
-            values = "/".join(f"{v:.3f}" if k.startswith("rmse") else f"{100 * v:.2f}" for k, v in m.items())
-            out.append(f"{values} ({len(row[t])})")
+        out = ["/".join(shown(k, v) for k, v in median_run(row[t])["metrics"].items()) + f" ({len(row[t])})"
+               if t in row else "" for t in tasks]
         lines.append(f"| {name} | " + " | ".join(out) + " |")
     return "\n".join(lines)
 
@@ -623,13 +620,14 @@ def task_parser():
     p.add_argument("--lr", type=float, help="learning rate (default: Table 5 by task and model size)")
     p.add_argument("--layer-decay", type=float, help="ELECTRA-style layer-wise decay, e.g. 0.9 (default: none, "
                    "the plain linear schedule of the authors' BERT script)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=RECIPE["epochs"])
+    p.add_argument("--batch-size", type=int, default=RECIPE["batch_size"])
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the authors: 4 x 8)")
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up share of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout before the head")
+    p.add_argument("--max-len", type=int, default=RECIPE["max_len"])
+    p.add_argument("--warmup", type=float, default=RECIPE["warmup"], help="warm-up share of the steps")
+    p.add_argument("--weight-decay", type=float, default=RECIPE["weight_decay"])
+    p.add_argument("--dropout", type=float, default=RECIPE["dropout"], help="dropout before the head")
+    p.add_argument("--max-train-examples", type=int, help="train on the first N examples only (quick checks)")
     p.add_argument("--seeds", type=int, help="number of seeds (default: 9 for RTE, 5 otherwise, 3 with --toy)")
     p.add_argument("--seed", type=int, default=0, help="first seed")
     p.add_argument("--out", default="runs", help="runs root: each seed writes OUT/<task>-<model>-seed<k>/")
@@ -651,8 +649,8 @@ def parse_task_args(argv):
     args.encoder, args.clip = args.encoder or "bert-base", args.clip or "clip"
     if args.seeds is None:
         args.seeds = TOY_SEEDS if args.toy else DEFAULT_SEEDS.get(args.task, 5)
-    for name in ("epochs", "batch_size", "grad_accum", "seeds", "max_len"):
-        if getattr(args, name) < 1:
+    for name in ("epochs", "batch_size", "grad_accum", "seeds", "max_len", "max_train_examples"):
+        if (getattr(args, name) or 1) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if args.grad_accum > args.batch_size:
         raise SystemExit("--grad-accum cannot exceed --batch-size: each micro-batch needs an example")
@@ -661,22 +659,25 @@ def parse_task_args(argv):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["table"]:
-        if len(argv) < 2:
-            raise SystemExit("usage: python finetune.py table runs/*/results.json")
-        print(table(argv[1:]))
-    elif argv[:1] == ["bench"]:
-        p = argparse.ArgumentParser(prog="finetune.py bench")
-        p.add_argument("--presets", nargs="+", default=["bert-toy", "bert-base"],
-                       choices=[k for k, v in model.PRESETS.items() if isinstance(v, model.EncoderConfig)])
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--max-len", type=int, default=128)
-        p.add_argument("--steps", type=int, default=3)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        a = p.parse_args(argv[1:])
-        bench(a.presets, a.batch_size, a.max_len, a.steps, a.device)
-    else:
-        run_seeds(parse_task_args(argv))
+    try:
+        if argv[:1] == ["table"]:
+            if len(argv) < 2:
+                raise SystemExit("usage: python finetune.py table runs/*/results.json")
+            print(table([read_results(path) for path in argv[1:]]))
+        elif argv[:1] == ["bench"]:
+            p = argparse.ArgumentParser(prog="finetune.py bench")
+            p.add_argument("--presets", nargs="+", default=["bert-toy", "bert-base"],
+                           choices=[k for k, v in model.PRESETS.items() if isinstance(v, model.EncoderConfig)])
+            p.add_argument("--batch-size", type=int, default=32)
+            p.add_argument("--max-len", type=int, default=128)
+            p.add_argument("--steps", type=int, default=3)
+            p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+            a = p.parse_args(argv[1:])
+            bench(a.presets, a.batch_size, a.max_len, a.steps, a.device)
+        else:
+            run_seeds(parse_task_args(argv))
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

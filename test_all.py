@@ -747,6 +747,49 @@ def test_data_swag_and_read_readers(tmp_path):
     assert first.text_a == 'Line one 5,\n"line" two.' and first.label == pytest.approx(-0.95)
 
 
+RTE_HEAD = "index\tsentence1\tsentence2\tlabel\n"
+SWAG_HEAD = ",video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
+READ_HEAD = "id,url_legal,license,excerpt,target,standard_error\n"
+
+
+@pytest.mark.parametrize("file,text,split,message", [
+    ("glue/RTE/train.tsv", "", "train", r"RTE/train.tsv holds no rte examples .*python download.py glue"),
+    ("glue/RTE/train.tsv", RTE_HEAD, "train", r"RTE/train.tsv holds no rte examples \(empty, header only"),
+    ("glue/RTE/dev.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n", "dev", r"RTE/dev.tsv: no column 'label'"),
+    ("glue/RTE/dev.tsv", "index\tpremise\tsentence2\tlabel\n0\ta\tb\tentailment\n", "dev",
+     r"RTE/dev.tsv: no column 'sentence1' in its header \('index', 'premise', 'sentence2', 'label'\): it is not the "
+     r"official rte dev file; run `python download.py glue`"),
+    ("swag/val.csv", SWAG_HEAD + "0,v,1,s,Ctx.,Then someone,gold,a.,b.,c.,d.,2\n1,v,1,s,Ctx.,Then someone,gold,a.\n",
+     "dev", r"swag/val.csv:3: the row does not have the header's 12 fields: the file is cut or damaged"),
+    ("swag/val.csv", SWAG_HEAD + "0,v,1,s,Ctx.,Then someone,gold,a.,b.,c.,d.,\n", "dev",
+     r"swag/val.csv:2: label '' is not one of 0, 1, 2, 3"),
+    ("read/train.csv", READ_HEAD + 'c1,,,"Text, one.",0.5,0.4\nc2,,,"Text two."\n', "train",
+     r"read/train.csv:3: the row does not have the header's 6 fields"),
+    ("read/train.csv", "url_legal,license,excerpt,target\n,,One.,0.5\n", "train", r"read/train.csv: no column 'id'"),
+], ids=["empty", "header-only", "dev-without-labels", "renamed-column", "short-swag-row", "swag-without-label",
+        "short-read-row", "read-without-id"])
+def test_data_bad_task_files_name_the_file(tmp_path, file, text, split, message):
+    task = file.split("/")[1].lower() if file.startswith("glue") else file.split("/")[0]
+    data_write(tmp_path / file, text)
+    with pytest.raises(ValueError, match=message):
+        data.read_task(task, split, tmp_path)
+
+
+def test_data_non_utf8_file_names_file_and_line(tmp_path):
+    """The line of the bad byte in the file (here past the first 8 KB read), not a position inside a chunk."""
+    rows = [f"{i}\t{'word ' * 30}\tother\tentailment" for i in range(200)]
+    path = tmp_path / "glue/RTE/train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((RTE_HEAD + "\n".join(rows[:150])).encode() + b"\ncaf\xe9\tb\tc\tentailment\n")
+    with pytest.raises(ValueError, match=r"RTE/train.tsv:152: byte 0xe9 is not UTF-8"):
+        data.read_task("rte", "train", tmp_path)
+    data_write(tmp_path / "swag/train.csv", SWAG_HEAD)
+    with open(tmp_path / "swag/train.csv", "ab") as f:
+        f.write(b'0,v,1,s,"Ctx,\nover two lines.",Then,gold,a.,b.,c.,d.,1\n1,v,1,s,Caf\xe9.,Then,gold,a.,b.,c.,d.,0\n')
+    with pytest.raises(ValueError, match=r"swag/train.csv:4: byte 0xe9 is not UTF-8"):
+        data.read_task("swag", "train", tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------- features
 
 def test_data_encode_matches_transformers():
@@ -755,7 +798,8 @@ def test_data_encode_matches_transformers():
     rng = np.random.default_rng(0)
     words = DATA_WORDS + ["supercalifragilistic", "Ångström", ","]
     sentence = lambda: " ".join(rng.choice(words, int(rng.integers(0, 150))))
-    pairs = [(sentence(), sentence()) for _ in range(60)] + [("one two three", "four"), ("a " * 70, "b " * 70), ("a " * 71, "b " * 70)]
+    pairs = [(sentence(), sentence()) for _ in range(60)]
+    pairs += [("one two three", "four"), ("a " * 70, "b " * 70), ("a " * 71, "b " * 70)]
     examples = [data.Example(a, b, label=i % 2) for i, (a, b) in enumerate(pairs)]
     out = data.encode(examples, "rte", data.bert_tokenizer(DATA_BERT_DIR))
     ref = hf([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=128,
@@ -765,7 +809,8 @@ def test_data_encode_matches_transformers():
     assert out["labels"].tolist() == [i % 2 for i in range(len(pairs))]
     single = data.encode([data.Example(a, label=0) for a, _ in pairs], "sst2", data.bert_tokenizer(DATA_BERT_DIR))
     ref = hf([a for a, _ in pairs], truncation=True, max_length=128, padding="max_length", return_tensors="pt")
-    assert torch.equal(single["input_ids"], ref["input_ids"]) and torch.equal(single["attention_mask"], ref["attention_mask"])
+    assert torch.equal(single["input_ids"], ref["input_ids"])
+    assert torch.equal(single["attention_mask"], ref["attention_mask"])
 
 
 def test_data_encode_clip_blocks_and_choice(data_clip_dir):
@@ -1718,7 +1763,7 @@ def test_finetune_layer_decay_follows_electra():
     assert sum(len(g["params"]) for g in groups) == len(named)
     assert finetune.param_groups(net, 1e-4)[0]["lr"] == 1e-4
     args = finetune.parse_task_args(["rte", "--layer-decay", "0.9", "--encoder", "runs/ad1/xdbert", "--full-model"])
-    assert finetune.model_label(args, "full-model") == "X-ad1-ld0.9"
+    assert finetune.plan(args, "full-model", "base")["model"] == "X-ad1-ld0.9"
     xm = model.CrossModalTransformer(model.PRESETS["bert-toy"], model.PRESETS["clip-toy"], xlayers=2)
     assert finetune.layer_depth("backbone.clip.blocks.1.fc.weight", 2, 2) == 2
     assert finetune.layer_depth("backbone.xlayers.1.lang_ffn.fc.weight", 2, 2) == 4
@@ -1793,10 +1838,10 @@ def test_finetune_toy_sst2_learns_and_writes_its_outputs(ft_toy, tmp_path, capsy
 def test_finetune_toy_rte_median_of_seeds_and_label_strings(ft_toy, tmp_path, capsys):
     out = _ft_main(capsys, "rte", "--toy", "--data", ft_toy, "--seeds", 3, "--seed", 4, "--epochs", 1,
                    "--out", tmp_path)
-    scores = [json.loads((tmp_path / f"rte-bert-toy-seed{s}" / "results.json").read_text())["metrics"]["accuracy"]
+    scores = [json.loads((tmp_path / f"rte-bert-toy-ep1-seed{s}" / "results.json").read_text())["metrics"]["accuracy"]
               for s in (4, 5, 6)]
     assert f"median of 3 seed(s) by accuracy: accuracy {100 * statistics.median(scores):.2f} (seed " in out
-    tsv = (tmp_path / "rte-bert-toy-seed4" / "glue_test" / "RTE.tsv").read_text().splitlines()
+    tsv = (tmp_path / "rte-bert-toy-ep1-seed4" / "glue_test" / "RTE.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == [str(i) for i in range(100)]
     assert {line.split("\t")[1] for line in tsv[1:]} <= {"entailment", "not_entailment"}
 
@@ -1823,7 +1868,7 @@ def test_finetune_full_model_and_trimming(ft_toy):
 def test_finetune_clip_alone_runs(ft_toy, tmp_path, capsys):
     out = _ft_main(capsys, "sst2", "--toy", "--data", ft_toy, "--encoder", "clip-toy", "--seeds", 1, "--epochs", 1,
                    "--out", tmp_path)
-    assert "sst2 clip-toy seed 0: accuracy" in out
+    assert "sst2 clip-toy-ep1 seed 0: accuracy" in out
 
 
 def _ft_fake_mnli(toy, root):
@@ -1851,7 +1896,7 @@ def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
         root = tmp_path / "toy"
         _ft_fake_mnli(ft_toy, root)
     _ft_main(capsys, task, "--toy", "--data", root, "--seeds", 1, "--epochs", 1, "--out", tmp_path)
-    run = tmp_path / f"{task}-bert-toy-seed0"
+    run = tmp_path / f"{task}-bert-toy-ep1-seed0"
     result = json.loads((run / "results.json").read_text())
     dev = [json.loads(line) for line in (run / "dev_predictions.jsonl").read_text().splitlines()]
     if task == "mnli":
@@ -1898,10 +1943,86 @@ def test_finetune_missing_data_names_the_download_command(ft_toy, tmp_path):
         finetune.main(["rte", "--toy", "--data", str(root), "--full-model"])
 
 
+def _ft_copy_task(toy, root, folder="glue/RTE", encoders=("bert-toy",)):
+    for name in encoders:
+        shutil.copytree(toy / "ckpt" / name, root / "ckpt" / name)
+    shutil.copytree(toy / folder, root / folder)
+
+
+@pytest.mark.parametrize("dev", ["", RTE_HEAD, "index\tsentence1\tsentence2\n0\ta\tb\n"],
+                         ids=["empty", "header-only", "no-labels"])
+def test_finetune_bad_dev_file_fails_before_training(ft_toy, tmp_path, monkeypatch, dev):
+    """An empty, header-only or label-less dev.tsv stops the run before any training, naming the file."""
+    _ft_copy_task(ft_toy, tmp_path)
+    (tmp_path / "glue/RTE/dev.tsv").write_text(dev)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained before reading the dev set"))
+    with pytest.raises(SystemExit, match=r"RTE/dev.tsv(: no column 'label'| holds no rte examples)"):
+        finetune.main(["rte", "--toy", "--data", str(tmp_path), "--out", str(tmp_path / "runs")])
+
+
+def test_finetune_run_names_carry_the_settings_that_differ_from_the_recipe():
+    def name(*argv, variant="encoder", size="base"):
+        return finetune.plan(finetune.parse_task_args(list(argv)), variant, size)["model"]
+    assert name("rte") == name("rte", "--lr", "1e-4") == name("sst2", "--lr", "2e-5") == "bert-base"
+    assert name("rte", "--lr", "1e-4", size="large") == "bert-base-lr0.0001"  # Table 5: 5e-5 on large encoders
+    assert name("rte", "--lr", "3e-5", "--epochs", "1", "--batch-size", "16") == "bert-base-lr3e-05-ep1-bs16"
+    assert name("cola", "--warmup", "0", "--weight-decay", "0.01", "--dropout", "0.2", "--max-len", "64",
+                "--max-train-examples", "100") == "bert-base-wu0-len64-wd0.01-drop0.2-n100"
+    assert name("rte", "--grad-accum", "4", "--bf16", "--seeds", "2") == "bert-base"  # how, not what
+    assert name("rte", "--toy") == "bert-toy" and name("rte", "--toy", "--lr", "1e-4") == "bert-toy-lr0.0001"
+    assert name("rte", "--encoder", "runs/a1/xdbert", "--name", "xd", "--epochs", "2") == "xd-ep2"
+
+
+def test_finetune_other_settings_never_overwrite_a_run(ft_toy, tmp_path, capsys, monkeypatch):
+    """Another --lr writes its own run; a name clash with other settings (--name) is refused before training."""
+    common = ["rte", "--toy", "--data", ft_toy, "--seeds", 1, "--epochs", 1, "--max-train-examples", 40,
+              "--out", tmp_path]
+    _ft_main(capsys, *common)
+    first = (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text()
+    _ft_main(capsys, *common, "--lr", "1e-3")
+    assert (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text() == first
+    assert json.loads((tmp_path / "rte-bert-toy-lr0.001-ep1-n40-seed0" / "results.json").read_text())["hparams"][
+        "lr"] == 1e-3
+    _ft_main(capsys, *common, "--name", "mine")
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained into a foreign run"))
+    with pytest.raises(SystemExit, match=r"mine-ep1-n40-seed0 holds a run with other settings \(encoder bert-toy.*"
+                                         r"give another --name or --out, or delete it"):
+        finetune.main([str(a) for a in common] + ["--name", "mine", "--encoder", "electra-toy"])
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "is not a results file of finetune.py"),
+    ('{"model": "m", "task": "rte", "seed": 0}', "is not a results file of finetune.py"),
+    ('{"model": "m", "task": "rte", "seed": 0, "metrics": {}, "main_metric": "accuracy"}',
+     "has no accuracy among its metrics: its run did not finish"),
+    ("{not json", "cannot read it as a results file"),
+], ids=["list", "no-metrics-key", "empty-metrics", "not-json"])
+def test_finetune_table_refuses_what_is_not_a_results_file(tmp_path, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=re.escape(str(path)) + ".*" + message):
+        finetune.main(["table", str(path)])
+
+
+def test_finetune_nan_loss_names_its_step_counted_from_one(n=12, batch=2, bad_row=7):
+    """A regression run whose label `bad_row` is NaN: the loss is NaN from the step that draws that row."""
+    import argparse
+    torch.manual_seed(0)
+    net = finetune.Finetuner(model.LanguageEncoder(model.PRESETS["bert-toy"]), "regression", 1)
+    train_set = {**_ft_batch(net.backbone.config, (n, 8)), "labels": torch.zeros(n)}
+    train_set["labels"][bad_row] = float("nan")
+    args = argparse.Namespace(device="cpu", batch_size=batch, grad_accum=1, epochs=2, lr=1e-3, layer_decay=None,
+                              weight_decay=0.0, warmup=0.0, bf16=False, task="stsb")
+    position = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist().index(bad_row)
+    with pytest.raises(FloatingPointError, match=rf"the training loss became nan at step {position // batch + 1}: "
+                                                 r"finetune again with a lower --lr"):
+        finetune.train(net, train_set, {}, args, seed=0)
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 def test_finetune_submission_format():
-    """sources.md 1: header index<TAB>prediction; strings for RTE/QNLI/MNLI, 0/1 for others, floats for STS-B."""
+    """GLUE's format: header index<TAB>prediction; strings for RTE/QNLI/MNLI, 0/1 for others, floats for STS-B."""
     assert finetune.submission_tsv("rte", ["0", "1"], [1, 0], ("entailment", "not_entailment")) == \
         "index\tprediction\n0\tnot_entailment\n1\tentailment\n"
     assert finetune.submission_tsv("mrpc", ["7", "9"], np.array([1, 0]), ("0", "1")) == \
@@ -1922,7 +2043,7 @@ def test_finetune_table_medians(tmp_path, capsys):
         paths.append(path)
     out = _ft_main(capsys, "table", *paths)
     assert out.splitlines() == ["| model | rte | mrpc | read |", "|---|---|---|---|",
-                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 88.00/80.00 (2) | 0.635 (1) |"]
+                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 88.00/80.00 (2) | 0.6354 (1) |"]
 
 
 # =====================================================================================================================
