@@ -24,7 +24,8 @@ sentence's non-empty blocks (2 per sentence, App. B); the full model (App. C.3) 
 A seed writes OUT/<task>-<model>-seed<k>/: results.json, dev_predictions.jsonl (MNLI also
 dev_mismatched_predictions.jsonl) and, when the GLUE test file is there, glue_test/<Task>.tsv in the submission
 format. <model> is the encoder's name followed by every setting that differs from the recipe (-lr3e-05, -ep1, ...),
-so runs with other settings never overwrite each other. Metrics are written with numpy; constant sides give Pearson and
+so runs with other settings never overwrite each other. On CUDA, bf16 autocast with TF32 matmuls and fused AdamW
+(`--dtype fp32` for plain fp32); on the CPU, fp32. Metrics are written with numpy; constant sides give Pearson and
 Spearman 0.0, a degenerate marginal MCC 0.0, no positive at all F1 0.0 (scikit-learn's zero_division=0).
 """
 import argparse
@@ -56,6 +57,7 @@ RECIPE = {"lr": None, "layer_decay": None, "warmup": 0.1, "epochs": 3, "batch_si
 SHORT = {"lr": "lr", "layer_decay": "ld", "warmup": "wu", "epochs": "ep", "batch_size": "bs", "max_len": "len",
          "weight_decay": "wd", "dropout": "drop", "max_train_examples": "n"}
 GRAD_CLIP = 1.0
+CHECK_EVERY = 50  # optimizer steps between two looks at the loss on the host (each look waits for the device)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -270,9 +272,31 @@ def warmup_linear(total_steps, warmup=0.1):
     return lambda step: step / warm if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
 
 
+def use_bf16(device, dtype=None) -> bool:
+    """Precision: bf16 autocast by default on CUDA, fp32 on the CPU (whose results stay those of plain fp32);
+    `--dtype` chooses either explicitly."""
+    return (dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32")) == "bf16"
+
+
+def autocast(device, bf16):
+    """The precision of a step: bf16 autocast when asked; on CUDA the matmuls left in fp32 use TF32 with bf16 and
+    full fp32 without (--dtype fp32)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bf16
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
+
+
+def adamw(groups, device, weight_decay=0.0):
+    """App. C.2's AdamW, fused into one kernel on CUDA."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=1e-8,
+                             fused=True if torch.device(device).type == "cuda" else None)
+
+
 def trimmed(batch, device):
-    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T)."""
-    out = {}
+    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T); decided
+    on the CPU batch, copied to a GPU from pinned memory without waiting."""
+    out, device = {}, torch.device(device)
     T = int(batch["attention_mask"].sum(-1).max()) if "attention_mask" in batch else None
     C = int(batch["clip_mask"].sum(-1).max()) if "clip_mask" in batch else None
     for k, v in batch.items():
@@ -280,7 +304,7 @@ def trimmed(batch, device):
             v = v[..., :T]
         elif k in ("clip_ids", "clip_mask"):
             v = v[..., :max(C, 1)]
-        out[k] = v.to(device)
+        out[k] = v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
     return out
 
 
@@ -294,27 +318,39 @@ def batches(tensors, indices, size):
 
 
 @torch.no_grad()
-def predict(net, tensors, device, batch_size=128):
+def predict(net, tensors, device, bf16=False, batch_size=128):
     """Dev or test predictions: class ids, regression scores or chosen endings, as a numpy vector."""
     net.eval()
     n = len(next(iter(tensors.values())))
-    out = [predictions_of(net.kind, net(trimmed(b, device))).cpu()
-           for b in batches({k: v for k, v in tensors.items() if k != "labels"}, torch.arange(n), batch_size)]
-    return torch.cat(out).numpy()
+    with autocast(device, bf16):
+        out = [predictions_of(net.kind, net(trimmed(b, device)))
+               for b in batches({k: v for k, v in tensors.items() if k != "labels"}, torch.arange(n), batch_size)]
+    return torch.cat(out).cpu().numpy()
+
+
+def check_finite(losses, first_step):
+    """Raise FloatingPointError naming the first optimizer step (counted from 1) of `losses` whose loss is NaN or
+    inf. One host sync for the whole window of steps."""
+    bad = torch.nonzero(~torch.isfinite(torch.stack(losses)))
+    if len(bad):
+        step = first_step + int(bad[0])
+        raise FloatingPointError(f"the training loss became {float(losses[int(bad[0])])} at step {step}: "
+                                 f"finetune again with a lower --lr")
 
 
 def train(net, train_set, dev_sets, args, seed, log=None):
-    """Finetune `net` (App. C.2 recipe) and score every dev split after each epoch.
+    """Finetune `net` (App. C.2 recipe) and score every dev split after each epoch. The loss stays on the device
+    and is checked every CHECK_EVERY steps and at each epoch's end.
 
     train_set: encoded tensors with "labels"; dev_sets: {suffix: tensors}. Returns (per-epoch records, seconds).
     """
     device = torch.device(args.device)
+    bf16 = use_bf16(device, args.dtype)
     net.to(device)
     n = len(train_set["labels"])
     micro = math.ceil(args.batch_size / args.grad_accum)
     steps_per_epoch = math.ceil(n / args.batch_size)
-    optimizer = torch.optim.AdamW(param_groups(net, args.lr, args.layer_decay), weight_decay=args.weight_decay,
-                                  eps=1e-8)
+    optimizer = adamw(param_groups(net, args.lr, args.layer_decay), device, args.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(steps_per_epoch * args.epochs,
                                                                           args.warmup))
     order = torch.Generator().manual_seed(seed)
@@ -322,28 +358,30 @@ def train(net, train_set, dev_sets, args, seed, log=None):
     history, seconds = [], 0.0
     for epoch in range(1, args.epochs + 1):
         net.train()
-        start, losses = time.perf_counter(), []
+        start, losses, checked = time.perf_counter(), [], 0  # losses: one 0-d device tensor per step
         permutation = torch.randperm(n, generator=order)
         for step in range(steps_per_epoch):
             rows = permutation[step * args.batch_size:(step + 1) * args.batch_size]
+            step_loss = 0.0
             for part in batches(train_set, rows, micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
                 b = trimmed(part, device)
-                with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                    loss = loss_fn(net.kind, net(b), b["labels"])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the training loss became {loss.item()} at step "
-                                             f"{(epoch - 1) * steps_per_epoch + step + 1}: finetune again with a "
-                                             f"lower --lr")
-                (loss * len(part["labels"]) / len(rows)).backward()
-                losses.append(loss.item())
+                with autocast(device, bf16):
+                    loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part["labels"]) / len(rows))
+                loss.backward()
+                step_loss = step_loss + loss.detach()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if len(losses) - checked == CHECK_EVERY or step == steps_per_epoch - 1:
+                check_finite(losses[checked:], (epoch - 1) * steps_per_epoch + checked + 1)
+                checked = len(losses)
         seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "metrics": {}, "predictions": {}}
+        record = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": {},
+                  "predictions": {}}
         for suffix, tensors in dev_sets.items():
-            p = predict(net, tensors, device)
+            p = predict(net, tensors, device, bf16)
             record["predictions"][suffix] = p
             record["metrics"] |= {k + suffix: v for k, v in score(args.task, tensors["labels"].numpy(), p).items()}
         history.append(record)
@@ -417,7 +455,8 @@ def plan(args, variant, size) -> dict:
         name = "X-" + name if variant == "full-model" else name
     name += "".join(f"-{SHORT[k]}{v:g}" for k, v in settings.items() if v != recipe[k])
     return {"task": args.task, "model": name, "variant": variant, "encoder": args.encoder,
-            "hparams": settings | {"grad_accum": args.grad_accum, "model_size": size}}
+            "hparams": settings | {"grad_accum": args.grad_accum, "model_size": size,
+                                   "dtype": "bf16" if use_bf16(args.device, args.dtype) else "fp32"}}
 
 
 def same_settings(a, b) -> bool:
@@ -466,7 +505,7 @@ def write_run(run_dir, result, net, dev, test, final, args):
     result["test_predictions"] = []
     for suffix, (examples, tensors) in test.items():
         path = os.path.join(run_dir, "glue_test", submission_file(args.task, suffix))
-        predictions = predict(net, tensors, torch.device(args.device))
+        predictions = predict(net, tensors, args.device, use_bf16(args.device, args.dtype))
         with model.atomic_file(path, "w") as out:
             out.write(submission_tsv(args.task, [ex.guid for ex in examples], predictions,
                                      data.TASKS[args.task].label_names))
@@ -568,38 +607,44 @@ def table(results) -> str:
 
 def bench(presets, batch_size, seq_len, steps, device):
     """Finetuning examples/s (forward + backward + AdamW step, then eval forward) of a classifier on random
-    weights from model.PRESETS and random full-length inputs (batch_size, seq_len): no download needed."""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, float32, batch {batch_size} "
-          f"x {seq_len} tokens, median of {steps} steps after 1 warm-up")
-    for preset in presets:
-        cfg = model.PRESETS[preset]
+    weights from model.PRESETS and random full-length inputs (batch_size, seq_len), in fp32 and, on CUDA, in bf16
+    (the training default there): no download needed."""
+    cuda = torch.device(device).type == "cuda"
+    dtypes = ("fp32", "bf16") if cuda else ("fp32",)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {' and '.join(dtypes)}"
+          f"{'' if cuda else ' only (bf16 is measured on CUDA)'}, batch {batch_size} x {seq_len} tokens, "
+          f"median of {steps} steps after 1 warm-up")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for preset, dtype in ((p, d) for p in presets for d in dtypes):
+        cfg, bf16 = model.PRESETS[preset], dtype == "bf16"
         torch.manual_seed(0)
         net = Finetuner(model.LanguageEncoder(cfg), "classification", 2).to(device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
+        optimizer = adamw(net.parameters(), device)
         b = {"input_ids": torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device),
              "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
              "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device=device),
              "labels": torch.randint(0, 2, (batch_size,), device=device)}
         times = {"train": [], "eval": []}
         for i in range(steps + 1):
-            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
             net.train()
             t = time.perf_counter()
-            loss_fn("classification", net(b), b["labels"]).backward()
+            with autocast(device, bf16):
+                loss = loss_fn("classification", net(b), b["labels"])
+            loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             sync()
             t_train = time.perf_counter() - t
             net.eval()
             t = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), autocast(device, bf16):
                 net(b)
             sync()
             if i:
                 times["train"].append(t_train)
                 times["eval"].append(time.perf_counter() - t)
         train_s, eval_s = statistics.median(times["train"]), statistics.median(times["eval"])
-        print(f"{preset:10s} train {batch_size / train_s:8.1f} examples/s ({train_s * 1e3:.0f} ms/step), "
+        print(f"{preset:10s} {dtype} train {batch_size / train_s:8.1f} examples/s ({train_s * 1e3:.0f} ms/step), "
               f"eval {batch_size / eval_s:8.1f} examples/s")
 
 
@@ -633,7 +678,8 @@ def task_parser():
     p.add_argument("--out", default="runs", help="runs root: each seed writes OUT/<task>-<model>-seed<k>/")
     p.add_argument("--name", help="model name in the results and the table (default: from --encoder)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16 autocast with TF32, or plain fp32 "
+                   "(default: bf16 on CUDA, fp32 on the CPU)")
     p.add_argument("--verbose", action="store_true", help="print every epoch's dev scores")
     return p
 

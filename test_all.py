@@ -1790,12 +1790,29 @@ def test_finetune_grad_accumulation_matches_full_batch(monkeypatch):
         torch.manual_seed(0)
         net = finetune.Finetuner(__import__("copy").deepcopy(encoder), "classification", 2, dropout=0.0)
         args = argparse.Namespace(device="cpu", batch_size=8, grad_accum=accum, epochs=1, lr=1e-3, layer_decay=None,
-                                  weight_decay=0.0, warmup=0.0, bf16=False, task="sst2")
+                                  weight_decay=0.0, warmup=0.0, dtype=None, task="sst2")
         finetune.train(net, train_set, {}, args, seed=0)
         params.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
                                                  finetune.Finetuner(encoder, "classification", 2).parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
+
+
+def test_finetune_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(capsys):
+    """bf16 autocast and fused AdamW by default on CUDA, fp32 on the CPU, --dtype either way (decided without a GPU)."""
+    assert finetune.use_bf16("cuda") and finetune.use_bf16(torch.device("cuda", 1)) and finetune.use_bf16("cpu", "bf16")
+    assert not finetune.use_bf16("cpu") and not finetune.use_bf16("cuda", "fp32")
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert finetune.adamw([p], "cuda").defaults["fused"] is True
+    assert finetune.adamw([p], "cpu").defaults["fused"] is None
+    assert finetune.plan(finetune.parse_task_args(["rte", "--device", "cuda"]), "encoder", "base")["hparams"][
+        "dtype"] == "bf16"
+    assert finetune.plan(finetune.parse_task_args(["rte", "--device", "cpu"]), "encoder", "base")["hparams"][
+        "dtype"] == "fp32"
+    finetune.bench(["bert-toy"], 2, 8, 1, "cpu")
+    out = capsys.readouterr().out.splitlines()
+    assert "cpu, fp32 only (bf16 is measured on CUDA)" in out[0] and len(out) == 2
+    assert out[1].startswith("bert-toy   fp32 train")
 
 
 # ---------------------------------------------------------------------------------------------------- the toy kit
@@ -1968,7 +1985,7 @@ def test_finetune_run_names_carry_the_settings_that_differ_from_the_recipe():
     assert name("rte", "--lr", "3e-5", "--epochs", "1", "--batch-size", "16") == "bert-base-lr3e-05-ep1-bs16"
     assert name("cola", "--warmup", "0", "--weight-decay", "0.01", "--dropout", "0.2", "--max-len", "64",
                 "--max-train-examples", "100") == "bert-base-wu0-len64-wd0.01-drop0.2-n100"
-    assert name("rte", "--grad-accum", "4", "--bf16", "--seeds", "2") == "bert-base"  # how, not what
+    assert name("rte", "--grad-accum", "4", "--dtype", "bf16", "--seeds", "2") == "bert-base"  # how, not what
     assert name("rte", "--toy") == "bert-toy" and name("rte", "--toy", "--lr", "1e-4") == "bert-toy-lr0.0001"
     assert name("rte", "--encoder", "runs/a1/xdbert", "--name", "xd", "--epochs", "2") == "xd-ep2"
 
@@ -2004,19 +2021,26 @@ def test_finetune_table_refuses_what_is_not_a_results_file(tmp_path, content, me
         finetune.main(["table", str(path)])
 
 
-def test_finetune_nan_loss_names_its_step_counted_from_one(n=12, batch=2, bad_row=7):
+def _ft_nan_run(check_every, monkeypatch, n=12, batch=2, bad_row=7):
     """A regression run whose label `bad_row` is NaN: the loss is NaN from the step that draws that row."""
     import argparse
+    monkeypatch.setattr(finetune, "CHECK_EVERY", check_every)
     torch.manual_seed(0)
     net = finetune.Finetuner(model.LanguageEncoder(model.PRESETS["bert-toy"]), "regression", 1)
     train_set = {**_ft_batch(net.backbone.config, (n, 8)), "labels": torch.zeros(n)}
     train_set["labels"][bad_row] = float("nan")
     args = argparse.Namespace(device="cpu", batch_size=batch, grad_accum=1, epochs=2, lr=1e-3, layer_decay=None,
-                              weight_decay=0.0, warmup=0.0, bf16=False, task="stsb")
+                              weight_decay=0.0, warmup=0.0, dtype=None, task="stsb")
     position = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist().index(bad_row)
     with pytest.raises(FloatingPointError, match=rf"the training loss became nan at step {position // batch + 1}: "
                                                  r"finetune again with a lower --lr"):
         finetune.train(net, train_set, {}, args, seed=0)
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 50])
+def test_finetune_nan_loss_names_its_step_counted_from_one(check_every, monkeypatch):
+    """Checked every step, every 2 steps or only at the epoch's end (6 steps): the same first bad step is named."""
+    _ft_nan_run(check_every, monkeypatch)
 
 
 # ---------------------------------------------------------------------------------------------------- outputs
