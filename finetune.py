@@ -4,6 +4,7 @@
     python finetune.py rte --toy                            # the toy kit: seconds on 2 CPU cores
     python finetune.py rte --encoder runs/<run>/xdbert --full-model   # App. C.3: the whole cross-modal model
     python finetune.py sst2 --encoder clip                  # Table 1's CLIP-T row
+    python finetune.py sweep --encoders bert-base,runs/<run>/xdbert   # Table 1: every task x encoder x seed
     python finetune.py table runs/*/results.json            # a table like the paper's Table 1
     python finetune.py bench                                # finetuning examples/s, random weights
 
@@ -29,13 +30,22 @@ so runs with other settings never overwrite each other. On CUDA, bf16 autocast w
 Spearman 0.0, a degenerate marginal MCC 0.0, no positive at all F1 0.0 (scikit-learn's zero_division=0).
 """
 import argparse
+import collections
 import copy
+import csv
+import ctypes
+import datetime
+import functools
+import io
 import json
 import math
 import os
+import signal
 import statistics
+import subprocess
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -46,6 +56,7 @@ import data
 import model
 
 TASK_ORDER = tuple(data.TASKS)  # Table 1's column order: the 9 GLUE tasks, SWAG, READ
+TABLE1_GLUE = ("rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli")  # the GLUE tasks Table 1 averages
 SMALL_TASKS = ("rte", "mrpc", "stsb")  # Table 5: the higher learning rate
 LEARNING_RATES = {"base": {"small": 1e-4, "other": 2e-5}, "large": {"small": 5e-5, "other": 1e-5}}  # Table 5
 DEFAULT_SEEDS = {"rte": 9}  # App. C.2: median of 9 runs for RTE, 5 for the others
@@ -588,19 +599,214 @@ def results_in(run_dir):
     return r if all(map(os.path.isfile, [*files, os.path.join(run_dir, "dev_predictions.jsonl")])) else None
 
 
-def table(results) -> str:
-    """A Markdown table like the paper's Table 1 from results dicts: a row per model, a column per task, each cell
-    the metrics of the median run (shown; two metrics as a/b) with the number of seeds."""
+def table(results) -> tuple[str, str]:
+    """Table 1 from results dicts, as (Markdown, CSV): a row per model, a column per task, each cell the median run's
+    metrics (shown; two metrics as a/b), the range of the main metric over the seeds and the seed count.
+    The GLUE column, for models with all of Table 1's GLUE tasks, scores as the GLUE benchmark does: the mean of a
+    task's metrics, then the mean over the tasks (MNLI matched and mismatched count as its two)."""
     cells = {}
     for r in results:
         cells.setdefault(r["model"], {}).setdefault(r["task"], []).append(r)
     tasks = [t for t in TASK_ORDER if any(t in row for row in cells.values())]
-    lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    glue = [t for t in tasks if data.TASKS[t].glue_dir]  # TASK_ORDER puts them first
+    columns = glue + ["GLUE"] * any(set(TABLE1_GLUE) <= set(row) for row in cells.values()) + tasks[len(glue):]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [("model", "task", "seeds", "median_seed", "metric", "value", "min", "max")]
     for name, row in cells.items():
-        out = ["/".join(shown(k, v) for k, v in median_run(row[t])["metrics"].items()) + f" ({len(row[t])})"
-               if t in row else "" for t in tasks]
-        lines.append(f"| {name} | " + " | ".join(out) + " |")
-    return "\n".join(lines)
+        out = {}
+        for t, runs in row.items():
+            mid, main = median_run(runs), runs[0]["main_metric"]
+            lo, hi = (f(r["metrics"][main] for r in runs) for f in (min, max))
+            spread = f" [{shown(main, lo)}, {shown(main, hi)}]" if len(runs) > 1 else ""
+            out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
+                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
+        if set(TABLE1_GLUE) <= set(row):
+            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
+            out["GLUE"] = f"{100 * average:.2f}"
+            rows.append((name, "GLUE", "", "", "average", average, "", ""))
+        lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return "\n".join(lines), text.getvalue()
+
+
+def glue_submission(results, path):
+    """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
+    names = []
+    with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for task in TASK_ORDER:
+            runs = [r for r in results if r["task"] == task]
+            if not runs or not data.TASKS[task].glue_dir:
+                continue
+            middle = median_run(runs)
+            for tsv in middle.get("test_predictions", []):
+                names.append(os.path.basename(tsv))
+                z.write(os.path.join(middle["run_dir"], "glue_test", names[-1]), names[-1])
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- sweep
+
+Job = collections.namedtuple("Job", "name argv run_dir expected cost")
+
+
+def sweep_jobs(encoders, tasks, seeds, extra) -> list[Job]:
+    """Every (task, encoder, seed) of a sweep, in a stable order, as the `finetune.py TASK` command that runs it, its
+    run dir, what its results must record and its cost (train file bytes x epochs x encoder parameters).
+    seeds: a number per task, or None for the paper's (App. C.2: 9 for RTE, 5 otherwise)."""
+    jobs, encoder_facts = [], {}
+    for task in tasks:
+        for encoder in encoders:
+            for seed in range(seeds or DEFAULT_SEEDS.get(task, 5)):
+                argv = [task, "--encoder", encoder, "--seed", str(seed), "--seeds", "1", *extra]
+                args = parse_task_args(argv)
+                if encoder not in encoder_facts:
+                    backbone, variant, *_ = load_backbone(args)
+                    encoder_facts[encoder] = variant, model_size(backbone), model.count_parameters(backbone)
+                variant, size, params = encoder_facts[encoder]
+                expected = plan(args, variant, size) | {"seed": seed}
+                name = f"{task}-{expected['model']}-seed{seed}"
+                spec = data.TASKS[task]
+                train_file = os.path.join(args.data, spec.folder, spec.splits["train"])
+                size_bytes = os.path.getsize(train_file) if os.path.isfile(train_file) else 1
+                jobs.append(Job(name, argv, os.path.join(args.out, name), expected, size_bytes * args.epochs * params))
+    return jobs
+
+
+def shard(jobs, i, n) -> list[Job]:
+    """--shard I/N: every N-th job of the largest-first list, from the I-th; the N shares are disjoint, cover the
+    list and get a fair part of the big jobs each. The share keeps the largest-first order."""
+    return sorted(jobs, key=lambda j: -j.cost)[i - 1::n]
+
+
+def finished(job):
+    """The job's results when its run is complete and was made with the job's settings, else None."""
+    r = results_in(job.run_dir)
+    return r if r is not None and same_settings(r, job.expected) else None
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a worker can be given: CUDA_VISIBLE_DEVICES's entries, else 0 .. count-1; none without CUDA."""
+    if not torch.cuda.is_available():
+        return []
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
+
+
+def _die_with_sweep(sweep_pid, prctl):
+    """A worker's preexec_fn: Linux kills the worker when the sweep dies (prctl PR_SET_PDEATHSIG), so a killed sweep
+    leaves no job running. Elsewhere an orphaned job finishes, writing its files atomically, and a rerun skips it."""
+    if prctl is not None:
+        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != sweep_pid:  # the sweep died before the request took effect
+        os._exit(1)
+
+
+def start_job(job, log_path, gpu, threads):
+    """`python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads), its output
+    appended to log_path."""
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    die = functools.partial(_die_with_sweep, os.getpid(), getattr(ctypes.CDLL(None), "prctl", None))
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"$ python finetune.py {' '.join(job.argv)}\n")
+        log.flush()
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *job.argv], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=die)
+
+
+def tail(path, n):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return "".join(collections.deque(f, n)).rstrip()
+
+
+def run_sweep(jobs, workers, log=print) -> list[Job]:
+    """Run the jobs without finished results of the same settings, in list order, `workers` at a time, each in its
+    own process; a failed job is retried once. Prints progress and an ETA; returns the jobs that failed twice."""
+    todo = collections.deque(j for j in jobs if not finished(j))
+    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} finished before, {len(todo)} to run "
+        f"on {workers} worker(s)")
+    gpus, threads = visible_gpus(), max(1, (os.cpu_count() or 1) // workers)
+    logs = lambda job: os.path.join(os.path.dirname(job.run_dir), "sweep-logs", job.name + ".log")
+    running, tries, failed, done, total = {}, collections.Counter(), [], [], len(todo)
+    while todo or running:
+        for slot in [s for s in range(workers) if s not in running][:len(todo)]:
+            job = todo.popleft()
+            tries[job.name] += 1
+            proc = start_job(job, logs(job), gpus[slot % len(gpus)] if gpus else None, threads)
+            running[slot] = job, proc, time.time()
+            log(f"start {job.name} (worker {slot + 1}" + (", second try)" if tries[job.name] > 1 else ")"))
+        time.sleep(0.2)
+        for slot, (job, proc, started) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[slot]
+            if proc.returncode == 0 and finished(job):
+                done.append((job.cost, time.time() - started))
+                cost, seconds = map(sum, zip(*done))
+                left = sum(j.cost for j in todo) + sum(j.cost for j, _, _ in running.values())
+                eta = datetime.timedelta(seconds=round(left * seconds / cost / workers))
+                log(f"done {job.name} ({done[-1][1]:.0f} s) | {len(done)}/{total} done, {len(running)} running, "
+                    f"{len(todo)} left, {len(failed)} failed, ETA {eta}")
+            elif tries[job.name] < 2:
+                log(f"failed {job.name} (exit {proc.returncode}), trying once more: {tail(logs(job), 1)}")
+                todo.appendleft(job)
+            else:
+                failed.append(job)
+                log(f"failed {job.name} twice: see the end of the sweep")
+    for job in failed:
+        log(f"FAILED {job.name}: python finetune.py {' '.join(job.argv)}; the end of {logs(job)}:\n"
+            + tail(logs(job), 5))
+    return failed
+
+
+def sweep_report(jobs, log=print):
+    """The Table 1 printer over the sweep's finished runs (printed, and written as table1.md and table1.csv in OUT)
+    and a GLUE submission zip per model (OUT/glue-submission-<model>.zip)."""
+    results = [r for r in map(finished, jobs) if r]
+    out = os.path.dirname(jobs[0].run_dir)
+    markdown, csv_text = table(results)
+    for name, text in (("table1.md", markdown + "\n"), ("table1.csv", csv_text)):
+        with model.atomic_file(os.path.join(out, name), "w") as f:
+            f.write(text)
+    log(markdown + f"\n(written to {os.path.join(out, 'table1.md')} and table1.csv)")
+    for name in dict.fromkeys(r["model"] for r in results):
+        mine = [r for r in results if r["model"] == name]
+        if any(r.get("test_predictions") for r in mine):
+            path = os.path.join(out, f"glue-submission-{name}.zip")
+            log(f"GLUE submission {path}: {', '.join(glue_submission(mine, path))}")
+
+
+def sweep(argv, log=print) -> list[Job]:
+    """python finetune.py sweep: Table 1 in one command (see the README). Returns the jobs that failed."""
+    p = argparse.ArgumentParser(prog="finetune.py sweep", description="Finetune every task x encoder x seed with "
+                                "the paper's recipe; other flags (--toy, --data, --out, --epochs, ...) go to every job")
+    p.add_argument("--encoders", required=True, help="comma-separated --encoder values")
+    p.add_argument("--tasks", default="all", help="glue (its 9 tasks), all (with swag and read) or a list: rte,mrpc")
+    p.add_argument("--seeds", default="paper", help="paper (9 for RTE, 5 otherwise) or a number for every task")
+    p.add_argument("--workers", type=int, help="jobs at a time (default: one per visible GPU, else 1)")
+    p.add_argument("--shard", default="1/1", help="I/N: run the I-th of N disjoint shares of the jobs")
+    a, extra = p.parse_known_args(argv)
+    owned = {"--encoder", "--seed", "--seeds", "--name"} & {e.split("=")[0] for e in extra}
+    if owned:
+        raise ValueError(f"the sweep sets {', '.join(sorted(owned))} of each job itself: leave them out")
+    tasks = {"glue": [t for t in TASK_ORDER if data.TASKS[t].glue_dir], "all": list(TASK_ORDER)}.get(a.tasks)
+    tasks = tasks or a.tasks.split(",")
+    for t in tasks:
+        data.get_task(t)
+    if not (a.seeds == "paper" or a.seeds.isdigit() and int(a.seeds) > 0):
+        raise ValueError(f"--seeds {a.seeds}: give paper or a positive number")
+    i, _, n = a.shard.partition("/")
+    if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise ValueError(f"--shard {a.shard}: give I/N with 1 <= I <= N, e.g. 1/4")
+    if a.workers is not None and a.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    jobs = sweep_jobs(a.encoders.split(","), tasks, None if a.seeds == "paper" else int(a.seeds), extra)
+    failed = run_sweep(shard(jobs, int(i), int(n)), a.workers or max(1, len(visible_gpus())), log)
+    sweep_report(jobs, log)
+    return failed
 
 
 # ---------------------------------------------------------------------------------------------------- benchmark
@@ -652,7 +858,7 @@ def bench(presets, batch_size, seq_len, steps, device):
 
 def task_parser():
     p = argparse.ArgumentParser(prog="finetune.py", description="Finetune an encoder on a GLUE / SWAG / READ task "
-                                "(App. C.2). Other commands: `table FILES...`, `bench`.")
+                                "(App. C.2). Other commands: `sweep`, `table FILES...`, `bench`.")
     p.add_argument("task", help="one of " + ", ".join(TASK_ORDER))
     p.add_argument("--data", default="data", help="data root (default: data)")
     p.add_argument("--toy", action="store_true", help="--data data/toy --encoder bert-toy --clip clip-toy, 3 seeds, "
@@ -709,7 +915,7 @@ def main(argv=None):
         if argv[:1] == ["table"]:
             if len(argv) < 2:
                 raise SystemExit("usage: python finetune.py table runs/*/results.json")
-            print(table([read_results(path) for path in argv[1:]]))
+            print(table([read_results(path) for path in argv[1:]])[0])
         elif argv[:1] == ["bench"]:
             p = argparse.ArgumentParser(prog="finetune.py bench")
             p.add_argument("--presets", nargs="+", default=["bert-toy", "bert-base"],
@@ -720,6 +926,11 @@ def main(argv=None):
             p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
             a = p.parse_args(argv[1:])
             bench(a.presets, a.batch_size, a.max_len, a.steps, a.device)
+        elif argv[:1] == ["sweep"]:
+            failed = sweep(argv[1:])
+            if failed:
+                raise SystemExit(f"{len(failed)} job(s) failed twice (listed above); rerun the same command to "
+                                 f"retry them, finished jobs are skipped")
         else:
             run_seeds(parse_task_args(argv))
     except (FileNotFoundError, ValueError, FloatingPointError) as e:

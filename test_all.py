@@ -2067,7 +2067,167 @@ def test_finetune_table_medians(tmp_path, capsys):
         paths.append(path)
     out = _ft_main(capsys, "table", *paths)
     assert out.splitlines() == ["| model | rte | mrpc | read |", "|---|---|---|---|",
-                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 88.00/80.00 (2) | 0.6354 (1) |"]
+                                "| bert-base | 65.00 [60.00, 70.00] (3) |  |  |",
+                                "| xd |  | 88.00/80.00 [88.00, 90.00] (2) | 0.6354 (1) |"]
+
+
+
+def test_finetune_table_glue_average_scores_as_the_glue_benchmark():
+    """A task's metrics averaged, then the 8 GLUE tasks of Table 1 (WNLI, SWAG and READ stay out of it)."""
+    rng = np.random.default_rng(0)
+    results, expected = [], []
+    for task in finetune.TABLE1_GLUE + ("wnli", "swag", "read"):
+        suffixes = ("_m", "_mm") if task == "mnli" else ("",)
+        metrics = {m + s: float(rng.uniform()) for m in data.TASKS[task].metrics for s in suffixes}
+        results.append({"model": "m", "task": task, "seed": 0, "metrics": metrics, "main_metric": next(iter(metrics))})
+        if task in finetune.TABLE1_GLUE:
+            expected.append(np.mean(list(metrics.values())))
+    markdown, text = finetune.table(results)
+    header, _, row = markdown.splitlines()
+    assert header.split(" | ")[8:12] == ["mnli", "wnli", "GLUE", "swag"]
+    assert row.split(" | ")[10] == f"{100 * np.mean(expected):.2f}"
+    average = [r for r in csv.DictReader(io.StringIO(text)) if r["task"] == "GLUE"]
+    assert float(average[0]["value"]) == pytest.approx(np.mean(expected), abs=1e-15)
+
+# ---------------------------------------------------------------------------------------------------- sweep
+
+FT_SWEEP = ["--encoders", "bert-toy,electra-toy", "--tasks", "rte,sst2", "--seeds", "2", "--workers", "2", "--toy",
+            "--epochs", "1", "--max-train-examples", "48"]
+FT_SWEEP_RUNS = {f"{t}-{e}-ep1-n48-seed{s}" for t in ("rte", "sst2") for e in ("bert-toy", "electra-toy")
+                 for s in (0, 1)}
+
+
+def _ft_sweep(toy, out, *flags):
+    """`python finetune.py sweep` as a user starts it; one CPU thread per worker, so runs compare bitwise."""
+    return subprocess.Popen([sys.executable, "finetune.py", "sweep", *flags, "--data", str(toy), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def _ft_processes_naming(text):
+    """Live processes whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found += [pid] if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() else []
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def ft_sweep(ft_toy, tmp_path_factory):
+    """The 2 tasks x 2 encoders x 2 seeds sweep on 2 workers, SIGKILLed once 2 jobs are done, then rerun to the end.
+    -> (OUT, runs finished before the kill, workers alive after it, the rerun's output, its exit status)."""
+    out = tmp_path_factory.mktemp("sweep") / "runs"
+    first = _ft_sweep(ft_toy, out, *FT_SWEEP)
+    deadline = time.time() + 600
+    while len(list(out.glob("*/results.json"))) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.kill()
+    first.communicate()
+    before = {p.parent.name for p in out.glob("*/results.json")}
+    for _ in range(20):  # the kernel kills the workers with the sweep (prctl PR_SET_PDEATHSIG): within 1 s, while
+        # the jobs they had just started (about 3 s each, most of it importing torch) would still be running
+        if not _ft_processes_naming(str(out)):
+            break
+        time.sleep(0.05)
+    survivors = _ft_processes_naming(str(out))
+    second = _ft_sweep(ft_toy, out, *FT_SWEEP)
+    log = second.communicate(timeout=600)[0]
+    return out, before, survivors, log, second.returncode
+
+
+def test_finetune_sweep_completes_with_table_1_and_glue_zips(ft_sweep):
+    out, _, _, log, status = ft_sweep
+    assert status == 0 and {p.parent.name for p in out.glob("*/results.json")} == FT_SWEEP_RUNS
+    table = (out / "table1.md").read_text().splitlines()
+    assert table[:2] == ["| model | rte | sst2 |", "|---|---|---|"] and len(table) == 4 and "\n".join(table) in log
+    cells = [c for line in table[2:] for c in line.split("|")[2:4]]
+    assert len(cells) == 4 and all(re.fullmatch(r" \d+\.\d\d( \[\d+\.\d\d, \d+\.\d\d\])? \(2\) ", c) for c in cells)
+    rows = list(csv.DictReader(io.StringIO((out / "table1.csv").read_text())))
+    assert len(rows) == 4
+    for row in rows:
+        runs = [finetune.read_results(out / f"{row['task']}-{row['model']}-seed{s}" / "results.json") for s in (0, 1)]
+        middle = finetune.median_run(runs)
+        assert float(row["value"]) == middle["metrics"]["accuracy"] and int(row["median_seed"]) == middle["seed"]
+        assert float(row["min"]) == min(r["metrics"]["accuracy"] for r in runs)
+    for encoder in ("bert-toy", "electra-toy"):
+        with zipfile.ZipFile(out / f"glue-submission-{encoder}-ep1-n48.zip") as z:
+            assert sorted(z.namelist()) == ["RTE.tsv", "SST-2.tsv"]
+            for task, file in (("rte", "RTE.tsv"), ("sst2", "SST-2.tsv")):
+                runs = [finetune.read_results(out / f"{task}-{encoder}-ep1-n48-seed{s}" / "results.json")
+                        for s in (0, 1)]
+                assert z.read(file).decode() == (Path(finetune.median_run(runs)["run_dir"]) / "glue_test" /
+                                                 file).read_text()
+
+
+def test_finetune_sweep_killed_then_rerun_runs_only_the_unfinished_jobs(ft_sweep):
+    """SIGKILL to the sweep takes its workers with it; the rerun starts each unfinished job once and nothing else."""
+    _, before, survivors, log, _ = ft_sweep
+    assert 2 <= len(before) < len(FT_SWEEP_RUNS) and survivors == []
+    assert f"sweep: 8 jobs, {len(before)} finished before, {8 - len(before)} to run on 2 worker(s)" in log
+    assert sorted(re.findall(r"^start (\S+)", log, re.M)) == sorted(FT_SWEEP_RUNS - before)
+
+
+def test_finetune_sweep_jobs_equal_single_runs(ft_sweep, ft_toy, tmp_path, capsys):
+    """Each job of the sweep (killed or not) equals `finetune.py TASK` with the same settings: metrics, losses,
+    predictions."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for task in ("rte", "sst2"):
+            for encoder in ("bert-toy", "electra-toy"):
+                _ft_main(capsys, task, "--toy", "--data", ft_toy, "--encoder", encoder, "--seeds", 2, "--epochs", 1,
+                         "--max-train-examples", 48, "--out", tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    for name in FT_SWEEP_RUNS:
+        ours, theirs = tmp_path / name, ft_sweep[0] / name
+        keys = ("metrics", "epochs", "hparams", "model", "encoder")
+        assert [json.loads((ours / "results.json").read_text())[k] for k in keys] == \
+            [json.loads((theirs / "results.json").read_text())[k] for k in keys]
+        for file in ("dev_predictions.jsonl", f"glue_test/{'RTE' if name.startswith('rte') else 'SST-2'}.tsv"):
+            assert (ours / file).read_text() == (theirs / file).read_text()
+
+
+def test_finetune_sweep_retries_a_failing_job_once_and_goes_on(ft_toy, tmp_path):
+    root = tmp_path / "toy"
+    _ft_copy_task(ft_toy, root)
+    _ft_copy_task(ft_toy, root, "glue/SST-2", encoders=())
+    lines = (root / "glue/SST-2/train.tsv").read_text().splitlines()
+    (root / "glue/SST-2/train.tsv").write_text("\n".join(lines[:3] + ["a bad line\tmaybe"] + lines[3:]) + "\n")
+    sweep = _ft_sweep(root, tmp_path / "runs", "--encoders", "bert-toy", "--tasks", "sst2,rte", "--seeds", "1",
+                      "--toy", "--epochs", "1", "--max-train-examples", "48", "--workers", "2")
+    log = sweep.communicate(timeout=600)[0]
+    assert sweep.returncode == 1 and "1 job(s) failed twice" in log
+    assert Counter(re.findall(r"^start (\S+)", log, re.M)) == {"sst2-bert-toy-ep1-n48-seed0": 2,
+                                                                "rte-bert-toy-ep1-n48-seed0": 1}
+    assert re.search(r"FAILED sst2-bert-toy-ep1-n48-seed0: .*\n(.*\n)*.*SST-2/train.tsv:4: label 'maybe'", log)
+    assert (tmp_path / "runs" / "rte-bert-toy-ep1-n48-seed0" / "results.json").is_file()
+    assert "| bert-toy-ep1-n48 | " in log
+
+
+def test_finetune_sweep_jobs_follow_the_recipe_and_shards_split_them(ft_toy):
+    """--seeds paper: 9 RTE seeds, 5 for the others; Table 5's rates; --shard I/N: disjoint, stable, covering."""
+    encoders = [str(ft_toy / "ckpt" / "bert-toy"), str(ft_toy / "ckpt" / "electra-toy")]
+    jobs = finetune.sweep_jobs(encoders, list(finetune.TASK_ORDER), None, ["--data", str(ft_toy)])
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names)) == 2 * (9 + 10 * 5)
+    assert Counter(j.expected["task"] for j in jobs) == {t: 18 if t == "rte" else 10 for t in finetune.TASK_ORDER}
+    assert {j.expected["task"]: j.expected["hparams"]["lr"] for j in jobs} == {
+        t: 1e-4 if t in ("rte", "mrpc", "stsb") else 2e-5 for t in finetune.TASK_ORDER}
+    assert all(j.argv[:2] == [j.expected["task"], "--encoder"] and "--seeds" in j.argv for j in jobs)
+    for n in (1, 2, 3):
+        shares = [[j.name for j in finetune.shard(jobs, i, n)] for i in range(1, n + 1)]
+        assert sorted(sum(shares, [])) == sorted(names)
+    again = finetune.sweep_jobs(encoders, list(finetune.TASK_ORDER), None, ["--data", str(ft_toy)])
+    assert [j.name for j in finetune.shard(again, 2, 3)] == [j.name for j in finetune.shard(jobs, 2, 3)]
+    costs = [j.cost for j in finetune.shard(jobs, 1, 1)]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(SystemExit, match=f"--shard {bad}: give I/N"):
+            finetune.main(["sweep", "--encoders", encoders[0], "--shard", bad])
 
 
 # =====================================================================================================================
