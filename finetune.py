@@ -902,7 +902,7 @@ def parse_task_args(argv):
     if args.seeds is None:
         args.seeds = TOY_SEEDS if args.toy else DEFAULT_SEEDS.get(args.task, 5)
     for name in ("epochs", "batch_size", "grad_accum", "seeds", "max_len", "max_train_examples"):
-        if (getattr(args, name) or 1) < 1:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     if args.grad_accum > args.batch_size:
         raise SystemExit("--grad-accum cannot exceed --batch-size: each micro-batch needs an example")

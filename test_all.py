@@ -1936,6 +1936,9 @@ def test_finetune_unknown_task_lists_the_tasks():
     with pytest.raises(SystemExit, match="unknown task 'glue'.*rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli, wnli, "
                                          "swag, read"):
         finetune.main(["glue"])
+    for flag in ("--epochs", "--max-train-examples", "--batch-size"):
+        with pytest.raises(SystemExit, match=f"{flag} must be at least 1"):
+            finetune.main(["rte", flag, "0"])
 
 
 def test_finetune_bad_label_names_file_and_line(ft_toy, tmp_path):
