@@ -1538,7 +1538,7 @@ def test_adapt_global_batch_must_split_over_the_world(adapt_kit, monkeypatch):
 
 
 # =====================================================================================================================
-# finetune.py: heads, metrics, runs (issue 6)
+# finetune.py: heads, metrics, runs, the Table 1 sweep
 # =====================================================================================================================
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
