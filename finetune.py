@@ -497,8 +497,8 @@ def submission_tsv(task, ids, predictions, label_names):
 def glue_test_path(task, split, data_root):
     """The GLUE test file of a split, or None when the task has no GLUE test set or it is not downloaded."""
     spec = data.TASKS[task]
-    path = os.path.join(data_root, spec.folder, spec.splits[split])
-    return path if spec.glue_dir and os.path.isfile(path) else None
+    path = os.path.join(data_root, spec.folder, spec.splits[split]) if spec.glue_dir else ""
+    return path if os.path.isfile(path) else None
 
 
 def submission_file(task, suffix):

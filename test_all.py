@@ -1905,9 +1905,10 @@ def _ft_fake_mnli(toy, root):
                                                  "".join(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(pairs[:5])))
 
 
-@pytest.mark.parametrize("task", ["mnli", "stsb", "swag"])
+@pytest.mark.parametrize("task", ["mnli", "stsb", "swag", "read"])
 def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
-    """MNLI scores matched and mismatched and submits MNLI-m/-mm and AX; STS-B submits floats; SWAG picks one of 4."""
+    """MNLI scores matched and mismatched and submits MNLI-m/-mm and AX; STS-B submits floats; SWAG picks one of 4;
+    READ (no GLUE test set) scores RMSE."""
     root = ft_toy
     if task == "mnli":
         root = tmp_path / "toy"
@@ -1926,8 +1927,11 @@ def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
         assert set(result["metrics"]) == {"pearson", "spearman"} and isinstance(dev[0]["prediction"], float)
         rows = (run / "glue_test" / "STS-B.tsv").read_text().splitlines()[1:]
         assert len(rows) == 100 and all(float(r.split("\t")[1]) == float(r.split("\t")[1]) for r in rows)
-    else:
+    elif task == "swag":
         assert len(dev) == 50 and {r["prediction"] for r in dev} <= {0, 1, 2, 3} and not (run / "glue_test").exists()
+    else:
+        assert set(result["metrics"]) == {"rmse"} and result["metrics"]["rmse"] == pytest.approx(
+            np.sqrt(np.mean([(r["label"] - r["prediction"]) ** 2 for r in dev])), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
