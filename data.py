@@ -612,7 +612,8 @@ def _label(task: Task, raw: str, where: str) -> int | float:
 
 def read_task(task: "Task | str", split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
     """The examples of one split. GLUE test files and SWAG's test.csv have no labels (label None); READ has train
-    and a fixed seeded dev split of CommonLit's train.csv, since its test labels are private."""
+    and a fixed seeded dev split of CommonLit's train.csv, since its test labels are private. A file that is not
+    UTF-8, lacks a column, has short rows or holds no example raises ValueError naming the file (and line)."""
     task = get_task(task)
     if split not in task.splits:
         hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
@@ -621,48 +622,89 @@ def read_task(task: "Task | str", split: str, data_root="data", log: Callable[[s
     if not path.is_file():
         raise FileNotFoundError(f"no {task.name} {split} data at {path}: {_download_hint(path, task.fetch)}")
     if task.glue_dir:
-        return _read_glue(task, path, split, log)
-    rows = _read_csv(path)
-    if task.name == "swag":
-        return [_swag_example(task, row, f"{path}:{n}") for n, row in rows]
-    return _read_commonlit(task, rows, split, path)
+        examples = _read_glue(task, path, split, log)
+    else:
+        rows = _read_csv(task, path, split)
+        examples = ([_swag_example(task, row, f"{path}:{n}", split != "test") for n, row in rows]
+                    if task.name == "swag"
+                    else _read_commonlit(task, rows, split, path))
+    if not examples:
+        raise _no_examples(task, path)
+    return examples
+
+
+def _no_examples(task: Task, path: Path) -> ValueError:
+    return ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): "
+                      f"{_download_hint(path, task.fetch)}")
+
+
+def _lines(task: Task, path: Path) -> Iterator[str]:
+    """The file's lines (ends kept, split at \\n only), decoded as UTF-8 (a BOM dropped): a byte that is not UTF-8
+    names the file and its line."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: byte {raw[e.start]:#04x} is not UTF-8: save the file as UTF-8, or "
+                                 f"{_download_hint(path, task.fetch)}") from None
+
+
+def _check_columns(task: Task, path: Path, split: str, header: Sequence[str], extra: Sequence[str] = ()) -> None:
+    """The columns this task reads must be in the header (the label column too, except in test files)."""
+    text_a, text_b, label = task.columns
+    wanted = [text_a, *([text_b] if text_b else []), *extra, *([] if split.startswith("test") else [label])]
+    missing = [c for c in wanted if c not in header]
+    if not any(header):
+        raise _no_examples(task, path)
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} in its header ({', '.join(map(repr, header))}): it is "
+                         f"not the official {task.name} {split} file; {_download_hint(path, task.fetch)}")
 
 
 def _read_glue(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[Example]:
     """GLUE TSVs read without quoting (QUOTE_NONE: their text holds stray quote characters); lines with the wrong
     number of fields (a few in QQP and MNLI) are skipped and counted. CoLA's train/dev have no header."""
     text_a, text_b, label = task.columns
-    with open(path, encoding="utf-8-sig", newline="\n") as f:  # utf-8-sig: MRPC's files start with a BOM
-        lines = (line.rstrip("\r\n").split("\t") for line in f)
-        headerless = task.name == "cola" and split != "test"
-        header = list(COLA_COLUMNS) if headerless else next(lines, [])
-        examples, skipped = [], 0
-        for n, fields in enumerate(lines, start=1 if headerless else 2):  # n: line number in the file
-            if len(fields) != len(header):
-                skipped += 1
-                continue
-            row = dict(zip(header, fields))
-            examples.append(Example(
-                row[text_a], row[text_b] if text_b else None,
-                _label(task, row[label], f"{path}:{n}") if label in row else None,
-                guid=row.get("index", row.get("id", str(len(examples))))))
+    lines = (line.rstrip("\r\n").split("\t") for line in _lines(task, path))
+    headerless = task.name == "cola" and split != "test"
+    header = list(COLA_COLUMNS) if headerless else next(lines, [])
+    _check_columns(task, path, split, header)
+    examples, skipped = [], 0
+    for n, fields in enumerate(lines, start=1 if headerless else 2):  # n: line number in the file
+        if len(fields) != len(header):
+            skipped += 1
+            continue
+        row = dict(zip(header, fields))
+        examples.append(Example(
+            row[text_a], row[text_b] if text_b else None,
+            _label(task, row[label], f"{path}:{n}") if label in row else None,
+            guid=row.get("index", row.get("id", str(len(examples))))))
     if skipped:
         log(f"{path}: skipped {skipped} malformed lines")
     return examples
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) for a quoted CSV (SWAG, CommonLit: fields may hold commas, quotes and newlines)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        return [(reader.line_num, row) for row in reader]
+def _read_csv(task: Task, path: Path, split: str) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) for a quoted CSV (SWAG, CommonLit: fields may hold commas, quotes and newlines); every row
+    must have the header's number of fields."""
+    reader = csv.DictReader(_lines(task, path))
+    extra = ("", "ending0", "ending1", "ending2", "ending3") if task.name == "swag" else ("id",)
+    _check_columns(task, path, split, reader.fieldnames or [], extra)
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():
+            raise ValueError(f"{path}:{reader.line_num}: the row does not have the header's {len(reader.fieldnames)} "
+                             f"fields: the file is cut or damaged; {_download_hint(path, task.fetch)}")
+        rows.append((reader.line_num, row))
+    return rows
 
 
-def _swag_example(task: Task, row: dict[str, str], where: str) -> Example:
+def _swag_example(task: Task, row: dict[str, str], where: str, labelled: bool) -> Example:
     """SWAG (as Hugging Face's run_swag): the context is sent1, choice k is sent2 + " " + ending_k."""
     context, start, label = task.columns
     return Example(row[context], endings=tuple(f"{row[start]} {row[f'ending{k}']}" for k in range(4)),
-                   label=_label(task, row[label], where) if row.get(label) else None, guid=row[""])
+                   label=_label(task, row[label], where) if labelled else None, guid=row[""])
 
 
 def _read_commonlit(task: Task, rows: list[tuple[int, dict[str, str]]], split: str, path: Path) -> list[Example]:

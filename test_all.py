@@ -16,6 +16,7 @@ import random
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -954,6 +955,49 @@ def test_data_swag_and_read_readers(tmp_path):
     assert first.text_a == 'Line one 5,\n"line" two.' and first.label == pytest.approx(-0.95)
 
 
+RTE_HEAD = "index\tsentence1\tsentence2\tlabel\n"
+SWAG_HEAD = ",video-id,fold-ind,startphrase,sent1,sent2,gold-source,ending0,ending1,ending2,ending3,label\n"
+READ_HEAD = "id,url_legal,license,excerpt,target,standard_error\n"
+
+
+@pytest.mark.parametrize("file,text,split,message", [
+    ("glue/RTE/train.tsv", "", "train", r"RTE/train.tsv holds no rte examples .*python download.py glue"),
+    ("glue/RTE/train.tsv", RTE_HEAD, "train", r"RTE/train.tsv holds no rte examples \(empty, header only"),
+    ("glue/RTE/dev.tsv", "index\tsentence1\tsentence2\n0\ta\tb\n", "dev", r"RTE/dev.tsv: no column 'label'"),
+    ("glue/RTE/dev.tsv", "index\tpremise\tsentence2\tlabel\n0\ta\tb\tentailment\n", "dev",
+     r"RTE/dev.tsv: no column 'sentence1' in its header \('index', 'premise', 'sentence2', 'label'\): it is not the "
+     r"official rte dev file; run `python download.py glue`"),
+    ("swag/val.csv", SWAG_HEAD + "0,v,1,s,Ctx.,Then someone,gold,a.,b.,c.,d.,2\n1,v,1,s,Ctx.,Then someone,gold,a.\n",
+     "dev", r"swag/val.csv:3: the row does not have the header's 12 fields: the file is cut or damaged"),
+    ("swag/val.csv", SWAG_HEAD + "0,v,1,s,Ctx.,Then someone,gold,a.,b.,c.,d.,\n", "dev",
+     r"swag/val.csv:2: label '' is not one of 0, 1, 2, 3"),
+    ("read/train.csv", READ_HEAD + 'c1,,,"Text, one.",0.5,0.4\nc2,,,"Text two."\n', "train",
+     r"read/train.csv:3: the row does not have the header's 6 fields"),
+    ("read/train.csv", "url_legal,license,excerpt,target\n,,One.,0.5\n", "train", r"read/train.csv: no column 'id'"),
+], ids=["empty", "header-only", "dev-without-labels", "renamed-column", "short-swag-row", "swag-without-label",
+        "short-read-row", "read-without-id"])
+def test_data_bad_task_files_name_the_file(tmp_path, file, text, split, message):
+    task = file.split("/")[1].lower() if file.startswith("glue") else file.split("/")[0]
+    data_write(tmp_path / file, text)
+    with pytest.raises(ValueError, match=message):
+        data.read_task(task, split, tmp_path)
+
+
+def test_data_non_utf8_file_names_file_and_line(tmp_path):
+    """The line of the bad byte in the file (here past the first 8 KB read), not a position inside a chunk."""
+    rows = [f"{i}\t{'word ' * 30}\tother\tentailment" for i in range(200)]
+    path = tmp_path / "glue/RTE/train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_bytes((RTE_HEAD + "\n".join(rows[:150])).encode() + b"\ncaf\xe9\tb\tc\tentailment\n")
+    with pytest.raises(ValueError, match=r"RTE/train.tsv:152: byte 0xe9 is not UTF-8"):
+        data.read_task("rte", "train", tmp_path)
+    data_write(tmp_path / "swag/train.csv", SWAG_HEAD)
+    with open(tmp_path / "swag/train.csv", "ab") as f:
+        f.write(b'0,v,1,s,"Ctx,\nover two lines.",Then,gold,a.,b.,c.,d.,1\n1,v,1,s,Caf\xe9.,Then,gold,a.,b.,c.,d.,0\n')
+    with pytest.raises(ValueError, match=r"swag/train.csv:4: byte 0xe9 is not UTF-8"):
+        data.read_task("swag", "train", tmp_path)
+
+
 # --------------------------------------------------------------------------------------------------- features
 
 def test_data_encode_matches_transformers():
@@ -962,7 +1006,8 @@ def test_data_encode_matches_transformers():
     rng = np.random.default_rng(0)
     words = DATA_WORDS + ["supercalifragilistic", "Ångström", ","]
     sentence = lambda: " ".join(rng.choice(words, int(rng.integers(0, 150))))
-    pairs = [(sentence(), sentence()) for _ in range(60)] + [("one two three", "four"), ("a " * 70, "b " * 70), ("a " * 71, "b " * 70)]
+    pairs = [(sentence(), sentence()) for _ in range(60)]
+    pairs += [("one two three", "four"), ("a " * 70, "b " * 70), ("a " * 71, "b " * 70)]
     examples = [data.Example(a, b, label=i % 2) for i, (a, b) in enumerate(pairs)]
     out = data.encode(examples, "rte", data.bert_tokenizer(DATA_BERT_DIR))
     ref = hf([a for a, _ in pairs], [b for _, b in pairs], truncation="longest_first", max_length=128,
@@ -972,7 +1017,8 @@ def test_data_encode_matches_transformers():
     assert out["labels"].tolist() == [i % 2 for i in range(len(pairs))]
     single = data.encode([data.Example(a, label=0) for a, _ in pairs], "sst2", data.bert_tokenizer(DATA_BERT_DIR))
     ref = hf([a for a, _ in pairs], truncation=True, max_length=128, padding="max_length", return_tensors="pt")
-    assert torch.equal(single["input_ids"], ref["input_ids"]) and torch.equal(single["attention_mask"], ref["attention_mask"])
+    assert torch.equal(single["input_ids"], ref["input_ids"])
+    assert torch.equal(single["attention_mask"], ref["attention_mask"])
 
 
 def test_data_encode_clip_blocks_and_choice(data_clip_dir):
@@ -1986,7 +2032,7 @@ def test_bench_refuses_a_model_it_cannot_build():
 
 
 # =====================================================================================================================
-# finetune.py: heads, metrics, runs (issue 6)
+# finetune.py: heads, metrics, runs, the Table 1 sweep
 # =====================================================================================================================
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -2054,6 +2100,16 @@ def test_finetune_degenerate_metrics_are_defined():
     assert finetune.f1([1, 1], [1, 1]) == 1.0 and finetune.accuracy([2], [2]) == 1.0
 
 
+def test_finetune_pearson_of_constant_sides_is_exactly_zero():
+    """Centring [0.1] * 3 leaves rounding residue (its mean is 0.10000000000000002): correlating residues gave +-1."""
+    assert np.any(np.asarray([0.1] * 3) - np.mean([0.1] * 3) != 0)
+    for a, b in (([0.1] * 3, [0.7] * 3), ([0.1] * 3, [0.3, 0.1, 0.2]), ([0.7] * 7, [0.1] * 7), ([1e-9] * 4, [3.3] * 4)):
+        assert finetune.pearson(a, b) == 0.0 and finetune.pearson(b, a) == 0.0
+        assert finetune.spearman(a, b) == 0.0
+    x = np.array([0.1, 0.1, 0.1 + 1e-12])  # nearly constant is not constant: scipy's value
+    assert finetune.pearson(x, [1.0, 2.0, 3.0]) == pytest.approx(scipy.stats.pearsonr(x, [1.0, 2.0, 3.0])[0])
+
+
 def test_finetune_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="empty"):
         finetune.accuracy([], [])
@@ -2061,12 +2117,39 @@ def test_finetune_metrics_reject_bad_input():
         finetune.f1([0, 1, 1], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
         finetune.pearson([1.0, 2.0], [float("nan"), 1.0])
+    for metric in (finetune.accuracy, finetune.f1, finetune.matthews):
+        with pytest.raises(ValueError, match="not whole numbers"):
+            metric([0.5, 1.5], [0, 1])
+        with pytest.raises(ValueError, match="not whole numbers"):
+            metric([0, 1], np.array([0.0, 0.9999]))
+        with pytest.raises(ValueError, match="NaN"):
+            metric([0, 1], [0, float("nan")])
+    assert finetune.accuracy(np.array([0.0, 1.0, 2.0]), torch.tensor([0, 1, 1]).numpy()) == pytest.approx(2 / 3)
 
 
-def test_finetune_median_over_seeds():
-    runs = [{"accuracy": a, "f1": f} for a, f in ((0.5, 0.9), (0.7, 0.1), (0.6, 0.3), (0.9, 0.2), (0.1, 0.8))]
-    assert finetune.median_metrics(runs) == {"accuracy": 0.6, "f1": 0.3}
-    assert finetune.median_metrics(runs[:4]) == pytest.approx({"accuracy": 0.65, "f1": 0.25})
+def _ft_runs(main, values, others):
+    return [{"seed": s, "main_metric": main, "metrics": {main: v, "other": o}}
+            for s, (v, o) in enumerate(zip(values, others))]
+
+
+def test_finetune_median_is_one_run():
+    """The median run by the main metric (statistics.median for odd counts, the worse middle one for even counts);
+    its other metrics come with it, not the other metric's own median."""
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 4, 5, 9):
+        for main in ("f1", "rmse", "accuracy_m"):
+            values, others = rng.uniform(size=n), rng.uniform(size=n)
+            m = finetune.median_run(_ft_runs(main, values, others))
+            assert m["metrics"]["other"] == others[m["seed"]]
+            if n % 2:
+                assert m["metrics"][main] == statistics.median(values)
+            else:
+                worse = statistics.median_high if main == "rmse" else statistics.median_low
+                assert m["metrics"][main] == worse(values)
+    runs = _ft_runs("f1", (0.9, 0.1, 0.3, 0.2, 0.8), (0.5, 0.7, 0.1, 0.9, 0.6))  # per-metric medians: 0.3 and 0.6
+    assert finetune.median_run(runs)["metrics"] == {"f1": 0.3, "other": 0.1} and finetune.median_run(runs)["seed"] == 2
+    runs = _ft_runs("f1", (0.5, 0.5, 0.5), (0.1, 0.2, 0.3))  # ties: the middle seed
+    assert finetune.median_run(runs)["seed"] == 1
 
 
 # ---------------------------------------------------------------------------------------------------- heads
@@ -2174,7 +2257,7 @@ def test_finetune_layer_decay_follows_electra():
     assert sum(len(g["params"]) for g in groups) == len(named)
     assert finetune.param_groups(net, 1e-4)[0]["lr"] == 1e-4
     args = finetune.parse_task_args(["rte", "--layer-decay", "0.9", "--encoder", "runs/ad1/xdbert", "--full-model"])
-    assert finetune.model_label(args, "full-model") == "X-ad1-ld0.9"
+    assert finetune.plan(args, "full-model", "base")["model"] == "X-ad1-ld0.9"
     xm = model.CrossModalTransformer(model.PRESETS["bert-toy"], model.PRESETS["clip-toy"], xlayers=2)
     assert finetune.layer_depth("backbone.clip.blocks.1.fc.weight", 2, 2) == 2
     assert finetune.layer_depth("backbone.xlayers.1.lang_ffn.fc.weight", 2, 2) == 4
@@ -2201,12 +2284,29 @@ def test_finetune_grad_accumulation_matches_full_batch(monkeypatch):
         torch.manual_seed(0)
         net = finetune.Finetuner(__import__("copy").deepcopy(encoder), "classification", 2, dropout=0.0)
         args = argparse.Namespace(device="cpu", batch_size=8, grad_accum=accum, epochs=1, lr=1e-3, layer_decay=None,
-                                  weight_decay=0.0, warmup=0.0, bf16=False, task="sst2")
+                                  weight_decay=0.0, warmup=0.0, dtype=None, task="sst2")
         finetune.train(net, train_set, {}, args, seed=0)
         params.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
                                                  finetune.Finetuner(encoder, "classification", 2).parameters()]))
     torch.testing.assert_close(params[0], params[1], atol=1e-6, rtol=1e-5)
+
+
+def test_finetune_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(capsys):
+    """bf16 autocast and fused AdamW by default on CUDA, fp32 on the CPU, --dtype either way (decided without a GPU)."""
+    assert finetune.use_bf16("cuda") and finetune.use_bf16(torch.device("cuda", 1)) and finetune.use_bf16("cpu", "bf16")
+    assert not finetune.use_bf16("cpu") and not finetune.use_bf16("cuda", "fp32")
+    p = torch.nn.Parameter(torch.zeros(2))
+    assert finetune.adamw([p], "cuda").defaults["fused"] is True
+    assert finetune.adamw([p], "cpu").defaults["fused"] is None
+    assert finetune.plan(finetune.parse_task_args(["rte", "--device", "cuda"]), "encoder", "base")["hparams"][
+        "dtype"] == "bf16"
+    assert finetune.plan(finetune.parse_task_args(["rte", "--device", "cpu"]), "encoder", "base")["hparams"][
+        "dtype"] == "fp32"
+    finetune.bench(["bert-toy"], 2, 8, 1, "cpu")
+    out = capsys.readouterr().out.splitlines()
+    assert "cpu, fp32 only (bf16 is measured on CUDA)" in out[0] and len(out) == 2
+    assert out[1].startswith("bert-toy   fp32 train")
 
 
 # ---------------------------------------------------------------------------------------------------- the toy kit
@@ -2249,10 +2349,10 @@ def test_finetune_toy_sst2_learns_and_writes_its_outputs(ft_toy, tmp_path, capsy
 def test_finetune_toy_rte_median_of_seeds_and_label_strings(ft_toy, tmp_path, capsys):
     out = _ft_main(capsys, "rte", "--toy", "--data", ft_toy, "--seeds", 3, "--seed", 4, "--epochs", 1,
                    "--out", tmp_path)
-    scores = [json.loads((tmp_path / f"rte-bert-toy-seed{s}" / "results.json").read_text())["metrics"]["accuracy"]
+    scores = [json.loads((tmp_path / f"rte-bert-toy-ep1-seed{s}" / "results.json").read_text())["metrics"]["accuracy"]
               for s in (4, 5, 6)]
-    assert f"median of 3 seed(s): accuracy {100 * sorted(scores)[1]:.2f}" in out
-    tsv = (tmp_path / "rte-bert-toy-seed4" / "glue_test" / "RTE.tsv").read_text().splitlines()
+    assert f"median of 3 seed(s) by accuracy: accuracy {100 * statistics.median(scores):.2f} (seed " in out
+    tsv = (tmp_path / "rte-bert-toy-ep1-seed4" / "glue_test" / "RTE.tsv").read_text().splitlines()
     assert [line.split("\t")[0] for line in tsv[1:]] == [str(i) for i in range(100)]
     assert {line.split("\t")[1] for line in tsv[1:]} <= {"entailment", "not_entailment"}
 
@@ -2279,7 +2379,7 @@ def test_finetune_full_model_and_trimming(ft_toy):
 def test_finetune_clip_alone_runs(ft_toy, tmp_path, capsys):
     out = _ft_main(capsys, "sst2", "--toy", "--data", ft_toy, "--encoder", "clip-toy", "--seeds", 1, "--epochs", 1,
                    "--out", tmp_path)
-    assert "sst2 clip-toy seed 0: accuracy" in out
+    assert "sst2 clip-toy-ep1 seed 0: accuracy" in out
 
 
 def _ft_fake_mnli(toy, root):
@@ -2299,15 +2399,16 @@ def _ft_fake_mnli(toy, root):
                                                  "".join(f"{i}\t{a}\t{b}\n" for i, (a, b) in enumerate(pairs[:5])))
 
 
-@pytest.mark.parametrize("task", ["mnli", "stsb", "swag"])
+@pytest.mark.parametrize("task", ["mnli", "stsb", "swag", "read"])
 def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
-    """MNLI scores matched and mismatched and submits MNLI-m/-mm and AX; STS-B submits floats; SWAG picks one of 4."""
+    """MNLI scores matched and mismatched and submits MNLI-m/-mm and AX; STS-B submits floats; SWAG picks one of 4;
+    READ (no GLUE test set) scores RMSE."""
     root = ft_toy
     if task == "mnli":
         root = tmp_path / "toy"
         _ft_fake_mnli(ft_toy, root)
     _ft_main(capsys, task, "--toy", "--data", root, "--seeds", 1, "--epochs", 1, "--out", tmp_path)
-    run = tmp_path / f"{task}-bert-toy-seed0"
+    run = tmp_path / f"{task}-bert-toy-ep1-seed0"
     result = json.loads((run / "results.json").read_text())
     dev = [json.loads(line) for line in (run / "dev_predictions.jsonl").read_text().splitlines()]
     if task == "mnli":
@@ -2320,8 +2421,11 @@ def test_finetune_other_task_kinds_run(task, ft_toy, tmp_path, capsys):
         assert set(result["metrics"]) == {"pearson", "spearman"} and isinstance(dev[0]["prediction"], float)
         rows = (run / "glue_test" / "STS-B.tsv").read_text().splitlines()[1:]
         assert len(rows) == 100 and all(float(r.split("\t")[1]) == float(r.split("\t")[1]) for r in rows)
-    else:
+    elif task == "swag":
         assert len(dev) == 50 and {r["prediction"] for r in dev} <= {0, 1, 2, 3} and not (run / "glue_test").exists()
+    else:
+        assert set(result["metrics"]) == {"rmse"} and result["metrics"]["rmse"] == pytest.approx(
+            np.sqrt(np.mean([(r["label"] - r["prediction"]) ** 2 for r in dev])), rel=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
@@ -2330,6 +2434,9 @@ def test_finetune_unknown_task_lists_the_tasks():
     with pytest.raises(SystemExit, match="unknown task 'glue'.*rte, mrpc, stsb, cola, sst2, qnli, qqp, mnli, wnli, "
                                          "swag, read"):
         finetune.main(["glue"])
+    for flag in ("--epochs", "--max-train-examples", "--batch-size"):
+        with pytest.raises(SystemExit, match=f"{flag} must be at least 1"):
+            finetune.main(["rte", flag, "0"])
 
 
 def test_finetune_bad_label_names_file_and_line(ft_toy, tmp_path):
@@ -2354,10 +2461,93 @@ def test_finetune_missing_data_names_the_download_command(ft_toy, tmp_path):
         finetune.main(["rte", "--toy", "--data", str(root), "--full-model"])
 
 
+def _ft_copy_task(toy, root, folder="glue/RTE", encoders=("bert-toy",)):
+    for name in encoders:
+        shutil.copytree(toy / "ckpt" / name, root / "ckpt" / name)
+    shutil.copytree(toy / folder, root / folder)
+
+
+@pytest.mark.parametrize("dev", ["", RTE_HEAD, "index\tsentence1\tsentence2\n0\ta\tb\n"],
+                         ids=["empty", "header-only", "no-labels"])
+def test_finetune_bad_dev_file_fails_before_training(ft_toy, tmp_path, monkeypatch, dev):
+    """An empty, header-only or label-less dev.tsv stops the run before any training, naming the file."""
+    _ft_copy_task(ft_toy, tmp_path)
+    (tmp_path / "glue/RTE/dev.tsv").write_text(dev)
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained before reading the dev set"))
+    with pytest.raises(SystemExit, match=r"RTE/dev.tsv(: no column 'label'| holds no rte examples)"):
+        finetune.main(["rte", "--toy", "--data", str(tmp_path), "--out", str(tmp_path / "runs")])
+
+
+def test_finetune_run_names_carry_the_settings_that_differ_from_the_recipe():
+    def name(*argv, variant="encoder", size="base"):
+        return finetune.plan(finetune.parse_task_args(list(argv)), variant, size)["model"]
+    assert name("rte") == name("rte", "--lr", "1e-4") == name("sst2", "--lr", "2e-5") == "bert-base"
+    assert name("rte", "--lr", "1e-4", size="large") == "bert-base-lr0.0001"  # Table 5: 5e-5 on large encoders
+    assert name("rte", "--lr", "3e-5", "--epochs", "1", "--batch-size", "16") == "bert-base-lr3e-05-ep1-bs16"
+    assert name("cola", "--warmup", "0", "--weight-decay", "0.01", "--dropout", "0.2", "--max-len", "64",
+                "--max-train-examples", "100") == "bert-base-wu0-len64-wd0.01-drop0.2-n100"
+    assert name("rte", "--grad-accum", "4", "--dtype", "bf16", "--seeds", "2") == "bert-base"  # how, not what
+    assert name("rte", "--toy") == "bert-toy" and name("rte", "--toy", "--lr", "1e-4") == "bert-toy-lr0.0001"
+    assert name("rte", "--encoder", "runs/a1/xdbert", "--name", "xd", "--epochs", "2") == "xd-ep2"
+
+
+def test_finetune_other_settings_never_overwrite_a_run(ft_toy, tmp_path, capsys, monkeypatch):
+    """Another --lr writes its own run; a name clash with other settings (--name) is refused before training."""
+    common = ["rte", "--toy", "--data", ft_toy, "--seeds", 1, "--epochs", 1, "--max-train-examples", 40,
+              "--out", tmp_path]
+    _ft_main(capsys, *common)
+    first = (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text()
+    _ft_main(capsys, *common, "--lr", "1e-3")
+    assert (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text() == first
+    assert json.loads((tmp_path / "rte-bert-toy-lr0.001-ep1-n40-seed0" / "results.json").read_text())["hparams"][
+        "lr"] == 1e-3
+    _ft_main(capsys, *common, "--name", "mine")
+    monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained into a foreign run"))
+    with pytest.raises(SystemExit, match=r"mine-ep1-n40-seed0 holds a run with other settings \(encoder bert-toy.*"
+                                         r"give another --name or --out, or delete it"):
+        finetune.main([str(a) for a in common] + ["--name", "mine", "--encoder", "electra-toy"])
+
+
+@pytest.mark.parametrize("content,message", [
+    ("[1, 2]", "is not a results file of finetune.py"),
+    ('{"model": "m", "task": "rte", "seed": 0}', "is not a results file of finetune.py"),
+    ('{"model": "m", "task": "rte", "seed": 0, "metrics": {}, "main_metric": "accuracy"}',
+     "has no accuracy among its metrics: its run did not finish"),
+    ("{not json", "cannot read it as a results file"),
+], ids=["list", "no-metrics-key", "empty-metrics", "not-json"])
+def test_finetune_table_refuses_what_is_not_a_results_file(tmp_path, content, message):
+    path = tmp_path / "results.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit, match=re.escape(str(path)) + ".*" + message):
+        finetune.main(["table", str(path)])
+
+
+def _ft_nan_run(check_every, monkeypatch, n=12, batch=2, bad_row=7):
+    """A regression run whose label `bad_row` is NaN: the loss is NaN from the step that draws that row."""
+    import argparse
+    monkeypatch.setattr(finetune, "CHECK_EVERY", check_every)
+    torch.manual_seed(0)
+    net = finetune.Finetuner(model.LanguageEncoder(model.PRESETS["bert-toy"]), "regression", 1)
+    train_set = {**_ft_batch(net.backbone.config, (n, 8)), "labels": torch.zeros(n)}
+    train_set["labels"][bad_row] = float("nan")
+    args = argparse.Namespace(device="cpu", batch_size=batch, grad_accum=1, epochs=2, lr=1e-3, layer_decay=None,
+                              weight_decay=0.0, warmup=0.0, dtype=None, task="stsb")
+    position = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist().index(bad_row)
+    with pytest.raises(FloatingPointError, match=rf"the training loss became nan at step {position // batch + 1}: "
+                                                 r"finetune again with a lower --lr"):
+        finetune.train(net, train_set, {}, args, seed=0)
+
+
+@pytest.mark.parametrize("check_every", [1, 2, 50])
+def test_finetune_nan_loss_names_its_step_counted_from_one(check_every, monkeypatch):
+    """Checked every step, every 2 steps or only at the epoch's end (6 steps): the same first bad step is named."""
+    _ft_nan_run(check_every, monkeypatch)
+
+
 # ---------------------------------------------------------------------------------------------------- outputs
 
 def test_finetune_submission_format():
-    """sources.md 1: header index<TAB>prediction; strings for RTE/QNLI/MNLI, 0/1 for others, floats for STS-B."""
+    """GLUE's format: header index<TAB>prediction; strings for RTE/QNLI/MNLI, 0/1 for others, floats for STS-B."""
     assert finetune.submission_tsv("rte", ["0", "1"], [1, 0], ("entailment", "not_entailment")) == \
         "index\tprediction\n0\tnot_entailment\n1\tentailment\n"
     assert finetune.submission_tsv("mrpc", ["7", "9"], np.array([1, 0]), ("0", "1")) == \
@@ -2373,11 +2563,172 @@ def test_finetune_table_medians(tmp_path, capsys):
             ("bert-base", "rte", 2, {"accuracy": 0.65}), ("xd", "mrpc", 0, {"f1": 0.88, "accuracy": 0.80}),
             ("xd", "mrpc", 1, {"f1": 0.90, "accuracy": 0.84}), ("xd", "read", 0, {"rmse": 0.6354})]:
         path = tmp_path / f"{model_name}-{task}-{seed}.json"
-        path.write_text(json.dumps({"model": model_name, "task": task, "seed": seed, "metrics": metrics}))
+        path.write_text(json.dumps({"model": model_name, "task": task, "seed": seed, "metrics": metrics,
+                                    "main_metric": next(iter(metrics))}))
         paths.append(path)
     out = _ft_main(capsys, "table", *paths)
     assert out.splitlines() == ["| model | rte | mrpc | read |", "|---|---|---|---|",
-                                "| bert-base | 65.00 (3) |  |  |", "| xd |  | 89.00/82.00 (2) | 0.635 (1) |"]
+                                "| bert-base | 65.00 [60.00, 70.00] (3) |  |  |",
+                                "| xd |  | 88.00/80.00 [88.00, 90.00] (2) | 0.6354 (1) |"]
+
+
+
+def test_finetune_table_glue_average_scores_as_the_glue_benchmark():
+    """A task's metrics averaged, then the 8 GLUE tasks of Table 1 (WNLI, SWAG and READ stay out of it)."""
+    rng = np.random.default_rng(0)
+    results, expected = [], []
+    for task in finetune.TABLE1_GLUE + ("wnli", "swag", "read"):
+        suffixes = ("_m", "_mm") if task == "mnli" else ("",)
+        metrics = {m + s: float(rng.uniform()) for m in data.TASKS[task].metrics for s in suffixes}
+        results.append({"model": "m", "task": task, "seed": 0, "metrics": metrics, "main_metric": next(iter(metrics))})
+        if task in finetune.TABLE1_GLUE:
+            expected.append(np.mean(list(metrics.values())))
+    markdown, text = finetune.table(results)
+    header, _, row = markdown.splitlines()
+    assert header.split(" | ")[8:12] == ["mnli", "wnli", "GLUE", "swag"]
+    assert row.split(" | ")[10] == f"{100 * np.mean(expected):.2f}"
+    average = [r for r in csv.DictReader(io.StringIO(text)) if r["task"] == "GLUE"]
+    assert float(average[0]["value"]) == pytest.approx(np.mean(expected), abs=1e-15)
+
+# ---------------------------------------------------------------------------------------------------- sweep
+
+FT_SWEEP = ["--encoders", "bert-toy,electra-toy", "--tasks", "rte,sst2", "--seeds", "2", "--workers", "2", "--toy",
+            "--epochs", "1", "--max-train-examples", "48"]
+FT_SWEEP_RUNS = {f"{t}-{e}-ep1-n48-seed{s}" for t in ("rte", "sst2") for e in ("bert-toy", "electra-toy")
+                 for s in (0, 1)}
+
+
+def _ft_sweep(toy, out, *flags):
+    """`python finetune.py sweep` as a user starts it; one CPU thread per worker, so runs compare bitwise."""
+    return subprocess.Popen([sys.executable, "finetune.py", "sweep", *flags, "--data", str(toy), "--out", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def _ft_processes_naming(text):
+    """Live processes whose command line holds `text`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            found += [pid] if text.encode() in Path(f"/proc/{pid}/cmdline").read_bytes() else []
+        except OSError:
+            pass
+    return found
+
+
+@pytest.fixture(scope="module")
+def ft_sweep(ft_toy, tmp_path_factory):
+    """The 2 tasks x 2 encoders x 2 seeds sweep on 2 workers, SIGKILLed once 2 jobs are done, then rerun to the end.
+    -> (OUT, runs finished before the kill, workers alive after it, the rerun's output, its exit status)."""
+    out = tmp_path_factory.mktemp("sweep") / "runs"
+    first = _ft_sweep(ft_toy, out, *FT_SWEEP)
+    deadline = time.time() + 600
+    while len(list(out.glob("*/results.json"))) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    first.kill()
+    first.communicate()
+    before = {p.parent.name for p in out.glob("*/results.json")}
+    for _ in range(20):  # the kernel kills the workers with the sweep (prctl PR_SET_PDEATHSIG): within 1 s, while
+        # the jobs they had just started (about 3 s each, most of it importing torch) would still be running
+        if not _ft_processes_naming(str(out)):
+            break
+        time.sleep(0.05)
+    survivors = _ft_processes_naming(str(out))
+    second = _ft_sweep(ft_toy, out, *FT_SWEEP)
+    log = second.communicate(timeout=600)[0]
+    return out, before, survivors, log, second.returncode
+
+
+def test_finetune_sweep_completes_with_table_1_and_glue_zips(ft_sweep):
+    out, _, _, log, status = ft_sweep
+    assert status == 0 and {p.parent.name for p in out.glob("*/results.json")} == FT_SWEEP_RUNS
+    table = (out / "table1.md").read_text().splitlines()
+    assert table[:2] == ["| model | rte | sst2 |", "|---|---|---|"] and len(table) == 4 and "\n".join(table) in log
+    cells = [c for line in table[2:] for c in line.split("|")[2:4]]
+    assert len(cells) == 4 and all(re.fullmatch(r" \d+\.\d\d( \[\d+\.\d\d, \d+\.\d\d\])? \(2\) ", c) for c in cells)
+    rows = list(csv.DictReader(io.StringIO((out / "table1.csv").read_text())))
+    assert len(rows) == 4
+    for row in rows:
+        runs = [finetune.read_results(out / f"{row['task']}-{row['model']}-seed{s}" / "results.json") for s in (0, 1)]
+        middle = finetune.median_run(runs)
+        assert float(row["value"]) == middle["metrics"]["accuracy"] and int(row["median_seed"]) == middle["seed"]
+        assert float(row["min"]) == min(r["metrics"]["accuracy"] for r in runs)
+    for encoder in ("bert-toy", "electra-toy"):
+        with zipfile.ZipFile(out / f"glue-submission-{encoder}-ep1-n48.zip") as z:
+            assert sorted(z.namelist()) == ["RTE.tsv", "SST-2.tsv"]
+            for task, file in (("rte", "RTE.tsv"), ("sst2", "SST-2.tsv")):
+                runs = [finetune.read_results(out / f"{task}-{encoder}-ep1-n48-seed{s}" / "results.json")
+                        for s in (0, 1)]
+                assert z.read(file).decode() == (Path(finetune.median_run(runs)["run_dir"]) / "glue_test" /
+                                                 file).read_text()
+
+
+def test_finetune_sweep_killed_then_rerun_runs_only_the_unfinished_jobs(ft_sweep):
+    """SIGKILL to the sweep takes its workers with it; the rerun starts each unfinished job once and nothing else."""
+    _, before, survivors, log, _ = ft_sweep
+    assert 2 <= len(before) < len(FT_SWEEP_RUNS) and survivors == []
+    assert f"sweep: 8 jobs, {len(before)} finished before, {8 - len(before)} to run on 2 worker(s)" in log
+    assert sorted(re.findall(r"^start (\S+)", log, re.M)) == sorted(FT_SWEEP_RUNS - before)
+
+
+def test_finetune_sweep_jobs_equal_single_runs(ft_sweep, ft_toy, tmp_path, capsys):
+    """Each job of the sweep (killed or not) equals `finetune.py TASK` with the same settings: metrics, losses,
+    predictions."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for task in ("rte", "sst2"):
+            for encoder in ("bert-toy", "electra-toy"):
+                _ft_main(capsys, task, "--toy", "--data", ft_toy, "--encoder", encoder, "--seeds", 2, "--epochs", 1,
+                         "--max-train-examples", 48, "--out", tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    for name in FT_SWEEP_RUNS:
+        ours, theirs = tmp_path / name, ft_sweep[0] / name
+        keys = ("metrics", "epochs", "hparams", "model", "encoder")
+        assert [json.loads((ours / "results.json").read_text())[k] for k in keys] == \
+            [json.loads((theirs / "results.json").read_text())[k] for k in keys]
+        for file in ("dev_predictions.jsonl", f"glue_test/{'RTE' if name.startswith('rte') else 'SST-2'}.tsv"):
+            assert (ours / file).read_text() == (theirs / file).read_text()
+
+
+def test_finetune_sweep_retries_a_failing_job_once_and_goes_on(ft_toy, tmp_path):
+    root = tmp_path / "toy"
+    _ft_copy_task(ft_toy, root)
+    _ft_copy_task(ft_toy, root, "glue/SST-2", encoders=())
+    lines = (root / "glue/SST-2/train.tsv").read_text().splitlines()
+    (root / "glue/SST-2/train.tsv").write_text("\n".join(lines[:3] + ["a bad line\tmaybe"] + lines[3:]) + "\n")
+    sweep = _ft_sweep(root, tmp_path / "runs", "--encoders", "bert-toy", "--tasks", "sst2,rte", "--seeds", "1",
+                      "--toy", "--epochs", "1", "--max-train-examples", "48", "--workers", "2")
+    log = sweep.communicate(timeout=600)[0]
+    assert sweep.returncode == 1 and "1 job(s) failed twice" in log
+    assert Counter(re.findall(r"^start (\S+)", log, re.M)) == {"sst2-bert-toy-ep1-n48-seed0": 2,
+                                                                "rte-bert-toy-ep1-n48-seed0": 1}
+    assert re.search(r"FAILED sst2-bert-toy-ep1-n48-seed0: .*\n(.*\n)*.*SST-2/train.tsv:4: label 'maybe'", log)
+    assert (tmp_path / "runs" / "rte-bert-toy-ep1-n48-seed0" / "results.json").is_file()
+    assert "| bert-toy-ep1-n48 | " in log
+
+
+def test_finetune_sweep_jobs_follow_the_recipe_and_shards_split_them(ft_toy):
+    """--seeds paper: 9 RTE seeds, 5 for the others; Table 5's rates; --shard I/N: disjoint, stable, covering."""
+    encoders = [str(ft_toy / "ckpt" / "bert-toy"), str(ft_toy / "ckpt" / "electra-toy")]
+    jobs = finetune.sweep_jobs(encoders, list(finetune.TASK_ORDER), None, ["--data", str(ft_toy)])
+    names = [j.name for j in jobs]
+    assert len(names) == len(set(names)) == 2 * (9 + 10 * 5)
+    assert Counter(j.expected["task"] for j in jobs) == {t: 18 if t == "rte" else 10 for t in finetune.TASK_ORDER}
+    assert {j.expected["task"]: j.expected["hparams"]["lr"] for j in jobs} == {
+        t: 1e-4 if t in ("rte", "mrpc", "stsb") else 2e-5 for t in finetune.TASK_ORDER}
+    assert all(j.argv[:2] == [j.expected["task"], "--encoder"] and "--seeds" in j.argv for j in jobs)
+    for n in (1, 2, 3):
+        shares = [[j.name for j in finetune.shard(jobs, i, n)] for i in range(1, n + 1)]
+        assert sorted(sum(shares, [])) == sorted(names)
+    again = finetune.sweep_jobs(encoders, list(finetune.TASK_ORDER), None, ["--data", str(ft_toy)])
+    assert [j.name for j in finetune.shard(again, 2, 3)] == [j.name for j in finetune.shard(jobs, 2, 3)]
+    costs = [j.cost for j in finetune.shard(jobs, 1, 1)]
+    assert costs == sorted(costs, reverse=True) and costs[0] > costs[-1]
+    for bad in ("0/2", "3/2", "2", "a/b"):
+        with pytest.raises(SystemExit, match=f"--shard {bad}: give I/N"):
+            finetune.main(["sweep", "--encoders", encoders[0], "--shard", bad])
 
 
 # =====================================================================================================================
