@@ -1,39 +1,17 @@
 """Sec. 2.3 + App. C.1: cross-modal adaptation of BERT/ELECTRA with CLIP's text transformer (XDBERT).
 
     python adapt.py --toy                                          # the quick start: the toy kit on a CPU
-    torchrun --nproc_per_node 8 adapt.py --encoder bert-base       # the paper's run: one epoch of WikiText-103
+    torchrun --nproc_per_node 8 adapt.py --encoder bert-base       # the paper's run: epoch 1 of a 40-epoch schedule
     python adapt.py --encoder bert-base --epochs 20 --save-epochs 1,2   # Table 3's 1-, 2- and 20-epoch models
     python adapt.py --encoder electra-large --tasks mlm,match      # Table 3 ablations: --tasks, --xlayers
     python adapt.py --encoder bert-base --no-clip                  # Sec. 3's fair baseline: one more epoch of MLM
     python adapt.py --encoder bert-base --resume --epochs 2        # continue runs/<run>/ckpt.pt, here to epoch 2
     python adapt.py plot runs/toy [runs/other ...]                  # loss and MATCH-accuracy curves as SVG
 
-The model (model.CrossModalTransformer) trains on data.py's WikiText-103 cache with the plain sum of the MLM,
-MATCH and CLIPTC cross-entropies (Sec. 2.3): AdamW at 1e-4, gradient clipping 1.0, windows of 512 BERT tokens and
-9 x 77 CLIP tokens (App. B). App. C.1 lays a linear schedule over 40 epochs ("max_epoch = 40 ... warmup ratio =
-0.05": warm-up over the first 2 epochs, then linear decay) and stops after 1: the paper's XDBERT was taken mid-warm-up,
-at half the peak rate. --schedule-epochs sets the schedule, --epochs where the run stops (a resumed run may stop
-later), --save-epochs the epochs whose encoder is also kept (Table 3's 1, 2 and 20 epochs are one run).
-    global batch (about 300 sequences, App. C.1: ~800 steps per epoch) = micro-batch x accumulation x world size
-Outputs, in runs/<run>/: xdbert/ (the adapted language encoder in the hub layout, for finetune.py --encoder),
-xdbert-epoch<e>/ for --save-epochs, crossmodal.pt (the whole model, for finetune.py --full-model), ckpt.pt (the
-resumable state, written every --ckpt-every steps in the background), log.jsonl.
-
-Distributed: torchrun's RANK / LOCAL_RANK / WORLD_SIZE select DDP (nccl on GPU, gloo on CPU); without them this is
-one process. The examples of optimizer step s are the slice [s*G, (s+1)*G) of a permutation drawn from (--seed,
-epoch); its micro-batches go round-robin over the ranks, and dropout is seeded per micro-batch, so any world size
-runs the same computation (equal up to float rounding, which compounds over a long run), and a run killed and
-resumed from ckpt.pt gives bitwise the same weights as one never interrupted (on CPU).
-
-MFU (model FLOPs utilisation, as in nanoGPT / PaLM App. B): the FLOPs of one training sequence are
-    6 x (matmul parameters x the tokens they act on)   forward + backward of every weight matrix
-  + 12 x layers x width x seq x seq                     the attention scores and mixing, per stream
-summed over the language encoder (T = 512 tokens), CLIP-T (n = 9 blocks of 77, attention within a block), the
-cross-modal layers (T language + 9 x 77 CLIP tokens; self-attention T x T and 693 x 693, cross-attention T x 693
-both ways) and the heads (the MLM and CLIPTC decoders on the 15% of positions they predict); a stream of the last
-cross-modal layer that no chosen task reads counts its forward only. flops_per_sequence implements it (the tests
-check it against torch's FlopCounterMode). The peak is the dense bf16 tensor-core figure of the device (PEAK_FLOPS,
-or --peak-flops); on a CPU MFU is printed only with --peak-flops.
+The model (model.CrossModalTransformer) trains on data.py's WikiText-103 windows with the sum of the MLM, MATCH and
+CLIPTC losses (Sec. 2.3) under App. C.1's recipe; the README says how the schedule, resuming and DDP work. Outputs
+in runs/<run>/: xdbert/ (for finetune.py --encoder), xdbert-epoch<e>/, crossmodal.pt (for --full-model), ckpt.pt,
+log.jsonl.
 """
 import argparse
 import functools
@@ -249,11 +227,12 @@ def unread_streams(m):
 
 
 def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
-    """Training FLOPs of one sequence by the formula of the module docstring, counted as multiply-accumulates (MACs):
-    a weight matrix costs its size per token it acts on, an attention 2 x width x query tokens x key tokens (scores
-    and mixing); forward + backward = 6 FLOPs per MAC, or 2 (forward only) for the last cross-modal layer's stream
-    that no chosen task reads (e.g. the CLIP stream without CLIPTC). clip_tokens counts the CLIP stream's real tokens
-    instead of all clip_blocks x 77 positions (the "real tokens" MFU: padding is not useful work)."""
+    """Training FLOPs of one sequence, for MFU (as nanoGPT / PaLM App. B): 6 x the multiply-accumulates (MACs) of
+    every weight matrix on the tokens it acts on, plus the attention scores and mixing (2 x width x queries x keys),
+    over the language encoder, CLIP-T (attention within each block of 77), the cross-modal layers (both streams,
+    both directions) and the heads on their prediction slots; the last cross-modal layer's stream that no chosen
+    task reads counts its forward (2 x MACs) only. clip_tokens replaces the clip_blocks x 77 CLIP positions by the
+    real tokens (MFU over real tokens: padding is not useful work)."""
     lc = m.language.config
     T, H, E, F = seq_len, lc.hidden_size, lc.embedding_size or lc.hidden_size, lc.ffn_size
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
@@ -294,16 +273,13 @@ def checkpoints(cfg):
     return lang_dir, clip_dir
 
 
-def prepare_data(cfg, rank, world, lang_dir, clip_dir):
+def prepare_data(cfg, rank, lang_dir, clip_dir):
     """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
     if cfg.cache:
         if not os.path.isdir(cfg.cache):
             raise FileNotFoundError(f"no cache at {cfg.cache}: drop --cache to build one from --corpus")
         return data.AdaptationData(cfg.cache)
     corpus = cfg.corpus or os.path.join(cfg.data, "wikitext-103-raw", "wiki.train.raw")
-    if not os.path.isfile(corpus):
-        hint = "python download.py --toy" if cfg.data.rstrip("/").endswith("toy") else "python download.py wikitext"
-        raise FileNotFoundError(f"no corpus at {corpus}: run `{hint}` or pass --corpus FILE")
     cache_root = os.path.join(cfg.data, "cache")
 
     def cache(log):
@@ -315,12 +291,6 @@ def prepare_data(cfg, rank, world, lang_dir, clip_dir):
     if dist.is_initialized():
         dist.barrier()
     return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
-
-
-def build_model(cfg, lang_dir, clip_dir):
-    """The cross-modal transformer from the public checkpoints; --no-clip: the language encoder with its MLM head
-    alone (model.py's baseline: no CLIP-T, no cross-modal layers)."""
-    return xm.load_crossmodal_from_hf(lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers, cfg.tasks)
 
 
 def make_optimizer(raw_model, cfg, device):
@@ -347,7 +317,67 @@ def run_name(cfg):
     return cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}"
 
 
-def start_run(cfg, run_dir):
+@dataclass
+class Run:
+    """A run as start() sets it up: where it lives, its data and model, App. C.1's schedule in optimizer steps."""
+    cfg: AdaptConfig
+    rank: int
+    device: torch.device
+    dir: str
+    lang_dir: str
+    dataset: data.AdaptationData
+    micro: int                          # sequences per device and micro-step
+    steps_per_epoch: int
+    schedule: dict                      # {"total": the steps of --schedule-epochs, "warmup": its first --warmup}
+    stop: int                           # the step where this invocation stops
+    saves: dict                         # step -> folder of a --save-epochs snapshot
+    raw: xm.CrossModalTransformer
+    optimizer: torch.optim.Optimizer
+    autocast: object
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.dir, "ckpt.pt")
+
+
+def start(cfg):
+    """Distributed set-up, checkpoints, data, model and optimizer; resume from ckpt.pt or start a new run folder."""
+    rank, world, device = setup_distributed(cfg)
+    micro = micro_batch_size(cfg, world, device)
+    lang_dir, clip_dir = checkpoints(cfg)
+    dataset = prepare_data(cfg, rank, lang_dir, clip_dir)
+    per_epoch = len(dataset) // cfg.global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
+                         f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
+    total = max(1, round(cfg.schedule_epochs * per_epoch))
+    torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
+    raw = xm.load_crossmodal_from_hf(lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers, cfg.tasks).to(device)
+    ctx, scaler, dtype_name = autocast_setup(cfg.dtype, device)
+    run = Run(cfg, rank, device, os.path.join(cfg.out, run_name(cfg)), lang_dir, dataset, micro, per_epoch,
+              {"total": total, "warmup": math.ceil(cfg.warmup * total)},
+              min(total, max(1, round(cfg.epochs * per_epoch)), cfg.max_steps or total),
+              {max(1, round(e * per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}, raw,
+              make_optimizer(raw, cfg, device), ctx, scaler)
+    if rank == 0:
+        xm.sweep_stale(run.dir)
+    if cfg.resume:
+        run.step = resume(run)
+    if rank == 0:
+        if cfg.resume:
+            keep_log_until(os.path.join(run.dir, "log.jsonl"), run.step)
+        else:
+            new_run_folder(cfg, run.dir)
+        print(f"{run.dir}: {len(dataset)} windows, {per_epoch} steps/epoch, schedule {total} steps "
+              f"({run.schedule['warmup']} warm-up), stop at {run.stop}{f', from step {run.step}' if run.step else ''}"
+              f"; global batch {cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} "
+              f"ranks, {dtype_name} on {device}, {xm.count_parameters(raw):,} parameters", flush=True)
+    return run
+
+
+def new_run_folder(cfg, run_dir):
     """A new run refuses a folder that holds one already, unless told to replace it."""
     found = [f for f in ("log.jsonl", "ckpt.pt", "xdbert") if os.path.exists(os.path.join(run_dir, f))]
     if found and not cfg.overwrite:
@@ -357,53 +387,60 @@ def start_run(cfg, run_dir):
     keep_log_until(os.path.join(run_dir, "log.jsonl"), 0)
 
 
-def resume(cfg, ckpt_path, raw_model, optimizer, scaler, schedule):
+def resume(run):
     """Load ckpt.pt (on the CPU; weights_only: it holds tensors and plain containers) and return its step."""
-    if not os.path.isfile(ckpt_path):
-        raise FileNotFoundError(f"no checkpoint at {ckpt_path} to resume: drop --resume to start the run")
+    cfg, path = run.cfg, run.ckpt_path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path} to resume: drop --resume to start the run")
     try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{ckpt_path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
+        raise ValueError(f"{path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
                          f"loaded; restore it, or start a new --name") from None
     saved = ckpt["config"]
     changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
                if k in RUN_DEFINING and saved.get(k) != v]
     if changed:
-        raise ValueError(f"--resume with settings that differ from {ckpt_path}: {', '.join(changed)}; use the run's "
+        raise ValueError(f"--resume with settings that differ from {path}: {', '.join(changed)}; use the run's "
                          f"settings or a new --name")
-    if ckpt["schedule"] != schedule:
-        raise ValueError(f"{ckpt_path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
-                         f"{schedule['total']}: resume with the cache it was built from, or start a new --name")
+    if ckpt["schedule"] != run.schedule:
+        raise ValueError(f"{path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
+                         f"{run.schedule['total']}: resume with the cache it was built from, or start a new --name")
     if saved["lr"] != cfg.lr:
         print(f"note: the peak learning rate changes from {saved['lr']:g} to {cfg.lr:g} at step {ckpt['step']}")
-    raw_model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    run.raw.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"])
     if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     return ckpt["step"]
 
 
-def to_cpu(obj):
-    """A CPU copy of a state (tensors in dicts and lists), taken before training moves on."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
+def snapshot(run, step):
+    """ckpt.pt's content at `step`, copied to the CPU (training moves on while a thread writes it)."""
+    def to_cpu(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().to("cpu", copy=True)
+        if isinstance(obj, dict):
+            return {k: to_cpu(v) for k, v in obj.items()}
+        return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
+    cuda = torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []
+    return to_cpu({"model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
+                   "scaler": run.scaler.state_dict(), "step": step, "config": asdict(run.cfg),
+                   "schedule": run.schedule, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}})
 
 
-def save_outputs(raw_model, cfg, folder, lang_dir):
-    """<folder>/ (hub layout + the encoder's tokenizer files) and, beside it, crossmodal.pt for the final one."""
-    with xm.atomic_dir(folder) as tmp:
-        xm.save_hf(raw_model.language, tmp)
-        for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(lang_dir, name)):
-                shutil.copyfile(os.path.join(lang_dir, name), os.path.join(tmp, name))
-    if not cfg.no_clip and os.path.basename(folder) == "xdbert":
-        xm.save_crossmodal(raw_model, os.path.join(os.path.dirname(folder), "crossmodal.pt"))
+def save_outputs(run, name):
+    """runs/<run>/<name>/: the adapted encoder in the hub layout with its tokenizer files; crossmodal.pt beside the
+    final one."""
+    with xm.atomic_dir(os.path.join(run.dir, name)) as tmp:
+        xm.save_hf(run.raw.language, tmp)
+        for file in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(run.lang_dir, file)):
+                shutil.copyfile(os.path.join(run.lang_dir, file), os.path.join(tmp, file))
+    if not run.cfg.no_clip and name == "xdbert":
+        xm.save_crossmodal(run.raw, os.path.join(run.dir, "crossmodal.pt"))
 
 
 def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
@@ -430,7 +467,11 @@ def prefetched(load, steps):
             yield current.result()
 
 
-def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, device):
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def train_step(model, optimizer, scaler, ctx, micro, clip_grad, device):
     """One optimizer step over this rank's micro-batches [(dropout seed, batch)]: accumulate, all-reduce (DDP syncs
     only on the last micro-batch), unscale, clip, step. Returns the global-batch means of LOGGED (0 for a task that is
     off) and the gradient norm, both left on the device (no host sync)."""
@@ -442,14 +483,14 @@ def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, device):
             out = model(**batch)
         scaler.scale(out["loss"] / len(micro)).backward()
         sums += torch.stack([out[k].detach().float() if k in out else sums.new_zeros(()) for k in LOGGED])
-    if dist.is_initialized():
+    if world_size() > 1:
         dist.all_reduce(sums)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return sums / (len(micro) * world), grad_norm
+    return sums / (len(micro) * world_size()), grad_norm
 
 
 def first_non_finite(pending, first_step):
@@ -463,86 +504,41 @@ def first_non_finite(pending, first_step):
 
 
 def train(cfg: AdaptConfig):
-    rank, world, device = setup_distributed(cfg)
-    micro = micro_batch_size(cfg, world, device)
-    master, run_dir = rank == 0, os.path.join(cfg.out, run_name(cfg))
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-    lang_dir, clip_dir = checkpoints(cfg)
-    dataset = prepare_data(cfg, rank, world, lang_dir, clip_dir)
-    steps_per_epoch = len(dataset) // cfg.global_batch
-    if steps_per_epoch == 0:
-        raise ValueError(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
-                         f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
-    total = max(1, round(cfg.schedule_epochs * steps_per_epoch))
-    schedule = {"total": total, "warmup": math.ceil(cfg.warmup * total)}
-    stop = min(total, max(1, round(cfg.epochs * steps_per_epoch)), cfg.max_steps or total)
-    saves = {max(1, round(e * steps_per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}
-    torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
-    raw_model = build_model(cfg, lang_dir, clip_dir).to(device)
-    optimizer = make_optimizer(raw_model, cfg, device)
-    ctx, scaler, dtype_name = autocast_setup(cfg.dtype, device)
-    if master:
-        xm.sweep_stale(run_dir)
-    step = resume(cfg, ckpt_path, raw_model, optimizer, scaler, schedule) if cfg.resume else 0
-    if master and not cfg.resume:
-        start_run(cfg, run_dir)
-    elif master:
-        keep_log_until(os.path.join(run_dir, "log.jsonl"), step)
-    if master:
-        print(f"{run_dir}: {len(dataset)} windows, {steps_per_epoch} steps/epoch, schedule {total} steps "
-              f"({schedule['warmup']} warm-up), stop at {stop}{f', from step {step}' if step else ''}; global batch "
-              f"{cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} ranks, "
-              f"{dtype_name} on {device}, {xm.count_parameters(raw_model):,} parameters", flush=True)
-    model = wrap(raw_model, cfg, device)
-    flops = flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks)
-    peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    load = functools.partial(load_step, dataset, cfg, steps_per_epoch=steps_per_epoch, micro=micro, rank=rank,
-                             world=world, pin=device.type == "cuda")
-    writer, pending, t_log, clip_real = ThreadPoolExecutor(1), [], time.time(), 0
-    written = writer.submit(lambda: None)
+    run = start(cfg)
+    model, master = wrap(run.raw, cfg, run.device), run.rank == 0
+    load = functools.partial(load_step, run.dataset, cfg, steps_per_epoch=run.steps_per_epoch, micro=run.micro,
+                             rank=run.rank, world=world_size(), pin=run.device.type == "cuda")
+    writer, written, pending, clip_real, t_log = ThreadPoolExecutor(1), None, [], 0, time.time()
     model.train()
-    for batches in prefetched(load, range(step, stop)):
-        lr = lr_at(step, total, schedule["warmup"], cfg.lr)
-        for group in optimizer.param_groups:
+    for step, batches in enumerate(prefetched(load, range(run.step, run.stop)), start=run.step + 1):
+        lr = lr_at(step - 1, run.schedule["total"], run.schedule["warmup"], cfg.lr)
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
         clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
-        pending.append(train_step(model, optimizer, scaler, ctx, batches, world, cfg.clip_grad, device))
-        step += 1
-        checkpoint = step == stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-        if not (step % cfg.log_every == 0 or checkpoint or step in saves):
+        pending.append(train_step(model, run.optimizer, run.scaler, run.autocast, batches, cfg.clip_grad, run.device))
+        checkpoint = step == run.stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+        if not (step % cfg.log_every == 0 or checkpoint or step in run.saves):
             continue
         means, bad = first_non_finite(pending, step - len(pending) + 1)
         if bad is not None:
-            raise FloatingPointError(f"the loss is {means[bad - step + len(pending) - 1][0]} at step {bad}: "
-                                     f"{ckpt_path} holds the last step with a finite loss; lower --lr and --resume")
+            raise FloatingPointError(f"the loss is not finite at step {bad}: {run.ckpt_path} holds the last step "
+                                     f"with a finite loss; lower --lr and --resume")
         dt, t_log = (time.time() - t_log) / len(pending), time.time()
         if master:
-            record = {"step": step, "epoch": step / steps_per_epoch, "lr": lr,
-                      **{k: v for k, v in zip(LOGGED, means[-1]) if k == "loss" or k in raw_model.tasks
-                         or (k == "match_acc" and "match" in raw_model.tasks)},
-                      "grad_norm": float(pending[-1][1]), "step_s": dt,
-                      "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
-                      "mfu": flops * cfg.global_batch / dt / world / peak if peak else None}
-            if peak and raw_model.clip is not None:  # this rank's real CLIP tokens per sequence since the last log
-                real = clip_real / (len(pending) * cfg.global_batch / world)
-                record["mfu_real"] = flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, real) * \
-                    cfg.global_batch / dt / world / peak
-            log(run_dir, record, stop, dt * (stop - step))
+            log(run, step, lr, means[-1], float(pending[-1][1]), dt, clip_real / len(pending) * world_size())
         pending, clip_real = [], 0
-        if master and step in saves:
-            save_outputs(raw_model, cfg, os.path.join(run_dir, saves[step]), lang_dir)
+        if master and step in run.saves:
+            save_outputs(run, run.saves[step])
         if master and checkpoint:
-            written.result()
-            state = to_cpu({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "step": step, "config": asdict(cfg), "schedule": schedule,
-                            "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all()
-                                    if device.type == "cuda" else []}})
-            written = writer.submit(xm.atomic_save, state, ckpt_path)
-    written.result()
+            if written:
+                written.result()
+            written = writer.submit(xm.atomic_save, snapshot(run, step), run.ckpt_path)
+    if written:
+        written.result()
     writer.shutdown()
     if master:
-        save_outputs(raw_model, cfg, os.path.join(run_dir, "xdbert"), lang_dir)
-        print(f"wrote {run_dir}/xdbert" + ("" if cfg.no_clip else f" and {run_dir}/crossmodal.pt"), flush=True)
+        save_outputs(run, "xdbert")
+        print(f"wrote {run.dir}/xdbert" + ("" if cfg.no_clip else f" and {run.dir}/crossmodal.pt"), flush=True)
 
 
 def keep_log_until(path, step):
@@ -564,39 +560,28 @@ def keep_log_until(path, step):
         f.writelines(line if line.endswith("\n") else line + "\n" for r, line in records if r["step"] <= step)
 
 
-def log(run_dir, record, last, eta):
-    parts = [f"step {record['step']}/{last} ({100 * record['step'] / last:.0f}%)", f"lr {record['lr']:.2e}",
-             *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record),
-             f"{record['step_s']:.2f} s/step", f"{record['tokens_per_s']:,.0f} tok/s"]
-    if record["mfu"] is not None:
-        parts.append(f"MFU {100 * record['mfu']:.1f}%" + (f" ({100 * record['mfu_real']:.1f}% of real tokens)"
-                                                         if "mfu_real" in record else ""))
-    eta = round(eta)
-    parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
-    print(" | ".join(parts), flush=True)
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+def log(run, step, lr, means, grad_norm, dt, clip_real):
+    """One log.jsonl record and printed line: the means of LOGGED, speed, MFU over all positions and real tokens."""
+    cfg, m = run.cfg, run.raw
+    peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None)
+    per_flop = cfg.global_batch / dt / world_size() / peak if peak else None
+    record = {"step": step, "epoch": step / run.steps_per_epoch, "lr": lr,
+              **{k: v for k, v in zip(LOGGED, means) if k in ("loss", *m.tasks) or k == "match_acc" and "match" in
+                 m.tasks}, "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
+              "mfu": per_flop and flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks) * per_flop}
+    if per_flop and m.clip is not None:  # over the real CLIP tokens per sequence of the steps since the last log
+        record["mfu_real"] = flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, clip_real / cfg.global_batch) * \
+            per_flop
+    mfu = [f"MFU {100 * record['mfu']:.1f}%"] if record["mfu"] else []
+    if "mfu_real" in record:
+        mfu = [f"{mfu[0]} ({100 * record['mfu_real']:.1f}% of real tokens)"]
+    eta = round(dt * (run.stop - step))
+    print(" | ".join([f"step {step}/{run.stop} ({100 * step / run.stop:.0f}%)", f"lr {lr:.2e}",
+                      *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record), f"{dt:.2f} s/step",
+                      f"{record['tokens_per_s']:,.0f} tok/s", *mfu,
+                      f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"]), flush=True)
+    with open(os.path.join(run.dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
-
-
-def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
-    """Random token ids in the real shapes, without padding: BERT (B, T) with 15% of the positions as MLM targets,
-    CLIP (B, n, 77) framed by <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% as CLIPTC targets,
-    random MATCH labels."""
-    def targets(ids):  # (B, L) -> positions, targets (B, round(0.15 L)) at distinct random positions
-        positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :round(0.15 * ids.shape[1])].sort(1).values
-        return positions, ids.gather(1, positions)
-    V = raw_model.language.config.vocab_size
-    ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
-    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
-             **dict(zip(("mlm_positions", "mlm_targets"), targets(ids)))}
-    if raw_model.clip is not None:
-        cv, C = raw_model.clip.config.vocab_size, raw_model.clip.config.context_length
-        clip = torch.randint(1, cv - 2, (batch_size, clip_blocks, C), generator=g)
-        clip[..., 0], clip[..., -1] = cv - 2, cv - 1
-        batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip),
-                  "match_labels": torch.randint(0, 2, (batch_size,), generator=g),
-                  **dict(zip(("cliptc_positions", "cliptc_targets"), targets(clip.flatten(1))))}
-    return {k: v.to(device) for k, v in batch.items()}
 
 
 def plot(run_dirs, out=None):

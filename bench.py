@@ -66,6 +66,27 @@ def synthetic_cache(folder, windows, seq_len, n_blocks, lang_vocab, clip_vocab, 
     return data.AdaptationData(folder)
 
 
+def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
+    """Random token ids in the real shapes, without padding: BERT (B, T) with 15% of the positions as MLM targets,
+    CLIP (B, n, 77) framed by <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% as CLIPTC targets,
+    random MATCH labels."""
+    def targets(ids):  # (B, L) -> positions, targets (B, round(0.15 L)) at distinct random positions
+        positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :round(0.15 * ids.shape[1])].sort(1).values
+        return positions, ids.gather(1, positions)
+    V = raw_model.language.config.vocab_size
+    ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
+    batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
+             **dict(zip(("mlm_positions", "mlm_targets"), targets(ids)))}
+    if raw_model.clip is not None:
+        cv, C = raw_model.clip.config.vocab_size, raw_model.clip.config.context_length
+        clip = torch.randint(1, cv - 2, (batch_size, clip_blocks, C), generator=g)
+        clip[..., 0], clip[..., -1] = cv - 2, cv - 1
+        batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip),
+                  "match_labels": torch.randint(0, 2, (batch_size,), generator=g),
+                  **dict(zip(("cliptc_positions", "cliptc_targets"), targets(clip.flatten(1))))}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def bench_adapt(cfg, steps, profile=False):
     """Adaptation steps of the run's shapes on random weights (one process); returns the figures as a dict."""
     for name in (cfg.encoder,) + (() if cfg.no_clip else (cfg.clip,)):
@@ -89,7 +110,7 @@ def bench_adapt(cfg, steps, profile=False):
     real = np.mean([int(b["clip_mask"].sum()) / len(b["clip_mask"]) for s in batches for _, b in s if clip])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     queue = iter(batches)
-    step = lambda: adapt.train_step(model, optimizer, scaler, ctx, next(queue), world, cfg.clip_grad, device)
+    step = lambda: adapt.train_step(model, optimizer, scaler, ctx, next(queue), cfg.clip_grad, device)
     dt = median_seconds(step, steps, sync=sync)
     peak = cfg.peak_flops or (adapt.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
     flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks) * cfg.global_batch / dt / world

@@ -1657,7 +1657,7 @@ def test_adapt_flop_formula_matches_torch_flop_counter(encoder, clip, tasks):
     torch.manual_seed(0)
     m = model.CrossModalTransformer(model.PRESETS[encoder], model.PRESETS[clip] if clip else None,
                                     2 if clip else 0, tasks)
-    batch = adapt.synthetic_batch(m, 8, 32, 2, "cpu", torch.Generator().manual_seed(0))
+    batch = bench.synthetic_batch(m, 8, 32, 2, "cpu", torch.Generator().manual_seed(0))
     counter = FlopCounterMode(display=False)
     with counter, sdpa_kernel(SDPBackend.MATH):
         m(**batch)["loss"].backward()
@@ -1704,7 +1704,7 @@ def test_cuda_bf16_adaptation_step_agrees_with_fp32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     net = model.CrossModalTransformer(model.PRESETS["bert-base"], model.PRESETS["clip"]).cuda().eval()
-    batch = adapt.synthetic_batch(net, 4, 128, 2, "cuda", torch.Generator().manual_seed(0))
+    batch = bench.synthetic_batch(net, 4, 128, 2, "cuda", torch.Generator().manual_seed(0))
     runs = []
     for bf16 in (False, True):
         net.zero_grad()
@@ -1955,16 +1955,16 @@ def adapt_toy_step(dtype, scaler=None):
     m = model.CrossModalTransformer(model.PRESETS["bert-toy"], model.PRESETS["clip-toy"], 2)
     ctx, default_scaler, _ = adapt.autocast_setup(dtype, torch.device("cpu"))
     optimizer = adapt.make_optimizer(m, adapt.parse_args(["--toy"]), torch.device("cpu"))
-    batch = adapt.synthetic_batch(m, 2, 16, 1, "cpu", torch.Generator().manual_seed(0))
+    batch = bench.synthetic_batch(m, 2, 16, 1, "cpu", torch.Generator().manual_seed(0))
     return m, optimizer, scaler or default_scaler, ctx, [(1, batch)]
 
 
 def test_adapt_nan_loss_is_found_and_numbered_from_one():
     m, optimizer, scaler, ctx, micro = adapt_toy_step("float32")
-    good = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
+    good = adapt.train_step(m, optimizer, scaler, ctx, micro, 1.0, "cpu")
     with torch.no_grad():
         m.mlm_head.bias[3] = float("nan")
-    bad = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
+    bad = adapt.train_step(m, optimizer, scaler, ctx, micro, 1.0, "cpu")
     means, first = adapt.first_non_finite([good, good, bad, bad], 5)
     assert first == 7 and math.isnan(means[2][0]) and adapt.first_non_finite([good], 5)[1] is None
 
@@ -1972,7 +1972,7 @@ def test_adapt_nan_loss_is_found_and_numbered_from_one():
 def test_adapt_fp16_overflow_is_skipped_not_fatal():
     m, optimizer, scaler, ctx, micro = adapt_toy_step("float16", torch.amp.GradScaler("cpu", init_scale=2.0 ** 100))
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    means, grad_norm = adapt.train_step(m, optimizer, scaler, ctx, micro, 1, 1.0, "cpu")
+    means, grad_norm = adapt.train_step(m, optimizer, scaler, ctx, micro, 1.0, "cpu")
     assert torch.isfinite(means).all() and not torch.isfinite(grad_norm)
     assert scaler.get_scale() < 2.0 ** 100                              # the scaler backed off
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())   # and skipped the step
