@@ -1144,11 +1144,15 @@ DOWNLOAD_BLOB = random.Random(0).randbytes(3_000_000)
 DOWNLOAD_SHA = hashlib.sha256(DOWNLOAD_BLOB).hexdigest()
 
 
-def _download_get(server, tmp_path, modes=None, **kw):
+def _download_cfg(tmp_path, **settings):
+    return download.DownloadConfig(tmp_path, **{"backoff": 0, **settings})
+
+
+def _download_get(server, tmp_path, modes=None, size=None, sha256=None, **settings):
     server.files["/f.bin"] = DOWNLOAD_BLOB
     server.modes["/f.bin"] = modes or {}
     dest = tmp_path / "sub" / "f.bin"
-    download.fetch(f"{server.url}/f.bin", dest, **{"backoff": 0, **kw})
+    download.fetch(f"{server.url}/f.bin", dest, _download_cfg(tmp_path, **settings), size, sha256)
     return dest
 
 
@@ -1202,7 +1206,7 @@ def test_download_gives_up_after_retries(download_server, tmp_path):
     download_server.modes["/f.bin"] = {"500": 1}
     expected = f"{download_server.url}/f.bin: no progress in 1 attempt(s) (the last: HTTP 500 Internal Server Error)"
     with pytest.raises(download.DownloadError, match=re.escape(expected)):
-        download.fetch(f"{download_server.url}/f.bin", tmp_path / "f.bin", retries=0, backoff=0)
+        download.fetch(f"{download_server.url}/f.bin", tmp_path / "f.bin", _download_cfg(tmp_path, retries=0))
     assert not list(tmp_path.iterdir())  # no empty .part left behind
 
 
@@ -1214,7 +1218,7 @@ def test_download_sha256_mismatch_removes_the_file(download_server, tmp_path):
 
 def test_download_404_names_the_url(download_server, tmp_path):
     with pytest.raises(download.DownloadError, match=re.escape(f"HTTP 404 Not Found for {download_server.url}/nope")):
-        download.fetch(f"{download_server.url}/nope", tmp_path / "nope", backoff=0)
+        download.fetch(f"{download_server.url}/nope", tmp_path / "nope", _download_cfg(tmp_path))
     assert not list(tmp_path.iterdir()) and len(download_server.gets("/nope")) == 1
 
 
@@ -1233,7 +1237,7 @@ def test_download_next_mirror_after_a_failure(download_server, tmp_path, capsys)
     download_server.files["/good/w.zip"] = DOWNLOAD_BLOB
     remote = download.Remote("wikitext", "w.zip", "w.zip", len(DOWNLOAD_BLOB), DOWNLOAD_SHA)
     bases = {"wikitext": (f"{download_server.url}/bad", f"{download_server.url}/good")}
-    download.fetch_remote(remote, tmp_path, bases)
+    download.fetch_remote(remote, _download_cfg(tmp_path, bases=bases))
     assert (tmp_path / "w.zip").read_bytes() == DOWNLOAD_BLOB
     assert [r[1] for r in download_server.log] == ["/bad/w.zip", "/good/w.zip"]
     assert f"/bad/w.zip: check the URL (or the --mirror base); trying the next mirror" in capsys.readouterr().err
@@ -1319,7 +1323,7 @@ DOWNLOAD_MSR_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, capsys):
     files = download_server.files
     files["/glue/data/RTE.zip"] = _download_zip({**{f"RTE/{k}": v for k, v in DOWNLOAD_RTE_FILES.items()},
-                                                 "__MACOSX/RTE/._train.tsv": "junk"})
+                                                 "__MACOSX/RTE/._train.tsv": "junk", "RTE/original/raw.tsv": "x"})
     files["/senteval/senteval_data/msr_paraphrase_train.txt"] = (
         DOWNLOAD_MSR_HEADER + "1\t11\t12\tA one.\tA 1.\n0\t21\t22\tB two.\tB 3.\n1\t31\t32\tC three.\tC 3.\n").encode()
     files["/senteval/senteval_data/msr_paraphrase_test.txt"] = (DOWNLOAD_MSR_HEADER + "1\t41\t42\tD.\tD!\n").encode()
@@ -1328,8 +1332,7 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
     download.main(argv)
     plan = capsys.readouterr().out
     assert f"{download_server.url}/glue/data/RTE.zip  {download.human(len(files['/glue/data/RTE.zip']))}" in plan
-    for name, text in DOWNLOAD_RTE_FILES.items():
-        assert (tmp_path / "glue" / "RTE" / name).read_text() == text
+    assert {p.name: p.read_text() for p in (tmp_path / "glue" / "RTE").iterdir()} == DOWNLOAD_RTE_FILES
     mrpc = tmp_path / "glue" / "MRPC"
     assert (mrpc / "train.tsv").read_text() == (
         f"{download.MRPC_HEADER}\n1\t11\t12\tA one.\tA 1.\n1\t31\t32\tC three.\tC 3.\n")
@@ -1342,10 +1345,11 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
 
 
 def test_download_zip_without_the_expected_member(download_server, tmp_path, capsys):
-    download_server.files["/glue/data/RTE.zip"] = _download_zip({"Other/train.tsv": "x"})
+    download_server.files["/glue/data/RTE.zip"] = _download_zip(
+        {"Other/train.tsv": "x", "RTE/original/train.tsv": "x", "RTE/README.txt": "x"})  # no .tsv directly in RTE/
     with pytest.raises(SystemExit, match="python download.py rte"):
         download.main(["rte", "--data", str(tmp_path), "--mirror", f"fb={download_server.url}"])
-    assert "has no RTE/train.tsv" in capsys.readouterr().err and not (tmp_path / "glue" / "RTE").exists()
+    assert "has no RTE/*.tsv" in capsys.readouterr().err and not (tmp_path / "glue").exists()
     assert not (tmp_path / "downloads" / "RTE.zip").exists()
 
 
