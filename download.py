@@ -7,10 +7,8 @@
     python download.py bert-base --mirror hf=https://hf-mirror.com   # another base URL (or XDBERT_MIRROR_HF=...)
     python download.py --toy                 # the offline miniature of everything in data/toy (seconds, no network)
 
-Everything lands under --data (default data) in the layout of README.md ("Data layout"), checkpoints as the hub
-publishes them. A file is streamed to <file>.part under a lock, resumed with HTTP Range after a cut or --timeout
-seconds of silence, retried with doubling waits, checked against its size and sha256 and only then renamed into
-place; an archive is unpacked into a fresh folder renamed into place. A name whose outputs exist is skipped.
+Files land under --data (default data) in README.md's "Data layout", checkpoints as the hub publishes them, each
+verified before it takes its name; README.md ("download.py") says how downloads resume, retry and are checked.
 """
 import argparse
 import contextlib
@@ -68,8 +66,8 @@ class Remote:
 
 @dataclass(frozen=True)
 class Item:
-    """A name on the command line: its remotes are fetched, then `build` makes the `outputs` from them (and they are
-    deleted); `check` validates the result. Done when every output (else every remote's dest) exists."""
+    """A name on the command line: its remotes are fetched, `build` makes its outputs from them, `check` validates
+    them. Done when every output (else every remote's dest) exists."""
     name: str
     remotes: tuple[Remote, ...]
     outputs: tuple[str, ...] = ()
@@ -102,8 +100,7 @@ CHECKPOINTS = (
 
 @contextlib.contextmanager
 def new_folder(path: Path):
-    """A fresh temporary sibling of path to fill; once filled its files are fsynced and it replaces path, so path is
-    complete or absent."""
+    """A temporary sibling folder to fill; once filled (and fsynced) it replaces path: path is complete or absent."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp"))
     try:
@@ -141,16 +138,21 @@ def zip_item(name: str, remote: Remote, folder: str, suffix: str, out: str) -> I
     return Item(name, (remote,), (out,), lambda root: unpack(root, remote.dest, folder, suffix, out))
 
 
-WIKITEXT = zip_item("wikitext", Remote("wikitext", "wikitext-103-raw-v1.zip", "downloads/wikitext-103-raw-v1.zip",
-                                       191_984_949, "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
+def staged(source: str, path: str, size: int | None = None, sha256: str | None = None) -> Remote:
+    """A file fetched into DATA/downloads/ to build an item from (deleted once it is built)."""
+    return Remote(source, path, f"downloads/{posixpath.basename(path)}", size, sha256)
+
+
+WIKITEXT = zip_item("wikitext", staged("wikitext", "wikitext-103-raw-v1.zip", 191_984_949,
+                                       "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
                     "wikitext-103-raw", ".raw", "wikitext-103-raw")
-COCO = zip_item("coco", Remote("coco", "annotations/annotations_trainval2017.zip",
-                               "downloads/annotations_trainval2017.zip"), "annotations", "captions_train2017.json", "coco")
-# GLUE: each task's zip holds a folder whose .tsv files are the task's splits (its subfolders, the originals, are left)
-GLUE_ZIPS = {"cola": ("CoLA", "CoLA"), "sst2": ("SST-2", "SST-2"), "stsb": ("STS-B", "STS-B"), "qqp": ("QQP", "QQP-clean"),
-             "mnli": ("MNLI", "MNLI"), "qnli": ("QNLI", "QNLIv2"), "rte": ("RTE", "RTE"), "wnli": ("WNLI", "WNLI")}
-GLUE = tuple(zip_item(name, Remote("fb", f"glue/data/{zip_name}.zip", f"downloads/{zip_name}.zip"), folder, ".tsv",
-                      f"glue/{folder}") for name, (folder, zip_name) in GLUE_ZIPS.items())
+COCO = zip_item("coco", staged("coco", "annotations/annotations_trainval2017.zip"), "annotations",
+                "captions_train2017.json", "coco")
+GLUE_ZIPS = {  # name -> (the task's folder in its zip and under DATA/glue/, the zip); the folder's .tsv are the splits
+    "cola": ("CoLA", "CoLA"), "sst2": ("SST-2", "SST-2"), "stsb": ("STS-B", "STS-B"), "qqp": ("QQP", "QQP-clean"),
+    "mnli": ("MNLI", "MNLI"), "qnli": ("QNLI", "QNLIv2"), "rte": ("RTE", "RTE"), "wnli": ("WNLI", "WNLI")}
+GLUE = tuple(zip_item(name, staged("fb", f"glue/data/{zip_name}.zip"), folder, ".tsv", f"glue/{folder}")
+             for name, (folder, zip_name) in GLUE_ZIPS.items())
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
 
 
@@ -174,30 +176,26 @@ def build_mrpc(root: Path) -> None:
             (out / name).write_text("".join(f"{line}\n" for line in [header, *map("\t".join, records)]), "utf-8")
 
 
-MRPC = Item("mrpc", tuple(Remote("fb", path, f"downloads/{posixpath.basename(path)}") for path in (
-    "senteval/senteval_data/msr_paraphrase_train.txt", "senteval/senteval_data/msr_paraphrase_test.txt",
-    "glue/data/mrpc_dev_ids.tsv")), ("glue/MRPC",), build_mrpc)
+MRPC = Item("mrpc", tuple(staged("fb", path) for path in ("senteval/senteval_data/msr_paraphrase_train.txt",
+                                                           "senteval/senteval_data/msr_paraphrase_test.txt",
+                                                           "glue/data/mrpc_dev_ids.tsv")), ("glue/MRPC",), build_mrpc)
 AX = Item("ax", (Remote("fb", "glue/data/AX.tsv", "glue/AX/AX.tsv"),))  # GLUE's diagnostic set
 SWAG = Item("swag", tuple(Remote("swag", f"{s}.csv", f"swag/{s}.csv") for s in ("train", "val", "test")))
 
 COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
 COMMONLIT_ROWS = 2834
 READ_HELP = """\
-READ (CommonLit Readability Prize) needs a Kaggle login, so it cannot be fetched here:
-  1. sign in at https://www.kaggle.com and accept the rules at
-     https://www.kaggle.com/competitions/commonlitreadabilityprize/rules
-  2. download the data: `kaggle competitions download -c commonlitreadabilityprize`
-     (or the "Download All" button at https://www.kaggle.com/competitions/commonlitreadabilityprize/data)
-  3. unzip it and put train.csv (2834 excerpts, about 2.8 MB) at {path}
-  4. run `python download.py read` to check the file."""
+READ (CommonLit Readability Prize) needs a Kaggle login, so it cannot be fetched here: sign in at
+https://www.kaggle.com, accept the rules at https://www.kaggle.com/competitions/commonlitreadabilityprize/rules,
+download the data with `kaggle competitions download -c commonlitreadabilityprize` (or the page's "Download All"
+button), unzip it, put train.csv (2834 excerpts, about 2.8 MB) at {path} and run `python download.py read`."""
 
 
 def check_commonlit(root: Path) -> None:
     """The CommonLit train.csv the user put in place: its header, 2834 rows and a numeric target in each."""
     path = root / "read" / "train.csv"
     if not path.is_file():
-        raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run "
-                            f"`python download.py read` again")
+        raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run it again")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != COMMONLIT_HEADER:
@@ -305,8 +303,7 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
 
 
 def lock(f, part: Path, dest: Path) -> None:
-    """An exclusive lock on the open .part file, so that two downloads of one file never write into one .part; the
-    second stops with this error at once rather than wait without a word."""
+    """An exclusive lock on the open .part file: a second download of the file stops at once with this error."""
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         ours = os.path.samestat(os.stat(part), os.fstat(f.fileno()))  # not renamed into place meanwhile
@@ -318,8 +315,7 @@ def lock(f, part: Path, dest: Path) -> None:
 
 
 def stream_with_retries(session: requests.Session, url: str, f, size: int | None, cfg: DownloadConfig) -> None:
-    """GETs into the open .part file f until the body is complete, each failed try printed with its reason and wait;
-    gives up after cfg.retries retries in a row without progress."""
+    """GETs into the open .part file f until the body is complete; each failed try is printed with its reason."""
     failures, best = 0, f.tell()
     while True:
         try:
