@@ -2964,6 +2964,18 @@ def test_pwcca_cli_prints_table_2_with_a_random_row(pwcca_hub, capsys):
     assert rows["clip/bert-base"][0] == pytest.approx(pwcca_scipy_route(clip, bert)[1], abs=1e-4)
 
 
+def test_pwcca_settings_come_from_a_preset_and_the_flags_given_win():
+    assert pwcca.parse_args([]) == pwcca.PRESETS["paper"] and pwcca.PRESETS["paper"].words == 4500
+    toy = pwcca.parse_args(["--toy"])
+    assert (toy.data, toy.names, toy.encoder) == ("data/toy", ("bert-toy", "electra-toy", "clip-toy"), "bert-toy")
+    assert pwcca.parse_args(["--toy", "--data", "d", "bert-base", "clip", "--textbook", "--words", "0"]) == \
+        dataclasses.replace(toy, data="d", names=("bert-base", "clip"), reading="textbook", words=0)
+    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"], for_grounding=True)
+    assert grounding == dataclasses.replace(toy, base=("a", "b"), adapted=("c",), threshold=1)
+    with pytest.raises(SystemExit):                                      # a Table 2 flag is not a grounding flag
+        pwcca.parse_args(["--base", "a", "--adapted", "c", "--words", "3"], for_grounding=True)
+
+
 def test_pwcca_toy_flag_reads_the_given_data_root(pwcca_hub, tmp_path, capsys):
     root, _ = pwcca_hub
     for name in ("bert", "electra", "clip"):
@@ -3004,7 +3016,7 @@ def test_pwcca_app_d_worked_examples_in_wordpieces(tmp_path):
     for name, (texts, total, grounded) in PWCCA_APP_D.items():
         pieces = sum(pwcca.wordpieces(tokenizer, texts), [])
         assert sum(not pwcca.is_stopword(p) for p in pieces) == total, name
-        assert pwcca.grounded_ratio(pieces, counts, pwcca.COCO_THRESHOLD) == pytest.approx(grounded / total), name
+        assert pwcca.grounded_ratio(pieces, counts, pwcca.PRESETS["paper"].threshold) == pytest.approx(grounded / total), name
     premise, hypothesis = pwcca.wordpieces(tokenizer, PWCCA_APP_D["D.3 example 1"][0])
     assert pwcca.mark_grounded(premise, Counter(), 100) == (   # App. D's rendering, brackets and "##" as printed
         "jean (-) claude tri ##chet (,) (the) european central bank president (,) made (it) clear (,) (on) wednesday "
