@@ -259,10 +259,6 @@ class DownloadConfig:
     force: bool = False     # fetch again and replace what is there
     dry_run: bool = False
 
-    def __post_init__(self):
-        if not self.timeout > 0:
-            raise DownloadError(f"--timeout {self.timeout}: give a positive number of seconds")
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Fetching one file: stream into a locked .part, resume with Range, retry, verify, rename
 
@@ -304,14 +300,12 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
 
 def lock(f, part: Path, dest: Path) -> None:
     """An exclusive lock on the open .part file: a second download of the file stops at once with this error."""
-    try:
+    with contextlib.suppress(BlockingIOError, FileNotFoundError):
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        ours = os.path.samestat(os.stat(part), os.fstat(f.fileno()))  # not renamed into place meanwhile
-    except (BlockingIOError, FileNotFoundError):
-        ours = False
-    if not ours:
-        raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
-                            f"same command again")
+        if os.path.samestat(os.stat(part), os.fstat(f.fileno())):  # not renamed into place meanwhile
+            return
+    raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
+                        f"same command again")
 
 
 def stream_with_retries(session: requests.Session, url: str, f, size: int | None, cfg: DownloadConfig) -> None:
@@ -507,6 +501,8 @@ def main(argv=None) -> None:
         build_toy(root)
         return
     try:
+        if not args.timeout > 0:
+            raise DownloadError(f"--timeout {args.timeout}: give a positive number of seconds")
         download(DownloadConfig(root, tuple(args.names), mirror_bases(args.mirror), args.timeout, force=args.force,
                                 dry_run=args.dry_run))
     except DownloadError as err:
