@@ -1344,12 +1344,20 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
     assert len(download_server.log) == requests_made and "present, skipped" in capsys.readouterr().out
 
 
-def test_download_zip_without_the_expected_member(download_server, tmp_path, capsys):
-    download_server.files["/glue/data/RTE.zip"] = _download_zip(
-        {"Other/train.tsv": "x", "RTE/original/train.tsv": "x", "RTE/README.txt": "x"})  # no .tsv directly in RTE/
+DOWNLOAD_BAD_ZIPS = {  # an archive of another layout (no .tsv directly in RTE/), and one whose second member is corrupt
+    "has no RTE/*.tsv": _download_zip({"Other/train.tsv": "x", "RTE/original/train.tsv": "x", "RTE/README.txt": "x"}),
+    "is not a valid zip (Bad CRC-32 for file 'RTE/train.tsv')": _download_zip(
+        {"RTE/dev.tsv": "fine", "RTE/train.tsv": "a damaged body"}).replace(b"a damaged body", b"a DAMAGED body"),
+}
+
+
+@pytest.mark.parametrize("problem", DOWNLOAD_BAD_ZIPS)
+def test_download_a_bad_zip_is_removed_and_leaves_no_folder(download_server, tmp_path, capsys, problem):
+    download_server.files["/glue/data/RTE.zip"] = DOWNLOAD_BAD_ZIPS[problem]
     with pytest.raises(SystemExit, match="python download.py rte"):
         download.main(["rte", "--data", str(tmp_path), "--mirror", f"fb={download_server.url}"])
-    assert "has no RTE/*.tsv" in capsys.readouterr().err and not (tmp_path / "glue").exists()
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "glue").exists() or not list((tmp_path / "glue").iterdir())  # no RTE/, no half-filled tmp
     assert not (tmp_path / "downloads" / "RTE.zip").exists()
 
 
