@@ -1048,7 +1048,7 @@ def test_data_encode_clip_blocks_and_choice(data_clip_dir):
 
 
 # =====================================================================================================================
-# download.py: fetching against a local HTTP server, the toy kit (issue 4)
+# download.py: fetching against a local HTTP server, the toy kit
 # =====================================================================================================================
 
 # A real HTTP server on 127.0.0.1 (Range, cuts, 5xx, 404, checksums, zips); the offline toy kit loaded through
@@ -2744,7 +2744,7 @@ def test_finetune_sweep_jobs_follow_the_recipe_and_shards_split_them(ft_toy):
 
 
 # =====================================================================================================================
-# pwcca.py: PWCCA (Table 2), the visual-grounding analysis (Fig. 4, App. D); data.py's SVG pictures (issues 7, 11)
+# pwcca.py: PWCCA (Table 2), the visual-grounding analysis (Fig. 4, App. D); data.py's SVG pictures
 # =====================================================================================================================
 
 READINGS = ("svcca", "textbook")
