@@ -77,7 +77,7 @@ def pwcca(x, y, reading="svcca", epsilon=1e-8):
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"need two matrices over the same data points (rows), got {x.shape} and {y.shape}")
     if reading == "svcca" and y.shape[1] < x.shape[1]:
-        x, y = y, x          # svcca weighs the set with fewer neurons (x on a tie); its code reads acts1 there
+        x, y = y, x          # svcca weighs by the set with fewer neurons (x on a tie), as its code means to
     rho, h, u = canonical_correlations(x, y, epsilon)
     if reading == "textbook":                          # alpha_i = sum_j |<h_i, x_j>| over x's centred neurons x_j
         alpha = np.abs(h.T @ centre(x)).sum(axis=1)
@@ -113,7 +113,7 @@ def common_words(tokenizers, size=None):
                     for tok in tokenizers]
     words = np.array(sorted(set.intersection(*vocabularies)), dtype=object)
     encodings = [tok.encode_batch(list(words), add_special_tokens=False) for tok in tokenizers]
-    ids = np.array([[e.ids[0] if len(e.ids) == 1 else -1 for e in enc] for enc in encodings])  # (T, all), -1: split
+    ids = np.array([[e.ids[0] if len(e.ids) == 1 else -1 for e in enc] for enc in encodings], np.int64)  # -1: split
     kept = (ids >= 0).all(axis=0)
     order = np.argsort(ids[0, kept], kind="stable")[:size]
     return words[kept][order].tolist(), ids[:, kept][:, order]
