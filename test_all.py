@@ -1048,7 +1048,7 @@ def test_data_encode_clip_blocks_and_choice(data_clip_dir):
 
 
 # =====================================================================================================================
-# download.py: fetching against a local HTTP server, the toy kit (issue 4)
+# download.py: fetching against a local HTTP server, the toy kit
 # =====================================================================================================================
 
 # A real HTTP server on 127.0.0.1 (Range, cuts, 5xx, 404, checksums, zips); the offline toy kit loaded through
@@ -1144,11 +1144,15 @@ DOWNLOAD_BLOB = random.Random(0).randbytes(3_000_000)
 DOWNLOAD_SHA = hashlib.sha256(DOWNLOAD_BLOB).hexdigest()
 
 
-def _download_get(server, tmp_path, modes=None, **kw):
+def _download_cfg(tmp_path, **settings):
+    return download.DownloadConfig(tmp_path, **{"backoff": 0, **settings})
+
+
+def _download_get(server, tmp_path, modes=None, size=None, sha256=None, **settings):
     server.files["/f.bin"] = DOWNLOAD_BLOB
     server.modes["/f.bin"] = modes or {}
     dest = tmp_path / "sub" / "f.bin"
-    download.fetch(f"{server.url}/f.bin", dest, **{"backoff": 0, **kw})
+    download.fetch(f"{server.url}/f.bin", dest, _download_cfg(tmp_path, **settings), size, sha256)
     return dest
 
 
@@ -1202,7 +1206,7 @@ def test_download_gives_up_after_retries(download_server, tmp_path):
     download_server.modes["/f.bin"] = {"500": 1}
     expected = f"{download_server.url}/f.bin: no progress in 1 attempt(s) (the last: HTTP 500 Internal Server Error)"
     with pytest.raises(download.DownloadError, match=re.escape(expected)):
-        download.fetch(f"{download_server.url}/f.bin", tmp_path / "f.bin", retries=0, backoff=0)
+        download.fetch(f"{download_server.url}/f.bin", tmp_path / "f.bin", _download_cfg(tmp_path, retries=0))
     assert not list(tmp_path.iterdir())  # no empty .part left behind
 
 
@@ -1214,7 +1218,7 @@ def test_download_sha256_mismatch_removes_the_file(download_server, tmp_path):
 
 def test_download_404_names_the_url(download_server, tmp_path):
     with pytest.raises(download.DownloadError, match=re.escape(f"HTTP 404 Not Found for {download_server.url}/nope")):
-        download.fetch(f"{download_server.url}/nope", tmp_path / "nope", backoff=0)
+        download.fetch(f"{download_server.url}/nope", tmp_path / "nope", _download_cfg(tmp_path))
     assert not list(tmp_path.iterdir()) and len(download_server.gets("/nope")) == 1
 
 
@@ -1233,7 +1237,7 @@ def test_download_next_mirror_after_a_failure(download_server, tmp_path, capsys)
     download_server.files["/good/w.zip"] = DOWNLOAD_BLOB
     remote = download.Remote("wikitext", "w.zip", "w.zip", len(DOWNLOAD_BLOB), DOWNLOAD_SHA)
     bases = {"wikitext": (f"{download_server.url}/bad", f"{download_server.url}/good")}
-    download.fetch_remote(remote, tmp_path, bases)
+    download.fetch_remote(remote, _download_cfg(tmp_path, bases=bases))
     assert (tmp_path / "w.zip").read_bytes() == DOWNLOAD_BLOB
     assert [r[1] for r in download_server.log] == ["/bad/w.zip", "/good/w.zip"]
     assert f"/bad/w.zip: check the URL (or the --mirror base); trying the next mirror" in capsys.readouterr().err
@@ -1319,7 +1323,7 @@ DOWNLOAD_MSR_HEADER = "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n"
 def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, capsys):
     files = download_server.files
     files["/glue/data/RTE.zip"] = _download_zip({**{f"RTE/{k}": v for k, v in DOWNLOAD_RTE_FILES.items()},
-                                                 "__MACOSX/RTE/._train.tsv": "junk"})
+                                                 "__MACOSX/RTE/._train.tsv": "junk", "RTE/original/raw.tsv": "x"})
     files["/senteval/senteval_data/msr_paraphrase_train.txt"] = (
         DOWNLOAD_MSR_HEADER + "1\t11\t12\tA one.\tA 1.\n0\t21\t22\tB two.\tB 3.\n1\t31\t32\tC three.\tC 3.\n").encode()
     files["/senteval/senteval_data/msr_paraphrase_test.txt"] = (DOWNLOAD_MSR_HEADER + "1\t41\t42\tD.\tD!\n").encode()
@@ -1328,8 +1332,7 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
     download.main(argv)
     plan = capsys.readouterr().out
     assert f"{download_server.url}/glue/data/RTE.zip  {download.human(len(files['/glue/data/RTE.zip']))}" in plan
-    for name, text in DOWNLOAD_RTE_FILES.items():
-        assert (tmp_path / "glue" / "RTE" / name).read_text() == text
+    assert {p.name: p.read_text() for p in (tmp_path / "glue" / "RTE").iterdir()} == DOWNLOAD_RTE_FILES
     mrpc = tmp_path / "glue" / "MRPC"
     assert (mrpc / "train.tsv").read_text() == (
         f"{download.MRPC_HEADER}\n1\t11\t12\tA one.\tA 1.\n1\t31\t32\tC three.\tC 3.\n")
@@ -1341,11 +1344,20 @@ def test_download_cli_unpacks_glue_and_builds_mrpc(download_server, tmp_path, ca
     assert len(download_server.log) == requests_made and "present, skipped" in capsys.readouterr().out
 
 
-def test_download_zip_without_the_expected_member(download_server, tmp_path, capsys):
-    download_server.files["/glue/data/RTE.zip"] = _download_zip({"Other/train.tsv": "x"})
+DOWNLOAD_BAD_ZIPS = {  # an archive of another layout (no .tsv directly in RTE/), and one whose second member is corrupt
+    "has no RTE/*.tsv": _download_zip({"Other/train.tsv": "x", "RTE/original/train.tsv": "x", "RTE/README.txt": "x"}),
+    "is not a valid zip (Bad CRC-32 for file 'RTE/train.tsv')": _download_zip(
+        {"RTE/dev.tsv": "fine", "RTE/train.tsv": "a damaged body"}).replace(b"a damaged body", b"a DAMAGED body"),
+}
+
+
+@pytest.mark.parametrize("problem", DOWNLOAD_BAD_ZIPS)
+def test_download_a_bad_zip_is_removed_and_leaves_no_folder(download_server, tmp_path, capsys, problem):
+    download_server.files["/glue/data/RTE.zip"] = DOWNLOAD_BAD_ZIPS[problem]
     with pytest.raises(SystemExit, match="python download.py rte"):
         download.main(["rte", "--data", str(tmp_path), "--mirror", f"fb={download_server.url}"])
-    assert "has no RTE/train.tsv" in capsys.readouterr().err and not (tmp_path / "glue" / "RTE").exists()
+    assert problem in capsys.readouterr().err
+    assert not (tmp_path / "glue").exists() or not list((tmp_path / "glue").iterdir())  # no RTE/, no half-filled tmp
     assert not (tmp_path / "downloads" / "RTE.zip").exists()
 
 
@@ -2732,7 +2744,7 @@ def test_finetune_sweep_jobs_follow_the_recipe_and_shards_split_them(ft_toy):
 
 
 # =====================================================================================================================
-# pwcca.py: PWCCA (Table 2), the visual-grounding analysis (Fig. 4, App. D); data.py's SVG pictures (issues 7, 11)
+# pwcca.py: PWCCA (Table 2), the visual-grounding analysis (Fig. 4, App. D); data.py's SVG pictures
 # =====================================================================================================================
 
 READINGS = ("svcca", "textbook")
@@ -2960,6 +2972,18 @@ def test_pwcca_cli_prints_table_2_with_a_random_row(pwcca_hub, capsys):
     assert rows["clip/bert-base"][0] == pytest.approx(pwcca_scipy_route(clip, bert)[1], abs=1e-4)
 
 
+def test_pwcca_settings_come_from_a_preset_and_the_flags_given_win():
+    assert pwcca.parse_args([]) == pwcca.PRESETS["paper"] and pwcca.PRESETS["paper"].words == 4500
+    toy = pwcca.parse_args(["--toy"])
+    assert (toy.data, toy.names, toy.encoder) == ("data/toy", ("bert-toy", "electra-toy", "clip-toy"), "bert-toy")
+    assert pwcca.parse_args(["--toy", "--data", "d", "bert-base", "clip", "--textbook", "--words", "0"]) == \
+        dataclasses.replace(toy, data="d", names=("bert-base", "clip"), reading="textbook", words=0)
+    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"], for_grounding=True)
+    assert grounding == dataclasses.replace(toy, base=("a", "b"), adapted=("c",), threshold=1)
+    with pytest.raises(SystemExit):                                      # a Table 2 flag is not a grounding flag
+        pwcca.parse_args(["--base", "a", "--adapted", "c", "--words", "3"], for_grounding=True)
+
+
 def test_pwcca_toy_flag_reads_the_given_data_root(pwcca_hub, tmp_path, capsys):
     root, _ = pwcca_hub
     for name in ("bert", "electra", "clip"):
@@ -3000,7 +3024,7 @@ def test_pwcca_app_d_worked_examples_in_wordpieces(tmp_path):
     for name, (texts, total, grounded) in PWCCA_APP_D.items():
         pieces = sum(pwcca.wordpieces(tokenizer, texts), [])
         assert sum(not pwcca.is_stopword(p) for p in pieces) == total, name
-        assert pwcca.grounded_ratio(pieces, counts, pwcca.COCO_THRESHOLD) == pytest.approx(grounded / total), name
+        assert pwcca.grounded_ratio(pieces, counts, pwcca.PRESETS["paper"].threshold) == pytest.approx(grounded / total), name
     premise, hypothesis = pwcca.wordpieces(tokenizer, PWCCA_APP_D["D.3 example 1"][0])
     assert pwcca.mark_grounded(premise, Counter(), 100) == (   # App. D's rendering, brackets and "##" as printed
         "jean (-) claude tri ##chet (,) (the) european central bank president (,) made (it) clear (,) (on) wednesday "
