@@ -775,7 +775,7 @@ def test_data_non_utf8_corpus_names_its_line_and_leaves_no_temporary_folder(data
     lines = [f" line {i} has enough words to be kept here ." for i in range(5000)]
     lines[3210] = " caf\xe9 in latin1 has enough words ."
     (tmp_path / "latin.raw").write_bytes("\n".join(lines).encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin.raw:3211 is not UTF-8 text: convert"):
+    with pytest.raises(ValueError, match=r"latin.raw:3211: byte 0xe9 is not UTF-8: convert the corpus to UTF-8"):
         data.build_cache(tmp_path / "latin.raw", DATA_BERT_DIR, data_clip_dir, tmp_path / "c", seq_len=32,
                          n_blocks=1, chunk_chars=4000, log=lambda s: None)
     assert list((tmp_path / "c").iterdir()) == []
