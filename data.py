@@ -1,10 +1,9 @@
 """XDBERT data: tokenizers, CLIP blocks (App. B), the adaptation cache and batches (Sec. 2.3), task readers (Sec. 3).
 
-Tokenizers load from the checkpoints' own files through the `tokenizers` library. CLIP reads a text as blocks of 77
-ids (App. B). A raw corpus (WikiText-103) is streamed once into uint16 memmaps of [CLS] + 510 + [SEP] windows and
-their CLIP blocks, and AdaptationData draws the MLM, MATCH and CLIPTC examples of Sec. 2.3 from (seed, epoch, index).
-GLUE, SWAG and READ files are read into Examples and encoded as [CLS] a [SEP] b [SEP] features (Sec. 2.4).
-svg_lines and svg_bars draw standalone SVG charts (loss curves, Fig. 4). The README's data.py section says more.
+Tokenizers come from the checkpoints' own files; CLIP reads a text as blocks of 77 ids (App. B). A raw corpus is
+streamed once into uint16 memmaps of [CLS] + 510 + [SEP] windows and their CLIP blocks, from which AdaptationData
+draws the MLM, MATCH and CLIPTC examples (Sec. 2.3). GLUE, SWAG and READ files become Examples and [CLS] a [SEP] b
+[SEP] features (Sec. 2.4). svg_lines and svg_bars draw standalone SVG charts. More in the README's data.py section.
 """
 import copy
 import csv
@@ -35,6 +34,14 @@ CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 list (48,894); vocabulary 512 + merges + 2 = 49,408
+# OpenAI CLIP's text cleaning (basic_clean: ftfy.fix_text, then html.unescape twice) as one table of what ftfy changes
+# in ordinary text: curly quotes, full-width ASCII, Latin ligatures, control characters; mojibake stays unrepaired.
+CLIP_FIXES = str.maketrans({
+    **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
+    **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
+    "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
+    **dict.fromkeys(map(chr, [*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
+                              *range(0xFFF9, 0xFFFD)]))})
 
 
 def download_hint(path, what: str) -> str:
@@ -73,8 +80,8 @@ def bert_tokenizer(ckpt_dir) -> Tokenizer:
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     tok.decoder = decoders.WordPiece(prefix="##")
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     return _plain(tok)
@@ -109,18 +116,6 @@ def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
     tok.add_special_tokens([CLIP_START, CLIP_END])
     tok.save(f"{out_json}.tmp")
     os.replace(f"{out_json}.tmp", out_json)
-
-
-# OpenAI CLIP cleans text before its BPE (basic_clean in its simple_tokenizer.py): ftfy.fix_text, then html.unescape
-# twice. One translation table does what ftfy.fix_text changes in ordinary text (curly quotes straightened, full-width
-# ASCII made plain, Latin ligatures split, control characters dropped); ftfy's repair of mis-decoded text (mojibake)
-# is not reproduced.
-CLIP_FIXES = str.maketrans({
-    **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
-    **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
-    "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
-    **dict.fromkeys(map(chr, [*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
-                              *range(0xFFF9, 0xFFFD)]))})
 
 
 def clip_encode(clip_tok: Tokenizer, texts: list[str]) -> list[list[int]]:
@@ -200,8 +195,9 @@ def _special_ids(bert_tok: Tokenizer, clip_tok: Tokenizer) -> SpecialIds:
     ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
     if None in ids.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
+    clip_start, clip_end = clip_special_ids(clip_tok)
     return SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
-                      clip_start=clip_special_ids(clip_tok)[0], clip_end=clip_special_ids(clip_tok)[1])
+                      clip_start=clip_start, clip_end=clip_end)
 
 
 def _utf8_lines(path, fix: str) -> Iterator[str]:
@@ -236,46 +232,29 @@ def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool
         yield lines
 
 
-def _wordpieces(bert_tok: Tokenizer, lines: list[str]) -> tuple[str, np.ndarray, np.ndarray]:
-    """Lines -> their text joined by newlines, WordPiece ids (n,) and character spans (n, 2) into that text."""
-    encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
-    line_starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])
-    counts = [len(e.ids) for e in encodings]
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, sum(counts))
-    spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
-    return "\n".join(lines), ids, spans + np.repeat(line_starts, counts)[:, None]
-
-
 def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict
                  ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """App. B: cut the running WordPiece stream into windows -> ids (w, body_len) and each window's text, chunk by
     chunk; a chunk's tail is carried into the next, the last incomplete window dropped (stats["dropped_tail_tokens"])."""
-    carry_text, carry_ids, carry_spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     for lines in chunks:
-        text, ids, spans = _wordpieces(bert_tok, lines)
-        text, shift = carry_text + "\n" + text, len(carry_text) + 1
-        ids, spans = np.concatenate([carry_ids, ids]), np.concatenate([carry_spans, spans + shift])
-        n = len(ids) // body_len
-        starts, ends = spans[0:n * body_len:body_len, 0], spans[body_len - 1:n * body_len:body_len, 1]
-        yield ids[:n * body_len].reshape(n, body_len), [text[s:e] for s, e in zip(starts, ends)]
-        cut = spans[n * body_len, 0] if len(ids) > n * body_len else len(text)
-        carry_text, carry_ids, carry_spans = text[cut:], ids[n * body_len:], spans[n * body_len:] - cut
-    stats["dropped_tail_tokens"] = len(carry_ids)
-
-
-def _cache_key(corpus: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
-               all_lines: bool) -> dict:
-    """What a cache was built from: it is reused only when all of it matches."""
-    with open(corpus, "rb") as f:
-        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    sha256 = lambda tok: hashlib.sha256(tok.to_str().encode()).hexdigest()  # the tokenizer's whole definition
-    return {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
-            "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok),
-            "clip_tokenizer_sha256": sha256(clip_tok), "seq_len": seq_len, "n_blocks": n_blocks}
+        encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
+        counts = [len(e.ids) for e in encodings]
+        starts = len(text) + 1 + np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # each line in the text
+        new_spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
+        text += "\n" + "\n".join(lines)
+        ids = np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int64)])
+        spans = np.concatenate([spans, new_spans + np.repeat(starts, counts)[:, None]])  # (tokens, 2) into text
+        n = len(ids) // body_len * body_len
+        yield ids[:n].reshape(-1, body_len), [text[s:e] for s, e in zip(spans[0:n:body_len, 0],
+                                                                       spans[body_len - 1:n:body_len, 1])]
+        cut = spans[n, 0] if len(ids) > n else len(text)
+        text, ids, spans = text[cut:], ids[n:], spans[n:] - cut
+    stats["dropped_tail_tokens"] = len(ids)
 
 
 def _built_key(cache_dir: Path) -> dict | None:
-    """The key of the cache published in cache_dir, None when there is none."""
+    """The key of the cache published in cache_dir (what it was built from), None when there is none."""
     manifest = cache_dir / "manifest.json"
     return json.loads(manifest.read_text())["key"] if manifest.is_file() else None
 
@@ -291,9 +270,14 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     bert_tok, clip_tok = bert_tokenizer(bert_dir), clip_tokenizer(clip_dir)
     if max(bert_tok.get_vocab_size(), clip_tok.get_vocab_size()) > 1 << 16:
         raise ValueError("the cache stores uint16 ids: a vocabulary has more than 65,536 entries")
-    key = _cache_key(corpus, bert_tok, clip_tok, seq_len, n_blocks, all_lines)
-    tokenizers_id = hashlib.sha256((key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"]).encode())
-    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id.hexdigest()[:10]}{'-all' * all_lines}"
+    with open(corpus, "rb") as f:
+        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    sha256 = lambda tok: hashlib.sha256(tok.to_str().encode()).hexdigest()  # the tokenizer's whole definition
+    key = {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
+           "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok),
+           "clip_tokenizer_sha256": sha256(clip_tok), "seq_len": seq_len, "n_blocks": n_blocks}
+    tokenizers_id = hashlib.sha256((key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"]).encode()).hexdigest()
+    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id[:10]}{'-all' * all_lines}"
     old = _built_key(cache_dir)
     if old == key:
         log(f"reusing the adaptation cache {cache_dir}")
@@ -305,8 +289,8 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f"{cache_dir.name}.{os.getpid()}.", suffix=".tmp"))
     start = time.time()
     try:
-        counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks,
-                                line_chunks(corpus, chunk_chars, (lambda line: True) if all_lines else wikitext_line))
+        chunks = line_chunks(corpus, chunk_chars, (lambda line: True) if all_lines else wikitext_line)
+        counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunks)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
@@ -360,59 +344,25 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
 # ----------------------------------------------------------------------------------------------------------------------
 # Adaptation batches (Sec. 2.3): joint MLM, MATCH, CLIPTC
 
-IGNORE = -100      # target of an unused prediction slot: no loss is computed there
-MASK_PROB = 0.15   # Sec. 2.3.1 and 2.3.3: the share of real tokens that MLM masks and CLIPTC predicts (BERT's rate)
-MATCH_PROB = 0.5   # Sec. 2.3.2: the share of MATCH pairs whose CLIP text comes from another window
+IGNORE = -100     # target of an unused prediction slot: no loss is computed there
+MASK_PROB = 0.15  # Sec. 2.3.1, 2.3.3: the share of real tokens that MLM masks and CLIPTC predicts (BERT's rate)
+MATCH_PROB = 0.5  # Sec. 2.3.2: the share of MATCH pairs whose CLIP text comes from another window
 
 
 def prediction_slots(n: int, prob: float) -> int:
-    """round(prob * n), at least 1: how many of n candidates _choose picks, so the fixed number of MLM / CLIPTC
+    """round(prob * n), at least 1: how many of n candidates are predicted, so the fixed number of MLM / CLIPTC
     prediction slots of a sequence with at most n candidates (every shape stays static)."""
     return max(1, round(prob * n))
 
 
-def _choose(candidates: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
-    """prediction_slots(n, prob) of the n candidate positions, without replacement (Devlin et al. 2019)."""
-    if len(candidates) == 0:
-        return candidates
-    return rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False)
-
-
-def _slots(chosen: np.ndarray, ids: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Chosen positions of ids (flat) -> positions (slots,) in increasing order and their targets (slots,), the unused
-    slots padded with position 0 and target IGNORE."""
-    chosen, pad = np.sort(chosen), (0, slots - len(chosen))
-    return np.pad(chosen, pad), np.pad(ids[chosen], pad, constant_values=IGNORE)
-
-
-def mlm_masking(ids: np.ndarray, sp: SpecialIds, prob: float, rng: np.random.Generator, slots: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sec. 2.3.1: choose prob of the real tokens (never [CLS], [SEP], padding); 80% -> [MASK], 10% -> a random
-    plain token (never a special or [unused] id), 10% kept. ids (T,) -> inputs (T,), positions and targets (slots,)."""
-    chosen = _choose(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), prob, rng)
-    inputs = ids.copy()
-    action = rng.random(len(chosen))
-    inputs[chosen[action < 0.8]] = sp.mask
-    swap = chosen[(action >= 0.8) & (action < 0.9)]
-    inputs[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
-    return (inputs, *_slots(chosen, ids, slots))
-
-
-def match_partner(index: int, n: int, prob: float, rng: np.random.Generator) -> tuple[int, int]:
-    """Sec. 2.3.2 (MATCH): with probability prob the CLIP input comes from another random window (label 0),
-    otherwise from the same one (label 1). Returns (window whose CLIP blocks are used, label)."""
-    if rng.random() >= prob:
-        return index, 1
-    other = int(rng.integers(n - 1))
-    return other + (other >= index), 0
-
-
-def cliptc_targets(clip_ids: np.ndarray, lengths: np.ndarray, sp: SpecialIds, prob: float,
-                   rng: np.random.Generator, slots: int) -> tuple[np.ndarray, np.ndarray]:
-    """Sec. 2.3.3 (CLIPTC): prob of the real CLIP tokens (never start/end/padding) become targets, the input is left
-    unchanged. clip_ids (n, 77), lengths (n,) -> positions into the n*77 flattened ids and targets (slots,)."""
-    real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))
-    return _slots(_choose(np.flatnonzero(real), prob, rng), clip_ids.reshape(-1), slots)
+def _predict(candidates: np.ndarray, ids: np.ndarray, prob: float, rng: np.random.Generator, slots: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """prediction_slots(n, prob) of the n candidate positions of ids (flat), drawn without replacement (Devlin et al.
+    2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
+    chosen = rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False) if len(candidates) \
+        else candidates
+    positions, pad = np.sort(chosen), (0, slots - len(chosen))
+    return chosen, np.pad(positions, pad), np.pad(ids[positions], pad, constant_values=IGNORE)
 
 
 def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
@@ -451,17 +401,30 @@ class AdaptationData:
         return len(self.bert_ids)
 
     def example(self, index: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
-        """One window's inputs and targets; its random draws depend on (seed, epoch, index) only."""
-        rng = np.random.default_rng((seed, epoch, index))
-        partner, match = match_partner(index, len(self), self.match_prob, rng)
-        input_ids, mlm_positions, mlm_targets = mlm_masking(self.bert_ids[index].astype(np.int64), self.special,
-                                                            self.mask_prob, rng, self.mlm_slots)
+        """One window's inputs and targets (Sec. 2.3); its random draws depend on (seed, epoch, index) only."""
+        rng, sp = np.random.default_rng((seed, epoch, index)), self.special
+        # MATCH (2.3.2): with match_prob the CLIP input comes from another random window (label 0), else its own (1)
+        partner, match = index, 1
+        if rng.random() < self.match_prob:
+            other = int(rng.integers(len(self) - 1))
+            partner, match = other + (other >= index), 0
+        # MLM (2.3.1): mask_prob of the real tokens (not [CLS], [SEP], padding): 80% [MASK], 10% a random plain token
+        # (never a special or [unused] id), 10% kept
+        ids = self.bert_ids[index].astype(np.int64)  # (T,)
+        chosen, mlm_positions, mlm_targets = _predict(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), ids,
+                                                      self.mask_prob, rng, self.mlm_slots)
+        input_ids, action = ids.copy(), rng.random(len(chosen))
+        input_ids[chosen[action < 0.8]] = sp.mask
+        swap = chosen[(action >= 0.8) & (action < 0.9)]
+        input_ids[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
+        # CLIPTC (2.3.3): cliptc_prob of the real CLIP tokens (not start, end, padding) are targets; the input stays
         clip_ids, lengths = self.clip_ids[partner].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
-        cliptc_positions, cliptc = cliptc_targets(clip_ids, lengths, self.special, self.cliptc_prob, rng,
-                                                  self.cliptc_slots)
+        real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, 77)
+        _, cliptc_positions, cliptc_targets = _predict(np.flatnonzero(real), clip_ids.reshape(-1), self.cliptc_prob,
+                                                       rng, self.cliptc_slots)
         return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
                 "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
-                "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc, "match_labels": np.int64(match)}
+                "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
         """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask (B, n, 77);
@@ -532,19 +495,18 @@ TASKS: dict[str, Task] = {t.name: t for t in [
           ("sentence1", "sentence2", "gold_label"), splits=MNLI_SPLITS),
     _glue("wnli", "WNLI", BINARY, ("accuracy",), ("sentence1", "sentence2", "label")),
     Task("swag", "choice", ("0", "1", "2", "3"), ("accuracy",), "swag", "swag", ("sent1", "sent2", "label"),
-         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", *(f"ending{k}" for k in range(4)))),
+         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", "ending0", "ending1",
+                                                                                     "ending2", "ending3")),
     Task("read", "regression", (), ("rmse",), "read", "read", ("excerpt", None, "target"),
          {"train": "train.csv", "dev": "train.csv"}, more_columns=("id",)),
 ]}
 
 
-def get_task(task: "Task | str") -> Task:
-    """A Task, or its name looked up in TASKS."""
-    if isinstance(task, Task):
-        return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[task]
+def get_task(name: str) -> Task:
+    """The task of that name in TASKS."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def _label(task: Task, raw: str, where: str) -> int | float:
@@ -562,10 +524,10 @@ def _label(task: Task, raw: str, where: str) -> int | float:
     return value
 
 
-def read_task(task: "Task | str", split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
+def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
     """The examples of one split; test splits have no labels (None). SWAG's choice k is sent2 + " " + ending_k (as
     Hugging Face's run_swag); READ's dev split is a seeded READ_DEV_FRACTION of CommonLit's train.csv."""
-    task = get_task(task)
+    task = get_task(name)
     if split not in task.splits:
         hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
         raise ValueError(f"{task.name} has no split {split!r}{hint}: choose one of {', '.join(task.splits)}")
@@ -593,9 +555,9 @@ def read_task(task: "Task | str", split: str, data_root="data", log: Callable[[s
 
 
 def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of each row. GLUE's TSVs are read without quoting (their text holds stray quotes), rows with
-    the wrong number of fields (a few in QQP and MNLI) skipped and counted; in a quoted CSV (SWAG, CommonLit: fields
-    may hold commas and newlines) such a row is an error. A file that is not UTF-8 or lacks a column is an error."""
+    """(line number, row) of a task file. GLUE's TSVs are read without quoting (their text holds stray quotes) and
+    their rows with the wrong number of fields (a few in QQP and MNLI) skipped; in a quoted CSV (SWAG, CommonLit:
+    fields may hold commas and newlines) such a row is an error, as are bytes that are not UTF-8 and a missing column."""
     lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
     if task.glue_dir:
         table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
@@ -627,43 +589,33 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
 # ----------------------------------------------------------------------------------------------------------------------
 # Finetuning features (Sec. 2.4, App. B)
 
-def _bert_features(pairs: list[tuple[str, str | None]], bert_tok: Tokenizer, max_len: int) -> dict[str, np.ndarray]:
-    """[CLS] a [SEP] (b [SEP]), token types 0 (1 for b), a pair cut longest first (the `tokenizers` library's rule:
-    when both must be cut the first keeps budget // 2), padded to max_len. -> 3 x (M, max_len) int64."""
-    tok = _plain(copy.deepcopy(bert_tok))
-    tok.enable_truncation(max_len)
-    tok.enable_padding(length=max_len, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
-    encodings = tok.encode_batch_fast([a if b is None else (a, b) for a, b in pairs])
-    return {name: np.array([getattr(e, key) for e in encodings], np.int64).reshape(-1, max_len) for name, key in
-            (("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"))}
-
-
-def _clip_features(pairs: list[tuple[str, str | None]], clip_tok: Tokenizer) -> dict[str, np.ndarray]:
-    """App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one. -> 2 x (M, 2 or 4, 77) int64."""
-    start, end = clip_special_ids(clip_tok)
-    texts = [t for pair in pairs for t in pair if t is not None]
-    packed = [_pack_blocks(ids, SENTENCE_BLOCKS, start, end) for ids in clip_encode(clip_tok, texts)]
-    ids = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M*s, 2, 77) -> (M, 2*s, 77)
-    lengths = np.stack([p[1] for p in packed]).reshape(len(pairs), -1)           # (M, 2*s)
-    return {"clip_ids": ids, "clip_mask": _block_mask(lengths)}
-
-
-def encode(examples: list[Example], task: "Task | str", bert_tok: Tokenizer | None, max_len: int = 128,
+def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
-    """Finetuning features (Sec. 2.4): input_ids, attention_mask, token_type_ids (N, max_len) (choice: (N, 4, max_len)),
-    labels (N,) (int64; float32 for regression; absent when the split's labels are hidden); with clip_tok also
-    clip_ids, clip_mask (N, 2 or 4, 77) (choice: (N, 4, 4, 77)) for full-model finetuning (App. C.3).
-    bert_tok=None gives the CLIP features alone (CLIP-T finetuned on its own, Table 1)."""
+    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), a pair cut longest
+    first (the tokenizers library's rule); labels (N,) (float32 for regression; absent where labels are hidden); with
+    clip_tok also clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3); bert_tok None: the CLIP features alone.
+    A choice task (SWAG) has (N, 4, ...): one [CLS] context [SEP] ending [SEP] per choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
-    task = get_task(task)
+    task = get_task(name)
     if task.kind == "choice":
         pairs = [(ex.text_a, ending) for ex in examples for ending in ex.endings]
     else:
         pairs = [(ex.text_a, ex.text_b) for ex in examples]
-    features = _bert_features(pairs, bert_tok, max_len) if bert_tok is not None else {}
-    if clip_tok is not None:
-        features |= _clip_features(pairs, clip_tok)
+    features = {}
+    if bert_tok is not None:
+        tok = _plain(copy.deepcopy(bert_tok))
+        tok.enable_truncation(max_len)
+        tok.enable_padding(length=max_len, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+        encodings = tok.encode_batch_fast([a if b is None else (a, b) for a, b in pairs])
+        for key, field_name in ("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"):
+            features[key] = np.array([getattr(e, field_name) for e in encodings], np.int64).reshape(-1, max_len)
+    if clip_tok is not None:  # App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one
+        start, end = clip_special_ids(clip_tok)
+        texts = [t for pair in pairs for t in pair if t is not None]
+        packed = [_pack_blocks(ids, SENTENCE_BLOCKS, start, end) for ids in clip_encode(clip_tok, texts)]
+        features["clip_ids"] = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M, 2*s, 77)
+        features["clip_mask"] = _block_mask(np.stack([p[1] for p in packed]).reshape(len(pairs), -1))
     shape = (len(examples), -1) if task.kind == "choice" else (len(examples),)
     out = {k: torch.from_numpy(v.reshape(*shape, *v.shape[1:])) for k, v in features.items()}
     labels = [ex.label for ex in examples]

@@ -897,7 +897,7 @@ def test_data_glue_readers(tmp_path, capsys):
                                                             ('The "weights made.', None, 0)]
     assert data.read_task("cola", "test", tmp_path)[0].text_a == "A test sentence."
     assert data.read_task("mrpc", "dev", tmp_path) == [data.Example("A b.", "A  b !", 1, guid="0")]
-    assert data.read_task(data.TASKS["stsb"], "dev", tmp_path)[0].label == 5.0
+    assert data.read_task("stsb", "dev", tmp_path)[0].label == 5.0
     capsys.readouterr()
     qqp = data.read_task("qqp", "train", tmp_path)
     assert [e.guid for e in qqp] == ["7", "9"] and qqp[0].text_a == 'Why "is it?'
