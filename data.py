@@ -10,7 +10,6 @@ import csv
 import gzip
 import hashlib
 import html
-import itertools
 import json
 import math
 import os
@@ -159,12 +158,6 @@ def _block_mask(lengths: np.ndarray) -> np.ndarray:
     return (np.arange(CLIP_CONTEXT) < lengths[..., None]).astype(np.int64)
 
 
-def clip_blocks(clip_tok: Tokenizer, text: str, n_blocks: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """App. B: text -> ids (n_blocks, 77) int64, mask (n_blocks, 77) int64, truncated (more than 75 * n_blocks BPE)."""
-    ids, lengths, truncated = _pack_blocks(clip_encode(clip_tok, [text])[0], n_blocks, *clip_special_ids(clip_tok))
-    return ids, _block_mask(lengths), truncated
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The adaptation cache (App. B, C.1): windows of [CLS] + 510 WordPiece + [SEP] and their text in 9 CLIP blocks
 
@@ -188,16 +181,6 @@ class SpecialIds:
 def first_plain_token(bert_tok: Tokenizer) -> int:
     """The id after the last bracketed vocabulary entry ([PAD], [unused993], [MASK], ...): 999 for bert-base-uncased."""
     return 1 + max(i for t, i in bert_tok.get_vocab().items() if re.fullmatch(r"\[[^\[\]]+\]", t))
-
-
-def _special_ids(bert_tok: Tokenizer, clip_tok: Tokenizer) -> SpecialIds:
-    """[CLS] [SEP] [PAD] [MASK], the random-replacement range and CLIP's start/end ids, from the tokenizers."""
-    ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
-    if None in ids.values():
-        raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
-    clip_start, clip_end = clip_special_ids(clip_tok)
-    return SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
-                      clip_start=clip_start, clip_end=clip_end)
 
 
 def _utf8_lines(path, fix: str) -> Iterator[str]:
@@ -234,8 +217,8 @@ def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool
 
 def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict
                  ) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """App. B: cut the running WordPiece stream into windows -> ids (w, body_len) and each window's text, chunk by
-    chunk; a chunk's tail is carried into the next, the last incomplete window dropped (stats["dropped_tail_tokens"])."""
+    """App. B: the running WordPiece stream cut into windows, chunk by chunk -> ids (w, body_len) and each window's
+    text; a chunk's tail is carried into the next, the last incomplete window dropped (stats["dropped_tail_tokens"])."""
     text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     for lines in chunks:
         encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
@@ -272,12 +255,12 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
         raise ValueError("the cache stores uint16 ids: a vocabulary has more than 65,536 entries")
     with open(corpus, "rb") as f:
         source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
-    sha256 = lambda tok: hashlib.sha256(tok.to_str().encode()).hexdigest()  # the tokenizer's whole definition
+    sha256 = lambda text: hashlib.sha256(text.encode()).hexdigest()
     key = {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
-           "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok),
-           "clip_tokenizer_sha256": sha256(clip_tok), "seq_len": seq_len, "n_blocks": n_blocks}
-    tokenizers_id = hashlib.sha256((key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"]).encode()).hexdigest()
-    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id[:10]}{'-all' * all_lines}"
+           "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok.to_str()),
+           "clip_tokenizer_sha256": sha256(clip_tok.to_str()), "seq_len": seq_len, "n_blocks": n_blocks}
+    tokenizers_id = sha256(key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"])[:10]
+    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id}{'-all' * all_lines}"
     old = _built_key(cache_dir)
     if old == key:
         log(f"reusing the adaptation cache {cache_dir}")
@@ -294,8 +277,7 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
-    manifest = {"key": key, **counts, "special_ids": asdict(_special_ids(bert_tok, clip_tok)),
-                "build_seconds": round(time.time() - start, 1)}
+    manifest = {"key": key, **counts, "build_seconds": round(time.time() - start, 1)}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _publish(tmp_dir, cache_dir, key)
     log(f"{manifest['windows']} windows, {100 * manifest['clip_truncated_fraction']:.2f}% truncated in CLIP blocks")
@@ -318,16 +300,20 @@ def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
                    chunks: Iterator[list[str]]) -> dict:
-    """Append each chunk's windows to the memmap files; return the counts for the manifest."""
-    cls, sep = bert_tok.token_to_id("[CLS]"), bert_tok.token_to_id("[SEP]")
+    """Append each chunk's windows to the memmap files; return the manifest's counts and special ids."""
+    ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
+    if None in ids.values():
+        raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
     start, end = clip_special_ids(clip_tok)
+    sp = SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
+                    clip_start=start, clip_end=end)
     stats = {"dropped_tail_tokens": 0}
     windows = truncated = clip_tokens = clip_max = 0
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
             open(out / "clip_lengths", "wb") as f_len:
         for body, texts in bert_windows(chunks, bert_tok, seq_len - 2, stats):
             edge = np.ones((len(body), 1), np.int64)
-            f_bert.write(np.hstack([cls * edge, body, sep * edge]).astype(np.uint16).tobytes())  # (w, 510) -> (w, 512)
+            f_bert.write(np.hstack([sp.cls * edge, body, sp.sep * edge]).astype(np.uint16).tobytes())  # (w, 512)
             for bpe in clip_encode(clip_tok, texts):
                 blocks, lengths, cut = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
                 f_clip.write(blocks.astype(np.uint16).tobytes())
@@ -338,7 +324,8 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
         raise ValueError(f"{corpus} has fewer than {seq_len - 2} WordPiece tokens: no adaptation window fits")
     return {"windows": windows, "bert_tokens": windows * (seq_len - 2) + stats["dropped_tail_tokens"], **stats,
             "clip_tokens_mean": round(clip_tokens / windows, 2), "clip_tokens_max": clip_max,
-            "clip_truncated_windows": truncated, "clip_truncated_fraction": truncated / windows}
+            "clip_truncated_windows": truncated, "clip_truncated_fraction": truncated / windows,
+            "special_ids": asdict(sp)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -359,8 +346,9 @@ def _predict(candidates: np.ndarray, ids: np.ndarray, prob: float, rng: np.rando
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """prediction_slots(n, prob) of the n candidate positions of ids (flat), drawn without replacement (Devlin et al.
     2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
-    chosen = rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False) if len(candidates) \
-        else candidates
+    chosen = candidates
+    if len(candidates):
+        chosen = rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False)
     positions, pad = np.sort(chosen), (0, slots - len(chosen))
     return chosen, np.pad(positions, pad), np.pad(ids[positions], pad, constant_values=IGNORE)
 
@@ -386,7 +374,7 @@ class AdaptationData:
                                     "(adapt.py does so from the corpus)")
         self.manifest = json.loads((cache / "manifest.json").read_text())
         self.special = SpecialIds(**self.manifest["special_ids"])
-        n, seq_len, n_blocks = self.manifest["windows"], self.manifest["key"]["seq_len"], self.manifest["key"]["n_blocks"]
+        n, seq_len, n_blocks = self.manifest["windows"], *(self.manifest["key"][k] for k in ("seq_len", "n_blocks"))
         if n < 2 and match_prob > 0:
             raise ValueError(f"MATCH needs at least 2 windows and {cache} holds {n}: use a larger corpus")
         self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
@@ -444,6 +432,7 @@ MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mism
                "test_ax": "../AX/AX.tsv"}  # GLUE's diagnostic set (AX), predicted by the MNLI model
 COLA_COLUMNS = ("source", "label", "orig", "sentence")  # CoLA's train.tsv and dev.tsv have no header row
 READ_DEV_FRACTION, READ_SPLIT_SEED = 0.1, 0             # CommonLit's test labels are private: a fixed dev split
+SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 
 
 @dataclass(frozen=True)
@@ -495,8 +484,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
           ("sentence1", "sentence2", "gold_label"), splits=MNLI_SPLITS),
     _glue("wnli", "WNLI", BINARY, ("accuracy",), ("sentence1", "sentence2", "label")),
     Task("swag", "choice", ("0", "1", "2", "3"), ("accuracy",), "swag", "swag", ("sent1", "sent2", "label"),
-         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", "ending0", "ending1",
-                                                                                     "ending2", "ending3")),
+         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", *SWAG_ENDINGS)),
     Task("read", "regression", (), ("rmse",), "read", "read", ("excerpt", None, "target"),
          {"train": "train.csv", "dev": "train.csv"}, more_columns=("id",)),
 ]}
@@ -536,7 +524,8 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         raise FileNotFoundError(f"no {task.name} {split} data at {path}: {download_hint(path, task.fetch)}")
     rows = _rows(task, path, split, log)
     if task.name == "read":
-        dev = set(np.random.default_rng(READ_SPLIT_SEED).permutation(len(rows))[:round(READ_DEV_FRACTION * len(rows))])
+        order = np.random.default_rng(READ_SPLIT_SEED).permutation(len(rows))
+        dev = set(order[:round(READ_DEV_FRACTION * len(rows))])
         rows = [row for i, row in enumerate(rows) if (i in dev) == (split == "dev")]
     text_a, text_b, label = task.columns
     examples = []
@@ -545,7 +534,7 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         guid = next((row[k] for k in ("index", "id", "") if k in row), str(len(examples)))
         if task.kind == "choice":
             examples.append(Example(row[text_a], label=y, guid=guid,
-                                    endings=tuple(f"{row[text_b]} {row[f'ending{k}']}" for k in range(4))))
+                                    endings=tuple(f"{row[text_b]} {row[ending]}" for ending in SWAG_ENDINGS)))
         else:
             examples.append(Example(row[text_a], row[text_b] if text_b else None, y, guid=guid))
     if not examples:
@@ -555,9 +544,9 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
 
 
 def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a task file. GLUE's TSVs are read without quoting (their text holds stray quotes) and
-    their rows with the wrong number of fields (a few in QQP and MNLI) skipped; in a quoted CSV (SWAG, CommonLit:
-    fields may hold commas and newlines) such a row is an error, as are bytes that are not UTF-8 and a missing column."""
+    """(line number, row) of a task file. GLUE's TSVs are read without quoting (their text holds stray quotes), rows
+    with the wrong number of fields (a few in QQP and MNLI) skipped; in a quoted CSV (SWAG, CommonLit: fields may
+    hold commas and newlines) such a row is an error, as are bytes that are not UTF-8 and a missing column."""
     lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
     if task.glue_dir:
         table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
@@ -608,8 +597,10 @@ def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_l
         tok.enable_truncation(max_len)
         tok.enable_padding(length=max_len, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
         encodings = tok.encode_batch_fast([a if b is None else (a, b) for a, b in pairs])
-        for key, field_name in ("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"):
-            features[key] = np.array([getattr(e, field_name) for e in encodings], np.int64).reshape(-1, max_len)
+        matrix = lambda rows: np.array(rows, np.int64).reshape(-1, max_len)  # (M, max_len)
+        features["input_ids"] = matrix([e.ids for e in encodings])
+        features["attention_mask"] = matrix([e.attention_mask for e in encodings])
+        features["token_type_ids"] = matrix([e.type_ids for e in encodings])
     if clip_tok is not None:  # App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one
         start, end = clip_special_ids(clip_tok)
         texts = [t for pair in pairs for t in pair if t is not None]
@@ -672,10 +663,6 @@ def _svg(title: str, x_label: str, y_label: str, y_ticks: np.ndarray, x_ticks: l
     return "\n".join(parts + ["</g>", "</svg>"]) + "\n"
 
 
-def _points(points: list[tuple[float, float]], sx: Callable, sy: Callable) -> str:
-    return " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in points)
-
-
 def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str) -> str:
     """A line chart as standalone SVG: one polyline per series of (x, y) points (e.g. a loss curve per run)."""
     points = [p for pts in series.values() for p in pts]
@@ -683,9 +670,9 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, x_label:
         raise ValueError(f"svg_lines({title!r}) got no points: give each series a list of (x, y) pairs")
     x_ticks, y_ticks = (nice_ticks(min(c), max(c)) for c in zip(*points))
     sx, sy = _axis(x_ticks, SVG_LEFT, SVG_RIGHT), _axis(y_ticks, SVG_BOTTOM, SVG_TOP)
+    pixels = {name: " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in p) for name, p in series.items()}
     body = [f'<polyline class="series" data-series="{html.escape(name)}" fill="none" stroke-width="1.5" '
-            f'stroke="{SVG_COLOURS[i % len(SVG_COLOURS)]}" points="{_points(p, sx, sy)}"/>'
-            for i, (name, p) in enumerate(series.items())]
+            f'stroke="{SVG_COLOURS[i % len(SVG_COLOURS)]}" points="{pixels[name]}"/>' for i, name in enumerate(series)]
     return _svg(title, x_label, y_label, y_ticks, [(sx(t), f"{t:.6g}") for t in x_ticks], list(series), body)
 
 

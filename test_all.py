@@ -629,12 +629,19 @@ def test_data_random_replacements_start_after_unused_block():
 
 # ------------------------------------------------------------------------------------------------------ CLIP blocks
 
+def data_clip_blocks(tok, text, n_blocks):
+    """One text in n_blocks CLIP blocks (App. B) through data.py's packing: ids, mask (n_blocks, 77), truncated."""
+    bpe = data.clip_encode(tok, [text])[0]
+    ids, lengths, truncated = data._pack_blocks(bpe, n_blocks, *data.clip_special_ids(tok))
+    return ids, data._block_mask(lengths), truncated
+
+
 def test_data_clip_blocks_app_b(data_clip_dir):
     tok = data.clip_tokenizer(data_clip_dir)
     text = " ".join(f"word{i}" for i in range(120))
     bpe = tok.encode(text, add_special_tokens=False).ids
     assert 150 < len(bpe) < 9 * 75
-    ids, mask, truncated = data.clip_blocks(tok, text, 9)
+    ids, mask, truncated = data_clip_blocks(tok, text, 9)
     assert ids.shape == mask.shape == (9, 77) and ids.dtype == np.int64 and not truncated
     used = -(-len(bpe) // 75)
     assert (mask[:used, 0] == 1).all() and (mask[used:] == 0).all() and (ids[used:] == 0).all()
@@ -642,9 +649,9 @@ def test_data_clip_blocks_app_b(data_clip_dir):
     assert np.concatenate(inner).tolist() == bpe
     assert all(ids[b, 0] == 49406 and ids[b, mask[b].sum() - 1] == 49407 for b in range(used))
     assert (ids[:used - 1].sum(0) > 0).all() and mask[:used - 1].sum() == (used - 1) * 77
-    ids2, mask2, truncated2 = data.clip_blocks(tok, text, 2)
+    ids2, mask2, truncated2 = data_clip_blocks(tok, text, 2)
     assert truncated2 and mask2.sum() == 2 * 77 and np.concatenate([ids2[0, 1:76], ids2[1, 1:76]]).tolist() == bpe[:150]
-    empty, empty_mask, _ = data.clip_blocks(tok, "", 2)
+    empty, empty_mask, _ = data_clip_blocks(tok, "", 2)
     assert empty[0, :3].tolist() == [49406, 49407, 0] and empty_mask.sum() == 2
 
 
@@ -652,7 +659,7 @@ def test_data_clip_blocks_read_special_ids_from_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     toy = Tokenizer(models.WordLevel({"a": 0, "b": 1, "<|endoftext|>": 2, "<|startoftext|>": 3}, unk_token="a"))
     toy.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    ids, mask, _ = data.clip_blocks(toy, "b a b", 1)
+    ids, mask, _ = data_clip_blocks(toy, "b a b", 1)
     assert ids[0, :6].tolist() == [3, 1, 0, 1, 2, 0] and mask[0].sum() == 5
 
 
@@ -694,7 +701,7 @@ def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
     truncated = 0
     for w in range(len(ds)):
         text = " ".join(bert_tok.id_to_token(i) for i in ds.bert_ids[w, 1:-1])
-        ids, mask, cut = data.clip_blocks(clip_tok, text, 1)
+        ids, mask, cut = data_clip_blocks(clip_tok, text, 1)
         assert (ds.clip_ids[w] == ids).all() and (data._block_mask(ds.clip_lengths[w]) == mask).all(), w
         truncated += cut
     assert 0 < truncated == m["clip_truncated_windows"] and m["clip_truncated_fraction"] == truncated / len(ds)
@@ -1029,8 +1036,8 @@ def test_data_encode_clip_blocks_and_choice(data_clip_dir):
     out_pairs_clip = out["clip_ids"]
     assert out["clip_ids"].shape == out["clip_mask"].shape == (2, 4, 77) and out["labels"].dtype == torch.float32
     for n, ex in enumerate(pairs):  # each sentence in its own 2 blocks
-        a_ids, a_mask, _ = data.clip_blocks(clip_tok, ex.text_a, 2)
-        b_ids, b_mask, _ = data.clip_blocks(clip_tok, ex.text_b, 2)
+        a_ids, a_mask, _ = data_clip_blocks(clip_tok, ex.text_a, 2)
+        b_ids, b_mask, _ = data_clip_blocks(clip_tok, ex.text_b, 2)
         assert np.array_equal(out["clip_ids"][n].numpy(), np.concatenate([a_ids, b_ids]))
         assert np.array_equal(out["clip_mask"][n].numpy(), np.concatenate([a_mask, b_mask]))
     single = data.encode([data.Example("a red cat")], "cola", bert_tok, clip_tok=clip_tok)
