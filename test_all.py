@@ -11,6 +11,7 @@ import importlib.util
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import re
@@ -705,8 +706,8 @@ def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
         assert (ds.clip_ids[w] == ids).all() and (data._block_mask(ds.clip_lengths[w]) == mask).all(), w
         truncated += cut
     assert 0 < truncated == m["clip_truncated_windows"] and m["clip_truncated_fraction"] == truncated / len(ds)
-    assert m["special_ids"] | {} == {"cls": 101, "sep": 102, "pad": 0, "mask": 103, "random_low": 999,
-                                     "vocab_size": 30522, "clip_start": 49406, "clip_end": 49407}
+    assert m["special_ids"] == {"cls": 101, "sep": 102, "pad": 0, "mask": 103, "random_low": 999, "vocab_size": 30522,
+                                "clip_start": 49406, "clip_end": 49407}
 
 
 def test_data_wikitext_lines_follow_tan_and_bansal(tmp_path):
@@ -755,17 +756,32 @@ def test_data_cache_reuse_and_rebuild(data_clip_dir, tmp_path):
 
 
 def test_data_cache_concurrent_builds_do_not_collide(data_clip_dir, tmp_path):
-    """Separate jobs may build the same cache at once: each writes its own temporary folder, one wins."""
-    corpus = tmp_path / "wiki.train.raw"
+    """Separate jobs may build the same cache at once: each writes its own temporary folder, one wins. Two forked
+    processes and this one start together on an event, so the three builds overlap."""
+    corpus, fork = tmp_path / "wiki.train.raw", multiprocessing.get_context("fork")
     data_write_corpus(corpus, 1500)
-    code = (f"import data; print(data.build_cache({str(corpus)!r}, {str(DATA_BERT_DIR)!r}, {str(data_clip_dir)!r}, "
-            f"{str(tmp_path / 'c')!r}, seq_len=32, n_blocks=2, log=lambda m: None))")
-    jobs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             cwd=os.path.dirname(data.__file__)) for _ in range(3)]
-    outs = [job.communicate(timeout=120) for job in jobs]
-    assert all(job.returncode == 0 for job in jobs), [err for _, err in outs]
-    assert len({out.strip() for out, _ in outs}) == 1
-    assert len(data.AdaptationData(outs[0][0].strip())) > 100 and not list((tmp_path / "c").glob("*.tmp"))
+    go, results = fork.Event(), fork.Queue()
+
+    def build(log):
+        return data.build_cache(corpus, DATA_BERT_DIR, data_clip_dir, tmp_path / "c", seq_len=32, n_blocks=2, log=log)
+
+    def job():
+        logs = []
+        go.wait()
+        try:
+            results.put((build(logs.append), logs[0]))
+        except BaseException as e:
+            results.put((repr(e), ""))
+    jobs = [fork.Process(target=job) for _ in range(2)]
+    for j in jobs:
+        j.start()
+    go.set()
+    logs = []
+    ours, outs = build(logs.append), [results.get(timeout=120) for _ in jobs]
+    assert [j.join(timeout=60) or j.exitcode for j in jobs] == [0, 0]
+    assert [cache for cache, _ in outs] == [ours, ours]
+    assert sum("building" in log for log in [logs[0]] + [log for _, log in outs]) >= 2  # the builds did overlap
+    assert len(data.AdaptationData(ours)) > 100 and not list((tmp_path / "c").glob("*.tmp"))
 
 
 def test_data_cache_errors(data_clip_dir, tmp_path):
@@ -786,6 +802,15 @@ def test_data_non_utf8_corpus_names_its_line_and_leaves_no_temporary_folder(data
         data.build_cache(tmp_path / "latin.raw", DATA_BERT_DIR, data_clip_dir, tmp_path / "c", seq_len=32,
                          n_blocks=1, chunk_chars=4000, log=lambda s: None)
     assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_data_bench_cache_times_a_wikitext_like_build(data_clip_dir, capsys):
+    """bench.py cache: a generated WikiText-style corpus of the asked size, built into 510-token windows at 3 to 8
+    characters per WordPiece (English prose has about 4), and the figures printed."""
+    out = bench.main(["cache", "--mb", "0.3", "--steps", "1", "--bert", str(DATA_BERT_DIR), "--clip",
+                      str(data_clip_dir)]) or capsys.readouterr().out
+    size, windows = re.search(r"([\d.]+) MB in .* MB/s wall.* peak RSS \d+ MB; (\d+) windows", out).groups()
+    assert 0.3 <= float(size) < 0.31 and 0.3e6 / 510 / 8 < int(windows) < 0.3e6 / 510 / 3
 
 
 # ------------------------------------------------------------------------------------------------ adaptation batches
