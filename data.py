@@ -60,8 +60,8 @@ def checkpoint_dir(name, data_root="data") -> Path:
 
 
 def _plain(tok: Tokenizer) -> Tokenizer:
-    """Padding and truncation off (a shipped tokenizer.json may pad to 128); special-token strings in a text stay
-    text, so a literal "<|endoftext|>" or "[SEP]" in a corpus never becomes a control id."""
+    """Padding and truncation off (a shipped tokenizer.json may pad to 128); a "[SEP]" or "<|endoftext|>" in text
+    stays text, never a control id."""
     tok.no_padding()
     tok.no_truncation()
     tok.encode_special_tokens = True
@@ -244,9 +244,8 @@ def _built_key(cache_dir: Path) -> dict | None:
 
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
                 chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print, all_lines: bool = False) -> str:
-    """Stream a raw-text corpus into the adaptation cache (App. B) and return its directory, reusing one whose key
-    matches: bert_ids (N, seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8 and
-    manifest.json. WikiText's headings and short lines are dropped (wikitext_line) unless all_lines."""
+    """App. B: a raw corpus (without WikiText's headings and short lines unless all_lines) streamed into bert_ids (N,
+    seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8, manifest.json -> the directory."""
     corpus = Path(corpus_path)
     if not corpus.is_file():
         raise FileNotFoundError(f"no corpus at {corpus}: {download_hint(corpus, 'wikitext')}")
@@ -285,8 +284,7 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
 
 
 def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
-    """Move a finished build into place, unless another process building the same cache has just won the race: its
-    cache is then kept and ours dropped."""
+    """Move a finished build into place, unless another process building the same cache won the race (ours dropped)."""
     if _built_key(cache_dir) != key:
         shutil.rmtree(cache_dir, ignore_errors=True)
         try:
@@ -337,8 +335,8 @@ MATCH_PROB = 0.5  # Sec. 2.3.2: the share of MATCH pairs whose CLIP text comes f
 
 
 def prediction_slots(n: int, prob: float) -> int:
-    """round(prob * n), at least 1: how many of n candidates are predicted, so the fixed number of MLM / CLIPTC
-    prediction slots of a sequence with at most n candidates (every shape stays static)."""
+    """round(prob * n), at least 1: how many of n candidates are predicted; for the most candidates a sequence can
+    have, its fixed number of MLM / CLIPTC prediction slots (every shape stays static)."""
     return max(1, round(prob * n))
 
 
@@ -354,9 +352,8 @@ def _predict(candidates: np.ndarray, ids: np.ndarray, prob: float, rng: np.rando
 
 
 def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
-    """The blocks of a (B, n, 77) CLIP mask that CLIP-T runs on, as indices (N,) into the flattened B*n blocks: all
-    that hold text, topped up with empty ones to N = B x ceil(mean blocks per window), so N takes at most n values
-    (a handful of compiled shapes: English fills about 7 of a window's 9 blocks)."""
+    """Indices (N,) of the blocks of a (B, n, 77) CLIP mask that CLIP-T runs on: all that hold text, topped up with
+    empty ones to N = B x ceil(mean blocks per window), so N takes at most n values (English fills about 7 of 9)."""
     used = clip_mask[..., 0].flatten().bool()  # (B*n,): a block's <|startoftext|> is real unless it is all padding
     B = clip_mask.shape[0]
     return torch.argsort((~used).byte(), stable=True)[:B * -(-int(used.sum()) // B)]
@@ -374,7 +371,8 @@ class AdaptationData:
                                     "(adapt.py does so from the corpus)")
         self.manifest = json.loads((cache / "manifest.json").read_text())
         self.special = SpecialIds(**self.manifest["special_ids"])
-        n, seq_len, n_blocks = self.manifest["windows"], *(self.manifest["key"][k] for k in ("seq_len", "n_blocks"))
+        n, key = self.manifest["windows"], self.manifest["key"]
+        seq_len, n_blocks = key["seq_len"], key["n_blocks"]
         if n < 2 and match_prob > 0:
             raise ValueError(f"MATCH needs at least 2 windows and {cache} holds {n}: use a larger corpus")
         self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
@@ -581,9 +579,8 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
 def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
     """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), a pair cut longest
-    first (the tokenizers library's rule); labels (N,) (float32 for regression; absent where labels are hidden); with
-    clip_tok also clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3); bert_tok None: the CLIP features alone.
-    A choice task (SWAG) has (N, 4, ...): one [CLS] context [SEP] ending [SEP] per choice."""
+    first; labels (N,) (float32 for regression; absent where hidden); with clip_tok clip_ids, clip_mask (N, 2 per
+    sentence, 77) (App. B, C.3), without bert_tok those alone. SWAG: (N, 4, ...), one context-ending pair a choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
     task = get_task(name)

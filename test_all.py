@@ -501,7 +501,7 @@ def test_model_safetensors_writer_is_read_by_the_reference_library(tmp_path):
 
 
 # =====================================================================================================================
-# data.py: tokenizers, CLIP blocks, cache, batches, readers (issue 3)
+# data.py: tokenizers, CLIP blocks (App. B), the adaptation cache and batches (Sec. 2.3), task readers (Sec. 3)
 # =====================================================================================================================
 
 def data_package_file(package, name):
