@@ -1,6 +1,7 @@
 """Benchmarks: commands that print measured figures, each a median over timed steps after untimed warm-up ones.
 
     python bench.py adapt [adapt.py's flags, e.g. --micro-batch 32 --global-batch 32 --compile --dtype bfloat16]
+    python bench.py cache --mb 50 [--bert DIR --clip DIR]   # data.build_cache on a generated WikiText-style corpus
     python bench.py gpu [--out FILE]        # the GPU check that `bash .ci/gpu` runs (toy sizes without CUDA)
 
 adapt: optimizer steps of adapt.train_step with random weights of model.PRESETS (nothing downloaded) on batches
@@ -13,6 +14,7 @@ is busy (torch.profiler); a JSON file and a summary table.
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -188,16 +190,77 @@ def gpu_check(out_path):
     print(f"graphs {report['graphs']}, graph breaks {report['graph_breaks']}; written {out_path}")
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# The adaptation cache build: python bench.py cache --mb 50 [--data DIR] [--bert NAME|DIR] [--clip NAME|DIR]
+
+WIKITEXT_TRAIN_MB = 546.5  # WikiText-103's raw train split (Merity et al. 2017)
+
+
+def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
+    """data.build_cache on a generated corpus in WikiText-103's raw format (` = Title = ` and ` = = Section = = `
+    headings, blank lines, paragraphs with ` @-@ ` / ` @,@ `; words drawn Zipf-like from the BERT vocabulary, one in
+    ten made up of several WordPieces): MB/s over wall time and per CPU-second (which a busy machine does not
+    distort), the minutes WikiText-103 train would take, peak RSS. Returns the figures as a dict."""
+    rng = np.random.default_rng(seed)
+    vocab = data.bert_tokenizer(bert_dir).get_vocab()
+    words = np.array([t for t in sorted(vocab, key=vocab.get) if t.isalpha() and t.isascii() and len(t) > 1])
+    zipf = 1 / np.arange(1, len(words) + 1)
+    syllables = np.array(["ka", "lor", "vin", "tes", "mar", "qu", "ex", "ion", "dru", "phe"])
+    cpu_seconds = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system, all threads
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = os.path.join(tmp, "wiki.bench.raw")
+        with open(corpus, "w", encoding="utf-8") as f:
+            while f.tell() < megabytes * 1e6:
+                f.write(f" = {' '.join(rng.choice(words, 3)).title()} = \n \n")
+                for _ in range(int(rng.integers(3, 8))):
+                    f.write(f" = = {rng.choice(words).title()} = = \n \n")
+                    for _ in range(int(rng.integers(1, 4))):
+                        tokens = list(rng.choice(words, int(rng.integers(60, 200)), p=zipf / zipf.sum()))
+                        for i in rng.integers(0, len(tokens), len(tokens) // 10):
+                            tokens[i] = "".join(rng.choice(syllables, 4))
+                        for i in rng.integers(0, len(tokens), 3):
+                            tokens[i] = rng.choice([f"{rng.integers(1, 99)} @,@ {rng.integers(100, 999)}",
+                                                    f"{tokens[i]} @-@ based", f"{tokens[i]} , ", "( 1914 )"])
+                        f.write(f" {' '.join(tokens).capitalize()} . \n \n")
+        size_mb, cpu, built = os.path.getsize(corpus) / 1e6, cpu_seconds(), []
+        build = lambda: built.append(data.build_cache(corpus, bert_dir, clip_dir, os.path.join(tmp, str(len(built))),
+                                                      log=lambda _: None))
+        wall = median_seconds(build, steps, warmup=0)
+        cpu = (cpu_seconds() - cpu) / steps
+        with open(os.path.join(built[0], "manifest.json")) as f:
+            manifest = json.load(f)
+    out = {"mb": size_mb, "wall_s": wall, "cpu_s": cpu, "mb_per_s": size_mb / wall, "mb_per_cpu_s": size_mb / cpu,
+           "wikitext_minutes": WIKITEXT_TRAIN_MB / (size_mb / wall) / 60, "cores": os.cpu_count(),
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "windows": manifest["windows"],
+           "clip_truncated_fraction": manifest["clip_truncated_fraction"], "clip_blocks": manifest["key"]["n_blocks"]}
+    print(f"{size_mb:.1f} MB in {wall:.1f} s wall, {cpu:.1f} CPU-s: {out['mb_per_s']:.2f} MB/s wall, "
+          f"{out['mb_per_cpu_s']:.2f} MB per CPU-s; WikiText-103 train ({WIKITEXT_TRAIN_MB} MB): "
+          f"{out['wikitext_minutes']:.1f} min at this wall rate, "
+          f"{WIKITEXT_TRAIN_MB / out['mb_per_cpu_s'] / out['cores'] / 60:.1f} min if all {out['cores']} cores were "
+          f"free; peak RSS {out['peak_rss_mb']:.0f} MB; {out['windows']} windows, "
+          f"{100 * out['clip_truncated_fraction']:.2f}% truncated in {out['clip_blocks']} CLIP blocks")
+    return out
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["adapt", "gpu"])
+    p.add_argument("what", choices=["adapt", "cache", "gpu"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", help="gpu: the JSON file (default $OUT/gpu_check.json)")
     args, rest = p.parse_known_args(argv)
     try:
         if args.what == "gpu":
             gpu_check(args.out or os.path.join(os.environ.get("OUT") or tempfile.mkdtemp(), "gpu_check.json"))
+        elif args.what == "cache":
+            c = argparse.ArgumentParser(prog="bench.py cache", description=bench_cache.__doc__)
+            c.add_argument("--mb", type=float, default=50, help="size of the generated corpus in MB")
+            c.add_argument("--data", default="data", help="data root holding ckpt/")
+            c.add_argument("--bert", help="BERT checkpoint dir (default DATA/ckpt/bert-base)")
+            c.add_argument("--clip", help="CLIP checkpoint dir (default DATA/ckpt/clip)")
+            a = c.parse_args(rest)
+            bench_cache(a.mb, a.bert or os.path.join(a.data, "ckpt", "bert-base"),
+                        a.clip or os.path.join(a.data, "ckpt", "clip"), args.steps)
         else:
             bench_adapt(adapt.parse_args(rest), args.steps)
     except (ValueError, FileNotFoundError) as e:
