@@ -238,8 +238,8 @@ def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
     train_macs += lc.num_layers * 2 * H * T * T
     forward_macs = 0
-    if "mlm" in m.tasks:                   # the MLM head runs on the 15% masked tokens only (model.token_loss)
-        train_macs += 0.15 * T * (H * E + E * lc.vocab_size)
+    if "mlm" in m.tasks:                   # the MLM head runs on the prediction slots only (model.token_loss)
+        train_macs += data.prediction_slots(T - 2, data.MASK_PROB) * (H * E + E * lc.vocab_size)
     if m.clip is not None:
         cc, C = m.clip.config, m.clip.config.context_length
         W, P, V = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens
@@ -252,8 +252,9 @@ def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
             last = i == len(m.xlayers) - 1
             dead = lang * (last and lang_unread) + vis * (last and vis_unread)
             train_macs, forward_macs = train_macs + lang + vis - dead, forward_macs + dead
-        if "cliptc" in m.tasks:            # CLIPTC on 15% of the CLIP positions (counted over padding too)
-            train_macs += 0.15 * V * (P * W + W * cc.vocab_size)
+        if "cliptc" in m.tasks:            # CLIPTC on its prediction slots
+            train_macs += data.prediction_slots(clip_blocks * data.CLIP_BLOCK_TOKENS, data.MASK_PROB) * \
+                (P * W + W * cc.vocab_size)
     return 6 * train_macs + 2 * forward_macs
 
 # ----------------------------------------------------------------------------- the parts of a run

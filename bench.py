@@ -69,23 +69,25 @@ def synthetic_cache(folder, windows, seq_len, n_blocks, lang_vocab, clip_vocab, 
 
 
 def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
-    """Random token ids in the real shapes, without padding: BERT (B, T) with 15% of the positions as MLM targets,
-    CLIP (B, n, 77) framed by <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% as CLIPTC targets,
-    random MATCH labels."""
-    def targets(ids):  # (B, L) -> positions, targets (B, round(0.15 L)) at distinct random positions
-        positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :round(0.15 * ids.shape[1])].sort(1).values
+    """Random token ids in the real shapes, without padding: BERT (B, T) and CLIP (B, n, 77) framed by
+    <|startoftext|> ... <|endoftext|> (the two largest ids), the MLM and CLIPTC prediction slots of data.py at random
+    positions, random MATCH labels (for tests and the FLOP count)."""
+    slots = (seq_len - 2, clip_blocks * data.CLIP_BLOCK_TOKENS)
+    mlm, cliptc = (data.prediction_slots(n, data.MASK_PROB) for n in slots)
+    def targets(ids, slots):  # (B, L) -> positions, targets (B, slots) at distinct random positions
+        positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :slots].sort(1).values
         return positions, ids.gather(1, positions)
     V = raw_model.language.config.vocab_size
     ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
-             **dict(zip(("mlm_positions", "mlm_targets"), targets(ids)))}
+             **dict(zip(("mlm_positions", "mlm_targets"), targets(ids, mlm)))}
     if raw_model.clip is not None:
         cv, C = raw_model.clip.config.vocab_size, raw_model.clip.config.context_length
         clip = torch.randint(1, cv - 2, (batch_size, clip_blocks, C), generator=g)
         clip[..., 0], clip[..., -1] = cv - 2, cv - 1
         batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip),
                   "match_labels": torch.randint(0, 2, (batch_size,), generator=g),
-                  **dict(zip(("cliptc_positions", "cliptc_targets"), targets(clip.flatten(1))))}
+                  **dict(zip(("cliptc_positions", "cliptc_targets"), targets(clip.flatten(1), cliptc)))}
     return {k: v.to(device) for k, v in batch.items()}
 
 
