@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -154,7 +155,7 @@ def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
                           if getattr(mine, k) != getattr(recipe, k))
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
+# ---------------------------------------------------------------------------------------------------- metrics, Table 1
 
 def _vectors(labels, predictions, classes):
     y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
@@ -170,57 +171,39 @@ def _vectors(labels, predictions, classes):
     return (y.astype(np.int64), p.astype(np.int64)) if classes else (y, p)
 
 
-def accuracy(labels, predictions) -> float:
-    y, p = _vectors(labels, predictions, True)
-    return float(np.mean(y == p))
-
-
-def f1(labels, predictions, positive=1) -> float:
-    """Binary F1 of the positive class, 2 tp / (2 tp + fp + fn); 0.0 when there is no positive at all."""
-    y, p = _vectors(labels, predictions, True)
-    tp, wrong = np.sum((y == positive) & (p == positive)), np.sum((y == positive) != (p == positive))
-    return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
-
-
-def matthews(labels, predictions) -> float:
-    """Matthews correlation (multi-class, Gorodkin 2004) from the confusion matrix; 0.0 if a marginal is degenerate."""
-    y, p = _vectors(labels, predictions, True)
-    classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
-    confusion = np.zeros((len(classes), len(classes)))
-    np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
-    t, q, n = confusion.sum(1), confusion.sum(0), y.size  # true and predicted class counts
-    cov_yy, cov_pp = n * n - t @ t, n * n - q @ q
-    return float((np.trace(confusion) * n - t @ q) / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-
-
-def pearson(labels, predictions) -> float:
-    """Pearson correlation; exactly 0.0 when either side is constant (tested before centring, whose rounding
-    residue would otherwise correlate perfectly)."""
-    y, p = _vectors(labels, predictions, False)
-    if np.ptp(y) == 0 or np.ptp(p) == 0:
-        return 0.0
-    y, p = y - y.mean(), p - p.mean()
-    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
-
-
 def average_ranks(x) -> np.ndarray:
     """1-based ranks, ties sharing the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
     _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
     return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
 
 
-def spearman(labels, predictions) -> float:
-    """Pearson of the average ranks; 0.0 when either side is constant."""
-    y, p = _vectors(labels, predictions, False)
-    return pearson(average_ranks(y), average_ranks(p))
-
-
-def rmse(labels, predictions) -> float:
-    y, p = _vectors(labels, predictions, False)
-    return float(np.sqrt(np.mean((y - p) ** 2)))
-
-
-METRICS = {"accuracy": accuracy, "f1": f1, "mcc": matthews, "pearson": pearson, "spearman": spearman, "rmse": rmse}
+def score(metric, labels, predictions) -> float:
+    """A metric of data.Task.metrics: accuracy, F1 of class 1, Matthews correlation (multi-class, Gorodkin 2004),
+    Pearson, Spearman (Pearson of the average ranks) or RMSE. Degenerate inputs give 0.0: no positive at all (F1), a
+    degenerate marginal (MCC), a constant side (Pearson, Spearman; tested before centring, whose rounding residue
+    would otherwise correlate perfectly)."""
+    y, p = _vectors(labels, predictions, classes=metric in ("accuracy", "f1", "mcc"))
+    if metric == "accuracy":
+        return float(np.mean(y == p))
+    if metric == "rmse":
+        return float(np.sqrt(np.mean((y - p) ** 2)))
+    if metric == "f1":
+        tp, wrong = np.sum((y == 1) & (p == 1)), np.sum((y == 1) != (p == 1))
+        return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
+    if metric == "mcc":
+        classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
+        confusion = np.zeros((len(classes), len(classes)))
+        np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
+        t, q, n = confusion.sum(1), confusion.sum(0), y.size  # true and predicted class counts
+        cov_yp, cov_yy, cov_pp = np.trace(confusion) * n - t @ q, n * n - t @ t, n * n - q @ q
+        return float(cov_yp / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
+    if metric not in ("pearson", "spearman"):
+        raise ValueError(f"unknown metric {metric!r}: choose accuracy, f1, mcc, pearson, spearman or rmse")
+    y, p = (average_ranks(y), average_ranks(p)) if metric == "spearman" else (y, p)
+    if np.ptp(y) == 0 or np.ptp(p) == 0:
+        return 0.0
+    y, p = y - y.mean(), p - p.mean()
+    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -241,7 +224,76 @@ def format_metrics(metrics):
     return ", ".join(f"{k} {shown(k, v)}" for k, v in metrics.items())
 
 
-# ---------------------------------------------------------------------------------------------------- heads
+def read_results(path) -> dict:
+    """A results.json written by finetune.py, checked (run_dir added): a ValueError names a file that is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as a results file ({e}): give results.json files of finetune.py")
+    if not isinstance(r, dict) or not {"task", "model", "seed", "metrics", "main_metric"} <= set(r):
+        raise ValueError(f"{path} is not a results file of finetune.py (task, model, seed, metrics, main_metric): "
+                         f"give the results.json of finetuning runs")
+    if r["task"] not in data.TASKS or not isinstance(r["metrics"], dict) or r["main_metric"] not in r["metrics"]:
+        raise ValueError(f"{path} has no {r['main_metric']} among its metrics: its run did not finish, run it again")
+    return r | {"run_dir": os.path.dirname(os.path.abspath(path))}
+
+
+def results_in(run_dir):
+    """The results of the finished run in run_dir (results.json and the files it lists), else None."""
+    try:
+        r = read_results(os.path.join(run_dir, "results.json"))
+    except ValueError:
+        return None
+    files = [os.path.join(run_dir, "glue_test", os.path.basename(p)) for p in r.get("test_predictions", [])]
+    return r if all(map(os.path.isfile, [*files, os.path.join(run_dir, "dev_predictions.jsonl")])) else None
+
+
+def table(results) -> tuple[str, str]:
+    """Table 1 from results dicts, as (Markdown, CSV): a row per model, a column per task, each cell the median run's
+    metrics (two as a/b), the range of the main metric over the seeds and the seed count. The GLUE column, for
+    models with all of Table 1's GLUE tasks, scores as the GLUE benchmark does: the mean of a task's metrics, then
+    the mean over the tasks (MNLI matched and mismatched count as its two)."""
+    cells = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in results:
+        cells[r["model"]][r["task"]].append(r)
+    tasks = [t for t in data.TASKS if any(t in row for row in cells.values())]
+    glue = [t for t in tasks if t in GLUE]  # data.TASKS puts them first
+    columns = glue + ["GLUE"] * any(set(TABLE1_GLUE) <= set(row) for row in cells.values()) + tasks[len(glue):]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [("model", "task", "seeds", "median_seed", "metric", "value", "min", "max")]
+    for name, row in cells.items():
+        out = {}
+        for t, runs in row.items():
+            mid, main = median_run(runs), runs[0]["main_metric"]
+            lo, hi = (shown(main, f(r["metrics"][main] for r in runs)) for f in (min, max))
+            spread = f" [{lo}, {hi}]" if len(runs) > 1 else ""
+            out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
+                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
+        if set(TABLE1_GLUE) <= set(row):
+            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
+            out["GLUE"] = f"{100 * average:.2f}"
+            rows.append((name, "GLUE", "", "", "average", average, "", ""))
+        lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return "\n".join(lines), text.getvalue()
+
+
+def glue_submission(results, path):
+    """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
+    names = []
+    with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for task in GLUE:
+            runs = [r for r in results if r["task"] == task]
+            for tsv in median_run(runs).get("test_predictions", []) if runs else []:
+                names.append(os.path.basename(tsv))
+                z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- model, training
 
 class Head(nn.Module):
     """features (B, D) -> dropout -> linear -> (B, outputs); ELECTRA's convention puts dense + GELU first."""
@@ -311,22 +363,14 @@ def loss_fn(kind, outputs, labels):
     return F.cross_entropy(outputs.float(), labels)
 
 
-# ---------------------------------------------------------------------------------------------------- training
-
 def layer_depth(name, num_layers, xlayers=0):
     """ELECTRA's depth of a Finetuner parameter (App. C.2's "decay 0.9" read as Clark et al. 2020's layer-wise
     decay): embeddings 0, layer i i + 1, cross-modal layer j L + 1 + j, the rest (head, poolers) L + xlayers + 2."""
-    parts = name.split(".")
-    if parts[0] != "backbone":
+    m = re.match(r"backbone\.(language\.|clip\.)?(embeddings|token_embedding|positional_embedding|blocks\.(\d+)|"
+                 r"xlayers\.(\d+))(\.|$)", name)
+    if m is None:
         return num_layers + xlayers + 2
-    parts = parts[2:] if parts[1] in ("language", "clip") else parts[1:]
-    if parts[0] in ("embeddings", "token_embedding", "positional_embedding"):
-        return 0
-    if parts[0] == "blocks":
-        return int(parts[1]) + 1
-    if parts[0] == "xlayers":
-        return num_layers + 1 + int(parts[1])
-    return num_layers + xlayers + 2
+    return int(m[3]) + 1 if m[3] else num_layers + 1 + int(m[4]) if m[4] else 0
 
 
 def param_groups(net: Finetuner, lr, layer_decay=None):
@@ -383,9 +427,9 @@ def predict(net, tensors, cfg, batch_size=128):
     """Dev or test predictions: class ids, regression scores or chosen endings, as a numpy vector."""
     net.eval()
     inputs = {k: v for k, v in tensors.items() if k != "labels"}
+    rows = torch.arange(len(next(iter(inputs.values()))))
     with autocast(cfg.device, cfg.dtype == "bf16"):
-        out = torch.cat([net(trimmed(b, cfg.device))
-                         for b in batches(inputs, torch.arange(len(tensors["input_ids" if "input_ids" in tensors else "clip_ids"])), batch_size)])
+        out = torch.cat([net(trimmed(b, cfg.device)) for b in batches(inputs, rows, batch_size)])
     return (out.float() if net.kind == "regression" else out.argmax(-1)).cpu().numpy()
 
 
@@ -436,7 +480,7 @@ def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
                   "predictions": {}}
         for suffix, tensors in dev_sets.items():
             record["predictions"][suffix] = p = predict(net, tensors, cfg)
-            record["metrics"] |= {m + suffix: METRICS[m](tensors["labels"].numpy(), p)
+            record["metrics"] |= {m + suffix: score(m, tensors["labels"].numpy(), p)
                                   for m in data.TASKS[cfg.task].metrics}
         history.append(record)
         if log:
@@ -486,15 +530,13 @@ def same_settings(a, b) -> bool:
 
 
 def splits(cfg: FinetuneConfig, kind):
-    """{metric suffix: split}: MNLI scores matched and mismatched dev sets (and test sets, and AX); test splits only
-    where the GLUE test file is there."""
-    names = {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} if cfg.task == "mnli" else {"": kind}
-    if kind == "dev":
-        return names
+    """{metric suffix: split} of the dev or test sets: MNLI's matched and mismatched (and AX); test sets only where
+    the GLUE test file is there."""
     task = data.TASKS[cfg.task]
-    names |= {"_ax": "test_ax"} if cfg.task == "mnli" else {}
-    return {s: split for s, split in names.items()
-            if task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, task.splits[split]))}
+    names = {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} if cfg.task == "mnli" else {"": kind}
+    names |= {"_ax": "test_ax"} if cfg.task == "mnli" and kind == "test" else {}
+    return {s: split for s, split in names.items() if kind == "dev" or task.glue_dir and os.path.isfile(
+        os.path.join(cfg.data, task.folder, task.splits[split]))}
 
 
 def submission_tsv(task, ids, predictions, label_names):
@@ -569,80 +611,9 @@ def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- Table 1
-
-def read_results(path) -> dict:
-    """A results.json written by finetune.py, checked (run_dir added): a ValueError names a file that is not one."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            r = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read it as a results file ({e}): give results.json files of finetune.py")
-    if not isinstance(r, dict) or not {"task", "model", "seed", "metrics", "main_metric"} <= set(r):
-        raise ValueError(f"{path} is not a results file of finetune.py (task, model, seed, metrics, main_metric): "
-                         f"give the results.json of finetuning runs")
-    if r["task"] not in data.TASKS or not isinstance(r["metrics"], dict) or r["main_metric"] not in r["metrics"]:
-        raise ValueError(f"{path} has no {r['main_metric']} among its metrics: its run did not finish, run it again")
-    return r | {"run_dir": os.path.dirname(os.path.abspath(path))}
-
-
-def results_in(run_dir):
-    """The results of the finished run in run_dir (results.json and the files it lists), else None."""
-    try:
-        r = read_results(os.path.join(run_dir, "results.json"))
-    except ValueError:
-        return None
-    files = [os.path.join(run_dir, "glue_test", os.path.basename(p)) for p in r.get("test_predictions", [])]
-    return r if all(map(os.path.isfile, [*files, os.path.join(run_dir, "dev_predictions.jsonl")])) else None
-
-
-def table(results) -> tuple[str, str]:
-    """Table 1 from results dicts, as (Markdown, CSV): a row per model, a column per task, each cell the median run's
-    metrics (two as a/b), the range of the main metric over the seeds and the seed count. The GLUE column, for
-    models with all of Table 1's GLUE tasks, scores as the GLUE benchmark does: the mean of a task's metrics, then
-    the mean over the tasks (MNLI matched and mismatched count as its two)."""
-    cells = collections.defaultdict(lambda: collections.defaultdict(list))
-    for r in results:
-        cells[r["model"]][r["task"]].append(r)
-    tasks = [t for t in data.TASKS if any(t in row for row in cells.values())]
-    glue = [t for t in tasks if t in GLUE]  # data.TASKS puts them first
-    columns = glue + ["GLUE"] * any(set(TABLE1_GLUE) <= set(row) for row in cells.values()) + tasks[len(glue):]
-    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    rows = [("model", "task", "seeds", "median_seed", "metric", "value", "min", "max")]
-    for name, row in cells.items():
-        out = {}
-        for t, runs in row.items():
-            mid, main = median_run(runs), runs[0]["main_metric"]
-            lo, hi = (shown(main, f(r["metrics"][main] for r in runs)) for f in (min, max))
-            spread = f" [{lo}, {hi}]" if len(runs) > 1 else ""
-            out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
-            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
-                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
-        if set(TABLE1_GLUE) <= set(row):
-            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
-            out["GLUE"] = f"{100 * average:.2f}"
-            rows.append((name, "GLUE", "", "", "average", average, "", ""))
-        lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return "\n".join(lines), text.getvalue()
-
-
-def glue_submission(results, path):
-    """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
-    names = []
-    with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-        for task in GLUE:
-            runs = [r for r in results if r["task"] == task]
-            for tsv in median_run(runs).get("test_predictions", []) if runs else []:
-                names.append(os.path.basename(tsv))
-                z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
-    return names
-
-
 # ---------------------------------------------------------------------------------------------------- sweep
 
-Job = collections.namedtuple("Job", "name cfg expected cost")  # cost: train file bytes x epochs x parameters
+Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train file bytes x epochs x parameters
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
@@ -659,8 +630,10 @@ def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
             spec, name = data.TASKS[task], run_name(cfg, variant, size)
             train_file = os.path.join(cfg.data, spec.folder, spec.splits["train"])
             cost = (os.path.getsize(train_file) if os.path.isfile(train_file) else 1) * cfg.epochs * params
-            jobs += [Job(f"{task}-{name}-seed{s}", replace(cfg, seed=s), run_record(settled(cfg, size), name, s), cost)
-                     for s in range(seeds or PAPER_SEEDS.get(task, 5))]
+            for seed in range(seeds or PAPER_SEEDS.get(task, 5)):
+                run = f"{task}-{name}-seed{seed}"
+                jobs.append(Job(run, replace(cfg, seed=seed), run_record(settled(cfg, size), name, seed), cost,
+                                os.path.join(cfg.out, "sweep-logs", run + ".log")))
     return jobs
 
 
@@ -676,56 +649,49 @@ def finished(job):
     return r if r is not None and same_settings(r, job.expected) else None
 
 
-def visible_gpus() -> list[str]:
-    """The GPUs a worker can be given: CUDA_VISIBLE_DEVICES's entries, else 0 .. count-1; none without CUDA."""
-    if not torch.cuda.is_available():
-        return []
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    return env.split(",") if env else [str(i) for i in range(torch.cuda.device_count())]
-
-
-def _die_with_sweep(sweep_pid, prctl):
-    """A worker's preexec_fn: Linux kills the worker when the sweep dies (prctl PR_SET_PDEATHSIG), so a killed sweep
-    leaves no job running. Elsewhere an orphaned job finishes, writing its files atomically, and a rerun skips it."""
-    if prctl is not None:
-        prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != sweep_pid:  # the sweep died before the request took effect
-        os._exit(1)
-
-
-def start_job(job, log_path, gpu, threads):
+def start_job(job, gpu, threads):
     """The job as `python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads),
-    its output appended to log_path."""
+    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG), so a killed
+    sweep leaves no job running; elsewhere an orphaned job finishes, writing its files atomically."""
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
-    die = functools.partial(_die_with_sweep, os.getpid(), getattr(ctypes.CDLL(None), "prctl", None))
-    os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    with open(log_path, "a", encoding="utf-8") as log:
+    sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
+
+    def die_with_sweep():
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != sweep_pid:  # the sweep died before the request took effect
+            os._exit(1)
+
+    os.makedirs(os.path.dirname(job.log), exist_ok=True)
+    with open(job.log, "a", encoding="utf-8") as log:
         log.write(f"$ python finetune.py {' '.join(to_argv(job.cfg))}\n")
         log.flush()
         return subprocess.Popen([sys.executable, os.path.abspath(__file__), *to_argv(job.cfg)], stdout=log,
-                                stderr=subprocess.STDOUT, env=env, preexec_fn=die)
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_sweep)
 
 
-def tail(path, n):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return "".join(collections.deque(f, n)).rstrip()
-
-
-def run_sweep(jobs, workers, gpus, log=print) -> list[Job]:
-    """Run the jobs without finished results of the same settings, in list order, `workers` at a time, each in its
-    own process (on one of `gpus`); a failed job is retried once. Logs progress and an ETA; returns the jobs that
-    failed twice."""
+def run_sweep(jobs, workers=None, log=print) -> list[Job]:
+    """Run the jobs without finished results of the same settings, in list order, `workers` at a time (default: one
+    per visible GPU, each job seeing its own), each in its own process; a failed job is retried once. Logs progress
+    and an ETA; returns the jobs that failed twice."""
+    gpus = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(gpus)).split(",") if gpus else []  # the ids to give
+    workers = workers or max(1, len(gpus))
     todo = collections.deque(j for j in jobs if not finished(j))
     log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} finished before, {len(todo)} to run on {workers} worker(s)")
-    logs = lambda job: os.path.join(job.cfg.out, "sweep-logs", job.name + ".log")
+
+    def tail(job, n):
+        with open(job.log, encoding="utf-8", errors="replace") as f:
+            return "".join(collections.deque(f, n)).rstrip()
+
     running, tries, failed, done, total = {}, collections.Counter(), [], [], len(todo)
     while todo or running:
         for slot in [s for s in range(workers) if s not in running][:len(todo)]:
             job = todo.popleft()
             tries[job.name] += 1
             gpu = gpus[slot % len(gpus)] if gpus else None
-            running[slot] = job, start_job(job, logs(job), gpu, max(1, (os.cpu_count() or 1) // workers)), time.time()
+            running[slot] = job, start_job(job, gpu, max(1, (os.cpu_count() or 1) // workers)), time.time()
             log(f"start {job.name} (worker {slot + 1}" + (", second try)" if tries[job.name] > 1 else ")"))
         time.sleep(0.2)
         for slot, (job, proc, started) in list(running.items()):
@@ -740,14 +706,14 @@ def run_sweep(jobs, workers, gpus, log=print) -> list[Job]:
                 log(f"done {job.name} ({done[-1][1]:.0f} s) | {len(done)}/{total} done, {len(running)} running, "
                     f"{len(todo)} left, {len(failed)} failed, ETA {eta}")
             elif tries[job.name] < 2:
-                log(f"failed {job.name} (exit {proc.returncode}), trying once more: {tail(logs(job), 1)}")
+                log(f"failed {job.name} (exit {proc.returncode}), trying once more: {tail(job, 1)}")
                 todo.appendleft(job)
             else:
                 failed.append(job)
                 log(f"failed {job.name} twice: see the end of the sweep")
     for job in failed:
-        log(f"FAILED {job.name}: python finetune.py {' '.join(to_argv(job.cfg))}; the end of {logs(job)}:\n"
-            + tail(logs(job), 5))
+        log(f"FAILED {job.name}: python finetune.py {' '.join(to_argv(job.cfg))}; the end of {job.log}:\n"
+            + tail(job, 5))
     return failed
 
 
@@ -764,8 +730,7 @@ def sweep(argv, log=print) -> list[Job]:
         raise ValueError("--workers must be at least 1")
     tasks = {"glue": list(GLUE), "all": list(data.TASKS)}.get(s["tasks"]) or s["tasks"].split(",")
     jobs = sweep_jobs(base, s["encoders"].split(","), tasks, None if s["seeds"] == "paper" else int(s["seeds"]))
-    gpus = visible_gpus()
-    failed = run_sweep(shard(jobs, int(i), int(n)), s["workers"] or max(1, len(gpus)), gpus, log)
+    failed = run_sweep(shard(jobs, int(i), int(n)), s["workers"], log)
     results = [r for r in map(finished, jobs) if r]
     markdown, csv_text = table(results)
     for file, text in (("table1.md", markdown + "\n"), ("table1.csv", csv_text)):

@@ -2057,12 +2057,13 @@ def test_finetune_classification_metrics_match_sklearn(labels, preds):
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sklearn warns on the degenerate cases we define as 0.0
-        assert finetune.accuracy(labels, preds) == pytest.approx(sklearn.metrics.accuracy_score(labels, preds))
-        assert finetune.matthews(labels, preds) == pytest.approx(sklearn.metrics.matthews_corrcoef(labels, preds),
-                                                                 abs=1e-12)
+        assert finetune.score("accuracy", labels, preds) == pytest.approx(sklearn.metrics.accuracy_score(labels,
+                                                                                                         preds))
+        assert finetune.score("mcc", labels, preds) == pytest.approx(sklearn.metrics.matthews_corrcoef(labels, preds),
+                                                                     abs=1e-12)
         if labels.max() <= 1 and preds.max() <= 1:
             expected = sklearn.metrics.f1_score(labels, preds, zero_division=0.0)
-            assert finetune.f1(labels, preds) == pytest.approx(expected)
+            assert finetune.score("f1", labels, preds) == pytest.approx(expected)
 
 
 def _ft_real_cases():
@@ -2078,10 +2079,12 @@ def _ft_real_cases():
 
 @pytest.mark.parametrize("labels,preds", _ft_real_cases())
 def test_finetune_regression_metrics_match_scipy(labels, preds):
-    assert finetune.pearson(labels, preds) == pytest.approx(scipy.stats.pearsonr(labels, preds)[0], abs=1e-12)
-    assert finetune.spearman(labels, preds) == pytest.approx(scipy.stats.spearmanr(labels, preds)[0], abs=1e-12)
+    assert finetune.score("pearson", labels, preds) == pytest.approx(scipy.stats.pearsonr(labels, preds)[0],
+                                                                     abs=1e-12)
+    assert finetune.score("spearman", labels, preds) == pytest.approx(scipy.stats.spearmanr(labels, preds)[0],
+                                                                      abs=1e-12)
     rmse = np.sqrt(sklearn.metrics.mean_squared_error(labels, preds))
-    assert finetune.rmse(labels, preds) == pytest.approx(rmse)
+    assert finetune.score("rmse", labels, preds) == pytest.approx(rmse)
 
 
 def test_finetune_average_ranks_match_scipy():
@@ -2092,40 +2095,43 @@ def test_finetune_average_ranks_match_scipy():
 def test_finetune_degenerate_metrics_are_defined():
     """Constant sides give 0.0 (scipy gives NaN), one class gives MCC 0.0 and F1 0.0 without positives."""
     const, varied = np.full(5, 2.0), np.arange(5.0)
-    for metric in (finetune.pearson, finetune.spearman):
-        assert metric(const, varied) == 0.0 and metric(varied, const) == 0.0 and metric(const, const) == 0.0
-        assert metric([1.0], [2.0]) == 0.0
-    assert finetune.matthews([1, 1, 1], [1, 1, 1]) == 0.0
-    assert finetune.f1([0, 0, 0], [0, 0, 0]) == 0.0
-    assert finetune.rmse(const, const) == 0.0
-    assert finetune.f1([1, 1], [1, 1]) == 1.0 and finetune.accuracy([2], [2]) == 1.0
+    for metric in ("pearson", "spearman"):
+        assert finetune.score(metric, const, varied) == finetune.score(metric, varied, const) == 0.0
+        assert finetune.score(metric, const, const) == finetune.score(metric, [1.0], [2.0]) == 0.0
+    assert finetune.score("mcc", [1, 1, 1], [1, 1, 1]) == 0.0
+    assert finetune.score("f1", [0, 0, 0], [0, 0, 0]) == 0.0
+    assert finetune.score("rmse", const, const) == 0.0
+    assert finetune.score("f1", [1, 1], [1, 1]) == 1.0 and finetune.score("accuracy", [2], [2]) == 1.0
 
 
 def test_finetune_pearson_of_constant_sides_is_exactly_zero():
     """Centring [0.1] * 3 leaves rounding residue (its mean is 0.10000000000000002): correlating residues gave +-1."""
     assert np.any(np.asarray([0.1] * 3) - np.mean([0.1] * 3) != 0)
     for a, b in (([0.1] * 3, [0.7] * 3), ([0.1] * 3, [0.3, 0.1, 0.2]), ([0.7] * 7, [0.1] * 7), ([1e-9] * 4, [3.3] * 4)):
-        assert finetune.pearson(a, b) == 0.0 and finetune.pearson(b, a) == 0.0
-        assert finetune.spearman(a, b) == 0.0
+        assert finetune.score("pearson", a, b) == 0.0 and finetune.score("pearson", b, a) == 0.0
+        assert finetune.score("spearman", a, b) == 0.0
     x = np.array([0.1, 0.1, 0.1 + 1e-12])  # nearly constant is not constant: scipy's value
-    assert finetune.pearson(x, [1.0, 2.0, 3.0]) == pytest.approx(scipy.stats.pearsonr(x, [1.0, 2.0, 3.0])[0])
+    assert finetune.score("pearson", x, [1.0, 2.0, 3.0]) == pytest.approx(scipy.stats.pearsonr(x, [1, 2, 3])[0])
 
 
 def test_finetune_metrics_reject_bad_input():
     with pytest.raises(ValueError, match="empty"):
-        finetune.accuracy([], [])
+        finetune.score("accuracy", [], [])
     with pytest.raises(ValueError, match="3 labels but 2 predictions"):
-        finetune.f1([0, 1, 1], [0, 1])
+        finetune.score("f1", [0, 1, 1], [0, 1])
     with pytest.raises(ValueError, match="NaN"):
-        finetune.pearson([1.0, 2.0], [float("nan"), 1.0])
-    for metric in (finetune.accuracy, finetune.f1, finetune.matthews):
+        finetune.score("pearson", [1.0, 2.0], [float("nan"), 1.0])
+    for metric in ("accuracy", "f1", "mcc"):
         with pytest.raises(ValueError, match="not whole numbers"):
-            metric([0.5, 1.5], [0, 1])
+            finetune.score(metric, [0.5, 1.5], [0, 1])
         with pytest.raises(ValueError, match="not whole numbers"):
-            metric([0, 1], np.array([0.0, 0.9999]))
+            finetune.score(metric, [0, 1], np.array([0.0, 0.9999]))
         with pytest.raises(ValueError, match="NaN"):
-            metric([0, 1], [0, float("nan")])
-    assert finetune.accuracy(np.array([0.0, 1.0, 2.0]), torch.tensor([0, 1, 1]).numpy()) == pytest.approx(2 / 3)
+            finetune.score(metric, [0, 1], [0, float("nan")])
+    with pytest.raises(ValueError, match="unknown metric 'auc'"):
+        finetune.score("auc", [0, 1], [0, 1])
+    assert finetune.score("accuracy", np.array([0.0, 1.0, 2.0]), torch.tensor([0, 1, 1]).numpy()) == pytest.approx(
+        2 / 3)
 
 
 def _ft_runs(main, values, others):
@@ -2268,6 +2274,8 @@ def test_finetune_layer_decay_follows_electra():
     assert finetune.layer_depth("backbone.clip.blocks.1.fc.weight", 2, 2) == 2
     assert finetune.layer_depth("backbone.xlayers.1.lang_ffn.fc.weight", 2, 2) == 4
     assert finetune.layer_depth("backbone.match_pooler.dense.weight", 2, 2) == 6
+    assert finetune.layer_depth("backbone.clip.positional_embedding", 2, 2) == 0
+    assert finetune.layer_depth("backbone.language.blocks.1.attention.qkv.weight", 2, 2) == 2
     groups = finetune.param_groups(finetune.Finetuner(xm, "classification", 2), 1.0, 0.5)
     assert sum(len(g["params"]) for g in groups) == len([p for p in xm.parameters() if p.requires_grad]) + 2
 
