@@ -2039,6 +2039,18 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 FT_CPU = dataclasses.replace(finetune.PRESETS["paper"], device="cpu", dtype="fp32")  # a settled config for train()
 
 
+@contextlib.contextmanager
+def _ft_one_thread():
+    """One CPU thread: the toy encoders are too small to gain from more (two threads spend about 3 times the CPU
+    time, far more on a busy machine), and in-process runs compare bitwise with the sweep's single-threaded jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # ---------------------------------------------------------------------------------------------------- metrics
 
 def _ft_label_cases():
@@ -2297,7 +2309,8 @@ def test_finetune_grad_accumulation_matches_full_batch(monkeypatch):
         torch.manual_seed(0)
         net = finetune.Finetuner(__import__("copy").deepcopy(encoder), "classification", 2, dropout=0.0)
         cfg = dataclasses.replace(FT_CPU, task="sst2", batch_size=8, grad_accum=accum, epochs=1, lr=1e-3, warmup=0.0)
-        finetune.train(net, train_set, {}, cfg, seed=0)
+        with _ft_one_thread():
+            finetune.train(net, train_set, {}, cfg, seed=0)
         params.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
                                                  finetune.Finetuner(encoder, "classification", 2).parameters()]))
@@ -2325,21 +2338,25 @@ def test_finetune_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(capsys):
 # ---------------------------------------------------------------------------------------------------- the toy kit
 
 @pytest.fixture(scope="module")
-def ft_toy(tmp_path_factory):
-    """The toy kit (python download.py --toy) and an adapt.py-style run dir: xdbert/ + crossmodal.pt."""
-    root = tmp_path_factory.mktemp("ft") / "toy"
-    subprocess.run([sys.executable, "download.py", "--toy", "--data", str(root)], cwd=ROOT, check=True,
-                   capture_output=True)
-    run = root.parent / "runs" / "toyrun"
-    xm = model.load_crossmodal_from_hf(root / "ckpt" / "bert-toy", root / "ckpt" / "clip-toy")
+def ft_toy(download_toy_root):
+    """The toy kit (read only: tests that change a file copy it first)."""
+    return download_toy_root
+
+
+@pytest.fixture(scope="module")
+def ft_toy_run(ft_toy, tmp_path_factory):
+    """An adapt.py-style run dir of the toy encoders: xdbert/ + crossmodal.pt."""
+    run = tmp_path_factory.mktemp("ft") / "toyrun"
+    xm = model.load_crossmodal_from_hf(ft_toy / "ckpt" / "bert-toy", ft_toy / "ckpt" / "clip-toy")
     model.save_crossmodal(xm, run / "crossmodal.pt")
     model.save_hf(xm.language, run / "xdbert")
-    shutil.copy(root / "ckpt" / "bert-toy" / "tokenizer.json", run / "xdbert" / "tokenizer.json")
-    return root
+    shutil.copy(ft_toy / "ckpt" / "bert-toy" / "tokenizer.json", run / "xdbert" / "tokenizer.json")
+    return run
 
 
 def _ft_main(capsys, *argv):
-    finetune.main([str(a) for a in argv])
+    with _ft_one_thread():
+        finetune.main([str(a) for a in argv])
     return capsys.readouterr().out
 
 
@@ -2374,11 +2391,11 @@ def test_finetune_toy_rte_median_of_seeds_and_label_strings(ft_toy, tmp_path, ca
     assert {line.split("\t")[1] for line in tsv[1:]} <= {"entailment", "not_entailment"}
 
 
-def test_finetune_full_model_and_trimming(ft_toy):
+def test_finetune_full_model_and_trimming(ft_toy, ft_toy_run):
     """--full-model loads crossmodal.pt with CLIP input 2 blocks per sentence; dropping shared padding columns
     (trimmed) leaves the outputs unchanged, for BERT and CLIP inputs alike."""
     cfg = finetune.parse_args(["rte", "--toy", "--data", str(ft_toy), "--full-model",
-                               "--encoder", str(ft_toy.parent / "runs" / "toyrun" / "xdbert")])
+                               "--encoder", str(ft_toy_run / "xdbert")])
     backbone, variant, bert_tok, clip_tok = finetune.load_backbone(cfg)
     assert variant == "full-model" and isinstance(backbone, model.CrossModalTransformer)
     examples = data.read_task("rte", "dev", ft_toy)[:6]
@@ -2560,7 +2577,7 @@ def _ft_nan_run(check_every, monkeypatch, n=12, batch=2, bad_row=7):
     cfg = dataclasses.replace(FT_CPU, task="stsb", batch_size=batch, epochs=2, lr=1e-3, warmup=0.0)
     position = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist().index(bad_row)
     with pytest.raises(FloatingPointError, match=rf"the training loss became nan at step {position // batch + 1}: "
-                                                 r"finetune again with a lower --lr"):
+                                                 r"finetune again with a lower --lr"), _ft_one_thread():
         finetune.train(net, train_set, {}, cfg, seed=0)
 
 
@@ -2700,15 +2717,10 @@ def test_finetune_sweep_killed_then_rerun_runs_only_the_unfinished_jobs(ft_sweep
 def test_finetune_sweep_jobs_equal_single_runs(ft_sweep, ft_toy, tmp_path, capsys):
     """Each job of the sweep (killed or not) equals `finetune.py TASK` with the same settings: metrics, losses,
     predictions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for task in ("rte", "sst2"):
-            for encoder in ("bert-toy", "electra-toy"):
-                _ft_main(capsys, task, "--toy", "--data", ft_toy, "--encoder", encoder, "--seeds", 2, "--epochs", 1,
-                         "--max-train-examples", 48, "--out", tmp_path)
-    finally:
-        torch.set_num_threads(threads)
+    for task in ("rte", "sst2"):
+        for encoder in ("bert-toy", "electra-toy"):
+            _ft_main(capsys, task, "--toy", "--data", ft_toy, "--encoder", encoder, "--seeds", 2, "--epochs", 1,
+                     "--max-train-examples", 48, "--out", tmp_path)
     for name in FT_SWEEP_RUNS:
         ours, theirs = (json.loads((folder / name / "results.json").read_text()) for folder in (tmp_path, ft_sweep[0]))
         for r in (ours, theirs):
