@@ -178,10 +178,8 @@ def average_ranks(x) -> np.ndarray:
 
 
 def score(metric, labels, predictions) -> float:
-    """A metric of data.Task.metrics: accuracy, F1 of class 1, Matthews correlation (multi-class, Gorodkin 2004),
-    Pearson, Spearman (Pearson of the average ranks) or RMSE. Degenerate inputs give 0.0: no positive at all (F1), a
-    degenerate marginal (MCC), a constant side (Pearson, Spearman; tested before centring, whose rounding residue
-    would otherwise correlate perfectly)."""
+    """A metric of data.Task.metrics (F1 of class 1, MCC multi-class as Gorodkin 2004, Spearman as the Pearson of
+    the average ranks); 0.0 where undefined (the README), a constant side tested before centring's rounding residue."""
     y, p = _vectors(labels, predictions, classes=metric in ("accuracy", "f1", "mcc"))
     if metric == "accuracy":
         return float(np.mean(y == p))
@@ -250,10 +248,8 @@ def results_in(run_dir):
 
 
 def table(results) -> tuple[str, str]:
-    """Table 1 from results dicts, as (Markdown, CSV): a row per model, a column per task, each cell the median run's
-    metrics (two as a/b), the range of the main metric over the seeds and the seed count. The GLUE column, for
-    models with all of Table 1's GLUE tasks, scores as the GLUE benchmark does: the mean of a task's metrics, then
-    the mean over the tasks (MNLI matched and mismatched count as its two)."""
+    """Table 1 from results dicts as (Markdown, CSV): per model and task the median run's metrics, the range of the
+    main metric and the seed count; GLUE as the benchmark scores it (a task's metrics averaged, then the tasks)."""
     cells = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in results:
         cells[r["model"]][r["task"]].append(r)
@@ -443,9 +439,8 @@ def check_finite(losses, first_step):
 
 
 def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
-    """Finetune `net` (App. C.2; cfg settled) and score every dev split ({metric suffix: tensors}) after each epoch.
-    The loss stays on the device, checked every CHECK_EVERY steps and at each epoch's end.
-    Returns (per-epoch records, training seconds)."""
+    """Finetune `net` (App. C.2; cfg settled), scoring every dev split ({metric suffix: tensors}) after each epoch;
+    the loss stays on the device, checked every CHECK_EVERY steps. Returns (per-epoch records, training seconds)."""
     net.to(cfg.device)
     n, bf16, micro = len(train_set["labels"]), cfg.dtype == "bf16", math.ceil(cfg.batch_size / cfg.grad_accum)
     steps_per_epoch = math.ceil(n / cfg.batch_size)
@@ -672,9 +667,8 @@ def start_job(job, gpu, threads):
 
 
 def run_sweep(jobs, workers=None, log=print) -> list[Job]:
-    """Run the jobs without finished results of the same settings, in list order, `workers` at a time (default: one
-    per visible GPU, each job seeing its own), each in its own process; a failed job is retried once. Logs progress
-    and an ETA; returns the jobs that failed twice."""
+    """Run the unfinished jobs in list order, `workers` processes at a time (default: one per visible GPU, each job
+    seeing its own), a failed job once more; logs progress and an ETA. Returns the jobs that failed twice."""
     gpus = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
     gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(gpus)).split(",") if gpus else []  # the ids to give
     workers = workers or max(1, len(gpus))
