@@ -92,7 +92,8 @@ SWEEP_SETS = ("task", "encoder", "name", "seeds", "seed")  # a sweep gives each 
 def parse_args(argv, sweep=False):
     """The command line -> FinetuneConfig; for a sweep, (the jobs' shared FinetuneConfig, the sweep's settings)."""
     p = argparse.ArgumentParser(prog="finetune.py" + " sweep" * sweep, description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS)
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy, lr 3e-3, 3 seeds")
     for f in fields(FinetuneConfig):
         if f.name != "preset" and not (sweep and f.name in SWEEP_SETS):
