@@ -3,6 +3,7 @@
     python bench.py adapt [adapt.py's flags, e.g. --micro-batch 32 --global-batch 32 --compile --dtype bfloat16]
     python bench.py cache --mb 50 [--bert DIR --clip DIR]   # data.build_cache on a generated WikiText-style corpus
     python bench.py gpu [--out FILE]        # the GPU check that `bash .ci/gpu` runs (toy sizes without CUDA)
+    python bench.py finetune [--presets bert-toy bert-base] [--batch-size 32] [--max-len 128] [--device cuda]
 
 adapt: optimizer steps of adapt.train_step with random weights of model.PRESETS (nothing downloaded) on batches
 from data.AdaptationData over a synthetic cache (synthetic_cache: realistic CLIP padding, so CLIP-T skips the
@@ -10,8 +11,11 @@ blocks a window leaves empty); prints step time, tokens/s, TFLOP/s and MFU over 
 gpu: the CUDA tests of test_all.py, the adaptation benchmark (micro-batch 8 and the automatic choice, eager and
 compiled) with the minutes one WikiText-103 epoch would take, the graph-break count and the share of a step the GPU
 is busy (torch.profiler); a JSON file and a summary table.
+finetune: finetuning examples/s (train step and eval forward) of a classifier on random weights, fp32 and on CUDA
+bf16.
 """
 import argparse
+import itertools
 import json
 import os
 import resource
@@ -27,6 +31,7 @@ import torch
 
 import adapt
 import data
+import finetune
 import model as xm
 
 CLIP_TOKENS_PER_WINDOW = 480  # CLIP BPE tokens per 510 WordPieces of English prose, measured with the real
@@ -243,11 +248,55 @@ def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
           f"{100 * out['clip_truncated_fraction']:.2f}% truncated in {out['clip_blocks']} CLIP blocks")
     return out
 
+# ---------------------------------------------------------------------------------------------- finetuning
+
+def bench_finetune(presets, batch_size, seq_len, steps, device):
+    """Finetuning examples/s of a classifier (finetune.Finetuner) on random weights of model.PRESETS and random
+    full-length inputs: forward + backward + AdamW step, and the eval forward; fp32 and, on CUDA, bf16 (finetune.py's
+    default there). Returns the figures as a list of dicts."""
+    device = torch.device(device)
+    dtypes, sync = ("fp32",), lambda: None
+    if device.type == "cuda":
+        dtypes, sync = ("fp32", "bf16"), torch.cuda.synchronize
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {' and '.join(dtypes)}"
+          f"{'' if device.type == 'cuda' else ' only (bf16 is measured on CUDA)'}, batch {batch_size} x {seq_len} "
+          f"tokens, median of {steps} steps after 1 warm-up")
+    figures = []
+    for preset, dtype in itertools.product(presets, dtypes):
+        cfg, bf16 = xm.PRESETS[preset], dtype == "bf16"
+        torch.manual_seed(0)
+        net = finetune.Finetuner(xm.LanguageEncoder(cfg), "classification", 2).to(device)
+        optimizer = finetune.adamw(net.parameters(), device)
+        shape = (batch_size, seq_len)
+        b = {"input_ids": torch.randint(0, cfg.vocab_size, shape, device=device),
+             "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
+             "token_type_ids": torch.zeros(shape, dtype=torch.long, device=device),
+             "labels": torch.randint(0, 2, (batch_size,), device=device)}
+
+        def train_step():
+            net.train()
+            with finetune.autocast(device, bf16):
+                finetune.loss_fn("classification", net(b), b["labels"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def eval_step():
+            net.eval()
+            with torch.no_grad(), finetune.autocast(device, bf16):
+                net(b)
+
+        train_s, eval_s = (median_seconds(step, steps, warmup=1, sync=sync) for step in (train_step, eval_step))
+        figures.append({"preset": preset, "dtype": dtype, "train_examples_per_s": batch_size / train_s,
+                        "eval_examples_per_s": batch_size / eval_s, "train_step_s": train_s})
+        print(f"{preset:10s} {dtype} train {batch_size / train_s:8.1f} examples/s ({train_s * 1e3:.0f} ms/step), "
+              f"eval {batch_size / eval_s:8.1f} examples/s", flush=True)
+    return figures
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["adapt", "cache", "gpu"])
+    p.add_argument("what", choices=["adapt", "cache", "finetune", "gpu"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", help="gpu: the JSON file (default $OUT/gpu_check.json)")
     args, rest = p.parse_known_args(argv)
@@ -263,6 +312,15 @@ def main(argv=None):
             a = c.parse_args(rest)
             bench_cache(a.mb, a.bert or os.path.join(a.data, "ckpt", "bert-base"),
                         a.clip or os.path.join(a.data, "ckpt", "clip"), args.steps)
+        elif args.what == "finetune":
+            f = argparse.ArgumentParser(prog="bench.py finetune")
+            f.add_argument("--presets", nargs="+", default=["bert-toy", "bert-base"],
+                           choices=[k for k, v in xm.PRESETS.items() if isinstance(v, xm.EncoderConfig)])
+            f.add_argument("--batch-size", type=int, default=32)
+            f.add_argument("--max-len", type=int, default=128)
+            f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+            a = f.parse_args(rest)
+            bench_finetune(a.presets, a.batch_size, a.max_len, args.steps, a.device)
         else:
             bench_adapt(adapt.parse_args(rest), args.steps)
     except (ValueError, FileNotFoundError) as e:

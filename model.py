@@ -923,3 +923,13 @@ if __name__ == "__main__":
             paper = PAPER_TABLE6[name]
             note = "  (+1: CLIP's logit scale, counted but not kept)" if name.startswith("X") else ""
             print(f"  {name:11s} ours {ours:>12,}  paper {paper:>12,}  {'match' if ours == paper else 'DIFFER'}{note}")
+
+
+def linear_warmup_decay(step, total, warmup_fraction):
+    """Learning-rate factor of App. C.1 and C.2's schedule: linear warm-up over the first ceil(fraction x total)
+    steps, then linear decay to 0 at `total` (transformers' get_linear_schedule_with_warmup with the warm-up steps
+    of its Trainer, math.ceil(total * warmup_ratio))."""
+    warmup = math.ceil(total * warmup_fraction)
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
