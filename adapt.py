@@ -189,14 +189,6 @@ def autocast_setup(dtype_arg, device):
 # ----------------------------------------------------------------------------- schedule, order, FLOPs
 
 
-def lr_at(step, total, warmup, peak):
-    """App. C.1: linear warm-up over `warmup` steps then linear decay to 0 at `total` (as transformers'
-    get_linear_schedule_with_warmup, which the authors' Trainer used)."""
-    if step < warmup:
-        return peak * step / max(1, warmup)
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
     """The permutation of the n windows for an epoch, the same on every rank (DistributedSampler's rule)."""
@@ -512,7 +504,7 @@ def train(cfg: AdaptConfig):
     writer, written, pending, clip_real, t_log = ThreadPoolExecutor(1), None, [], 0, time.time()
     model.train()
     for step, batches in enumerate(prefetched(load, range(run.step, run.stop)), start=run.step + 1):
-        lr = lr_at(step - 1, run.schedule["total"], run.schedule["warmup"], cfg.lr)
+        lr = cfg.lr * xm.linear_warmup_decay(step - 1, run.schedule["total"], cfg.warmup)  # App. C.1
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
