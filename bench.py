@@ -179,6 +179,7 @@ def bench_model(steps, memory_of=None):
         raise ValueError("the model benchmark compares against transformers: "
                          "`pip install -r requirements-test.txt` first") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
 
     def step_of(preset, shape, impl):  # one forward+backward of `impl` on a fixed random batch
         torch.manual_seed(0)

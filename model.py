@@ -556,36 +556,29 @@ PRETRAINING_HEAD_NAMES = {
 }
 
 
-def _name_table(weights, modules, layer_names, num_layers, hf_layer):
-    """Our tensor -> the Hugging Face tensors it is made of: the weights as given, then weight and bias of each module
-    and of each block's modules (block i under hf_layer.format(i))."""
-    for i in range(num_layers):
-        modules |= {f"blocks.{i}.{ours}": [hf_layer.format(i) + hf for hf in parts] for ours, parts in
-                    layer_names.items()}
+def hf_names(cfg):
+    """Our tensor -> the Hugging Face tensors it is made of (several: concatenated on dim 0), for BertModel /
+    ElectraModel (checkpoints may prefix the names with "bert." / "electra." and call LayerNorm weights gamma/beta:
+    read_checkpoint undoes both) or CLIPModel / CLIPTextModelWithProjection."""
+    if isinstance(cfg, CLIPTextConfig):
+        weights = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                   "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                   "text_projection.weight": "text_projection.weight"}
+        modules = {"ln_final": ["text_model.final_layer_norm"]}
+        layer_names, hf_layer = CLIP_LAYER_NAMES, "text_model.encoder.layers.{}."
+    else:
+        weights = {f"embeddings.{e}.weight": f"embeddings.{e}.weight"
+                   for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+        modules = {"embeddings.ln": ["embeddings.LayerNorm"]}
+        layer_names, hf_layer = BERT_LAYER_NAMES, "encoder.layer.{}."
+        if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
+            modules["embeddings.project"] = ["embeddings_project"]
+        if cfg.pooler:
+            modules["pooler.dense"] = ["pooler.dense"]
+    for i in range(cfg.num_layers):
+        modules |= {f"blocks.{i}.{ours}": [hf_layer.format(i) + hf for hf in hfs] for ours, hfs in layer_names.items()}
     return {ours: [hf] for ours, hf in weights.items()} | {
-        f"{ours}.{s}": [f"{hf}.{s}" for hf in parts] for ours, parts in modules.items() for s in ("weight", "bias")}
-
-
-def encoder_names(cfg: EncoderConfig):
-    """The name table of BertModel / ElectraModel. Checkpoints may prefix the names with "bert." or "electra."; old
-    ones call LayerNorm weights gamma/beta (read_checkpoint renames both)."""
-    weights = {f"embeddings.{e}.weight": f"embeddings.{e}.weight"
-               for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-    modules = {"embeddings.ln": ["embeddings.LayerNorm"]}
-    if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
-        modules["embeddings.project"] = ["embeddings_project"]
-    if cfg.pooler:
-        modules["pooler.dense"] = ["pooler.dense"]
-    return _name_table(weights, modules, BERT_LAYER_NAMES, cfg.num_layers, "encoder.layer.{}.")
-
-
-def clip_names(cfg: CLIPTextConfig):
-    """The name table of CLIPModel / CLIPTextModelWithProjection."""
-    weights = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-               "positional_embedding": "text_model.embeddings.position_embedding.weight",
-               "text_projection.weight": "text_projection.weight"}
-    return _name_table(weights, {"ln_final": ["text_model.final_layer_norm"]}, CLIP_LAYER_NAMES, cfg.num_layers,
-                       "text_model.encoder.layers.{}.")
+        f"{ours}.{s}": [f"{hf}.{s}" for hf in hfs] for ours, hfs in modules.items() for s in ("weight", "bias")}
 
 
 def _unused(name):
@@ -667,7 +660,7 @@ def _from_hf(path):
     state = read_checkpoint(path)
     module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
     expected, ours = module.state_dict(), {}
-    table = clip_names(cfg) if kind == "clip" else encoder_names(cfg)
+    table = hf_names(cfg)
     for name, parts in table.items():
         missing = [p for p in parts if p not in state]
         if missing:
@@ -736,7 +729,7 @@ def save_hf(encoder, path):
     """Write a LanguageEncoder (e.g. XDBERT after adaptation) or CLIPTextTransformer in the hub layout under the
     public names (config.json + model.safetensors), so that transformers' from_pretrained loads it."""
     cfg = encoder.config
-    table = clip_names(cfg) if isinstance(cfg, CLIPTextConfig) else encoder_names(cfg)
+    table = hf_names(cfg)
     state = encoder.state_dict()
     tensors = {hf: chunk.clone() for ours, parts in table.items()
                for hf, chunk in zip(parts, state[ours].chunk(len(parts)))}
