@@ -44,7 +44,7 @@ import pwcca
 
 
 # =====================================================================================================================
-# model.py: encoders, cross-modal layers, losses, checkpoints (issue 2)
+# model.py: encoders, cross-modal layers, losses, checkpoints
 # =====================================================================================================================
 
 def _minilm_dir():
