@@ -253,7 +253,7 @@ def _model_ffn(sub, x):
 
 
 def test_model_cross_layer_is_eq1_both_ways_then_self_attention_and_ffn():
-    """A cross-modal layer in App. B's widths (BERT 768 / 12 heads, CLIP-T 512 / 8 heads, 9 x 77 CLIP positions)
+    """A cross-modal layer in App. B's widths (BERT 768 / 12 heads, CLIP-T 512 / 8 heads, 3 blocks of 77 positions)
     against Fig. 3 written out: cross-attention both ways from the layer inputs (Eq. 1), then self-attention and FFN in
     each stream, each sublayer post-LN; padded keys masked out in both streams."""
     torch.manual_seed(5)
@@ -261,9 +261,9 @@ def test_model_cross_layer_is_eq1_both_ways_then_self_attention_and_ffn():
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.05)  # LayerNorm gains and biases too, so a wrong wiring shows
-    lang, vis = torch.randn(2, 40, 768, dtype=torch.double), torch.randn(2, 693, 512, dtype=torch.double)
-    lang_mask, vis_mask = _model_padding(3, 40)[1:], torch.ones(2, 693, dtype=torch.long)
-    vis_mask[:, 600:] = 0
+    lang, vis = torch.randn(2, 40, 768, dtype=torch.double), torch.randn(2, 231, 512, dtype=torch.double)
+    lang_mask, vis_mask = _model_padding(3, 40)[1:], torch.ones(2, 231, dtype=torch.long)
+    vis_mask[0, 170:], vis_mask[1, 100:] = 0, 0
     with torch.no_grad():
         out_lang, out_vis = layer(lang, vis, lang_mask, vis_mask)
         lang1 = _model_post_ln(layer.lang_cross, lang, _model_eq1(layer.lang_cross.attn, lang, vis, vis_mask))
@@ -271,7 +271,7 @@ def test_model_cross_layer_is_eq1_both_ways_then_self_attention_and_ffn():
         lang2 = _model_post_ln(layer.lang_self, lang1, _model_eq1(layer.lang_self.attn, lang1, None, lang_mask))
         vis2 = _model_post_ln(layer.vis_self, vis1, _model_eq1(layer.vis_self.attn, vis1, None, vis_mask))
         ref_lang, ref_vis = _model_ffn(layer.lang_ffn, lang2), _model_ffn(layer.vis_ffn, vis2)
-    assert out_lang.shape == (2, 40, 768) and out_vis.shape == (2, 693, 512)
+    assert out_lang.shape == (2, 40, 768) and out_vis.shape == (2, 231, 512)
     assert (out_lang - ref_lang).abs().max() < 1e-10 and (out_vis - ref_vis).abs().max() < 1e-10
     assert (out_lang - lang).abs().max() > 0.5 and (out_vis - vis).abs().max() > 0.5  # not the identity
 
