@@ -292,16 +292,12 @@ class TokenPredictionHead(nn.Module):
         return F.linear(self.ln(F.gelu(self.dense(x))), embedding_weight, self.bias)
 
 
-NO_TARGET = -100  # the target of an unused prediction slot (cross_entropy's ignore_index)
-
-
 def token_loss(head, hidden, positions, targets, embedding_weight):
-    """Cross-entropy at K chosen positions per sequence, averaged over the real targets. Only those rows reach the
-    vocabulary-sized decoder, in static shapes; 0 (with a graph) when no target is real."""
+    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (0 if none; an unused slot
+    holds cross_entropy's ignore_index, -100). Only those rows reach the vocabulary-sized decoder, in static shapes."""
     chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L, D) -> (B, K, D)
     logits = head(chosen, embedding_weight).float().flatten(0, 1)  # (B*K, vocabulary)
-    loss = F.cross_entropy(logits, targets.flatten(), ignore_index=NO_TARGET, reduction="sum")
-    return loss / (targets != NO_TARGET).sum().clamp(min=1)
+    return F.cross_entropy(logits, targets.flatten(), reduction="sum") / (targets >= 0).sum().clamp(min=1)
 
 
 ADAPT_TASKS = ("mlm", "match", "cliptc")  # the adaptation tasks of Sec. 2.3

@@ -236,7 +236,8 @@ def _model_eq1(attn, x, context, mask):
     if context is None:
         q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).chunk(3, dim=-1)
     else:
-        q, (k, v) = F.linear(x, attn.q.weight, attn.q.bias), F.linear(context, attn.kv.weight, attn.kv.bias).chunk(2, -1)
+        q = F.linear(x, attn.q.weight, attn.q.bias)
+        k, v = F.linear(context, attn.kv.weight, attn.kv.bias).chunk(2, dim=-1)
     q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
     scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf")) if mask is not None else scores
@@ -498,13 +499,15 @@ def test_model_atomic_file_fsyncs_and_a_killed_writer_is_swept(tmp_path, monkeyp
     monkeypatch.undo()
     code = (f"import model, time\nwith model.atomic_file({str(tmp_path / 'ckpt.pt')!r}) as f:\n"
             f"    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)")
-    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__), stdout=subprocess.PIPE)
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__),
+                              stdout=subprocess.PIPE)
     assert writer.stdout.readline() == b"writing\n"
     live = [p.name for p in tmp_path.glob("ckpt.pt.*.tmp")]
     assert len(live) == 1 and model.sweep_stale(tmp_path) == [] and (tmp_path / live[0]).exists()  # a live writer
     writer.kill()
     writer.wait()
-    assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "ckpt.pt").exists()
+    assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_model_atomic_dir_keeps_one_complete_copy(tmp_path):
