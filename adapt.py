@@ -52,7 +52,7 @@ class AdaptConfig:
     corpus: str | None = None           # default DATA/wikitext-103-raw/wiki.train.raw
     cache: str | None = None            # an existing data.build_cache directory
     all_lines: bool = False             # keep WikiText's headings and short lines (data.wikitext_line)
-    tasks: tuple[str, ...] = xm.TASKS   # Table 3: any subset of mlm, match, cliptc
+    tasks: tuple[str, ...] = xm.ADAPT_TASKS  # Table 3: any subset of mlm, match, cliptc
     xlayers: int = 2                    # cross-modal layers (App. B: 2; Table 3: 1)
     no_clip: bool = False               # Sec. 3's fair baseline: the language encoder alone, plain MLM
     schedule_epochs: float = 40.0       # App. C.1: max_epoch = 40
@@ -112,15 +112,15 @@ def parse_args(argv=None) -> AdaptConfig:
     if cfg.no_clip:
         cfg = replace(cfg, tasks=("mlm",), xlayers=0)
     check(cfg)
-    return replace(cfg, tasks=tuple(t for t in xm.TASKS if t in cfg.tasks))
+    return replace(cfg, tasks=tuple(t for t in xm.ADAPT_TASKS if t in cfg.tasks))
 
 
 def check(cfg: AdaptConfig):
     """ValueError naming the first setting that the model or the data cannot take."""
-    unknown = set(cfg.tasks) - set(xm.TASKS)
+    unknown = set(cfg.tasks) - set(xm.ADAPT_TASKS)
     problems = [
         (unknown or not cfg.tasks, f"--tasks {','.join(sorted(unknown)) or '(empty)'}: choose a subset of "
-                                   f"{','.join(xm.TASKS)}"),
+                                   f"{','.join(xm.ADAPT_TASKS)}"),
         (cfg.xlayers < (0 if cfg.no_clip else 1), f"--xlayers {cfg.xlayers}: at least 1 cross-modal layer"),
         (cfg.seq_len < 8, f"--seq-len {cfg.seq_len}: windows need at least 8 tokens"),
         (cfg.clip_blocks < 1, f"--clip-blocks {cfg.clip_blocks}: at least 1 block of 77"),

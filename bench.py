@@ -293,10 +293,65 @@ def bench_finetune(presets, batch_size, seq_len, steps, device):
     return figures
 
 
+# ----------------------------------------------------------------------------- model.py against transformers
+
+def bench_model(steps, memory_of=None):
+    """Forward+backward of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers' sdpa implementations
+    on identical weights and inputs: median time, and the resident memory one step adds at its peak, each measured in
+    a fresh process (memory_of=(preset, shape, impl)) whose Linux peak counter (VmHWM) is reset after a warm-up step."""
+    try:
+        import transformers
+    except ImportError:
+        raise ValueError("the model benchmark compares against transformers: "
+                         "`pip install -r requirements-test.txt` first") from None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+    def step_of(preset, shape, impl):  # one forward+backward of `impl` on a fixed random batch
+        torch.manual_seed(0)
+        cfg = xm.PRESETS[preset]
+        net = xm.CLIPTextTransformer(cfg) if preset == "clip" else xm.LanguageEncoder(cfg)
+        if impl == "transformers":  # output 0: CLIP's pooled projection, BERT's last hidden state
+            with tempfile.TemporaryDirectory() as d:
+                xm.save_hf(net, d)
+                hf = transformers.CLIPTextModelWithProjection if preset == "clip" else transformers.BertModel
+                net = hf.from_pretrained(d, attn_implementation="sdpa")
+        ids = torch.randint(0, cfg.vocab_size - 1, shape)
+        net.train()
+        return lambda: net(ids)[0].float().square().mean().backward()
+
+    def status_mb(field):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
+
+    if memory_of:
+        step = step_of(*memory_of)
+        step()
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+        base = status_mb("VmRSS")
+        step()
+        print(status_mb("VmHWM") - base)
+        return
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {steps} steps")
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")  # glibc's malloc returns freed memory at once
+    for preset, shape in (("bert-base", (8, 128)), ("clip", (72, 77))):
+        t, mem = {}, {}
+        for impl in ("ours", "transformers"):
+            t[impl] = median_seconds(step_of(preset, shape, impl), steps)
+            code = f"import bench; bench.bench_model(0, {(preset, shape, impl)!r})"
+            mem[impl] = float(subprocess.check_output([sys.executable, "-c", code], env=env,
+                                                      cwd=os.path.dirname(os.path.abspath(__file__))))
+        print(f"{preset:9s} {shape[0]:2d} x {shape[1]:3d}: fwd+bwd ours {t['ours'] * 1e3:6.0f} ms, transformers "
+              f"{t['transformers'] * 1e3:6.0f} ms, ratio {t['ours'] / t['transformers']:.2f} | peak step memory "
+              f"ours {mem['ours']:5.0f} MB, transformers {mem['transformers']:5.0f} MB, "
+              f"ratio {mem['ours'] / mem['transformers']:.2f}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["adapt", "cache", "finetune", "gpu"])
+    p.add_argument("what", choices=["adapt", "cache", "finetune", "gpu", "model"])
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--out", help="gpu: the JSON file (default $OUT/gpu_check.json)")
     args, rest = p.parse_known_args(argv)
@@ -321,6 +376,8 @@ def main(argv=None):
             f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
             a = f.parse_args(rest)
             bench_finetune(a.presets, a.batch_size, a.max_len, args.steps, a.device)
+        elif args.what == "model":
+            bench_model(args.steps)
         else:
             bench_adapt(adapt.parse_args(rest), args.steps)
     except (ValueError, FileNotFoundError) as e:

@@ -45,7 +45,7 @@ import pwcca
 
 
 # =====================================================================================================================
-# model.py: encoders, cross-modal layers, losses, checkpoints (issue 2)
+# model.py: encoders, cross-modal layers, losses, checkpoints
 # =====================================================================================================================
 
 def _minilm_dir():
@@ -231,18 +231,54 @@ def test_model_table6_counts_match_the_paper():
         assert model.count_parameters(layer) == 14_574_336
 
 
-def test_model_cross_layers_take_the_app_b_shapes():
+def _model_eq1(attn, x, context, mask):
+    """Eq. 1 written out with the layer's own weights: per head softmax(Q K^T / sqrt(d) + mask) V, then the output
+    projection; Q from x, K and V from context (x itself for self-attention)."""
+    if context is None:
+        q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).chunk(3, dim=-1)
+    else:
+        q = F.linear(x, attn.q.weight, attn.q.bias)
+        k, v = F.linear(context, attn.kv.weight, attn.kv.bias).chunk(2, dim=-1)
+    q, k, v = (t.unflatten(-1, (attn.num_heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(~mask.bool()[:, None, None, :], float("-inf")) if mask is not None else scores
+    return F.linear((scores.softmax(-1) @ v).transpose(1, 2).flatten(2), attn.proj.weight, attn.proj.bias)
+
+
+def _model_post_ln(sub, x, y):
+    return F.layer_norm(x + y, sub.ln.normalized_shape, sub.ln.weight, sub.ln.bias, sub.ln.eps)
+
+
+def _model_ffn(sub, x):
+    h = F.linear(x, sub.fc.weight, sub.fc.bias)
+    return _model_post_ln(sub, x, F.linear(h * 0.5 * (1 + torch.erf(h / math.sqrt(2))), sub.proj.weight, sub.proj.bias))
+
+
+def test_model_cross_layer_is_eq1_both_ways_then_self_attention_and_ffn():
+    """A cross-modal layer in App. B's widths (BERT 768 / 12 heads, CLIP-T 512 / 8 heads, 3 blocks of 77 positions)
+    against Fig. 3 written out: cross-attention both ways from the layer inputs (Eq. 1), then self-attention and FFN in
+    each stream, each sublayer post-LN; padded keys masked out in both streams."""
     torch.manual_seed(5)
-    layer = model.CrossModalLayer(model.PRESETS["bert-base"], model.PRESETS["clip"]).eval()
-    lang, vis = torch.randn(2, 512, 768), torch.randn(2, 693, 512)
-    vis_mask = torch.ones(2, 693, dtype=torch.bool)
-    vis_mask[:, 600:] = False
+    layer = model.CrossModalLayer(model.PRESETS["bert-base"], model.PRESETS["clip"]).double().eval()
     with torch.no_grad():
-        out_lang, out_vis = layer(lang, vis, None, vis_mask)
-    assert out_lang.shape == (2, 512, 768) and out_vis.shape == (2, 693, 512)
+        for p in layer.parameters():
+            p.normal_(0, 0.05)  # LayerNorm gains and biases too, so a wrong wiring shows
+    lang, vis = torch.randn(2, 40, 768, dtype=torch.double), torch.randn(2, 231, 512, dtype=torch.double)
+    lang_mask, vis_mask = _model_padding(3, 40)[1:], torch.ones(2, 231, dtype=torch.long)
+    vis_mask[0, 170:], vis_mask[1, 100:] = 0, 0
+    with torch.no_grad():
+        out_lang, out_vis = layer(lang, vis, lang_mask, vis_mask)
+        lang1 = _model_post_ln(layer.lang_cross, lang, _model_eq1(layer.lang_cross.attn, lang, vis, vis_mask))
+        vis1 = _model_post_ln(layer.vis_cross, vis, _model_eq1(layer.vis_cross.attn, vis, lang, lang_mask))
+        lang2 = _model_post_ln(layer.lang_self, lang1, _model_eq1(layer.lang_self.attn, lang1, None, lang_mask))
+        vis2 = _model_post_ln(layer.vis_self, vis1, _model_eq1(layer.vis_self.attn, vis1, None, vis_mask))
+        ref_lang, ref_vis = _model_ffn(layer.lang_ffn, lang2), _model_ffn(layer.vis_ffn, vis2)
+    assert out_lang.shape == (2, 40, 768) and out_vis.shape == (2, 231, 512)
+    assert (out_lang - ref_lang).abs().max() < 1e-10 and (out_vis - ref_vis).abs().max() < 1e-10
+    assert (out_lang - lang).abs().max() > 0.5 and (out_vis - vis).abs().max() > 0.5  # not the identity
 
 
-def _model_toy(tasks=model.TASKS, xlayers=2, seed=6):
+def _model_toy(tasks=model.ADAPT_TASKS, xlayers=2, seed=6):
     torch.manual_seed(seed)
     return model.CrossModalTransformer(model.PRESETS["bert-toy"], model.PRESETS["clip-toy"], xlayers, tasks)
 
@@ -402,7 +438,7 @@ def test_model_match_inherits_nsp_with_its_labels_in_our_order(tmp_path, model_h
     with torch.no_grad():
         nsp = pre(batch["input_ids"], attention_mask=batch["attention_mask"]).seq_relationship_logits
         lang, _ = net.encode(batch["input_ids"], batch["attention_mask"], None, batch["clip_ids"], batch["clip_mask"])
-        match = net.match_classifier(net.pooled(lang))
+        match = net.match_classifier(net.match_pooler(lang))
     assert (nsp.argmax(-1) == 0).all() and (match.argmax(-1) == 1).all()
     out = net(**{**batch, "match_labels": torch.ones_like(batch["match_labels"])})
     assert out["match_acc"] == 1 and out["match"] < 0.01
@@ -464,13 +500,15 @@ def test_model_atomic_file_fsyncs_and_a_killed_writer_is_swept(tmp_path, monkeyp
     monkeypatch.undo()
     code = (f"import model, time\nwith model.atomic_file({str(tmp_path / 'ckpt.pt')!r}) as f:\n"
             f"    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)")
-    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__), stdout=subprocess.PIPE)
+    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__),
+                              stdout=subprocess.PIPE)
     assert writer.stdout.readline() == b"writing\n"
     live = [p.name for p in tmp_path.glob("ckpt.pt.*.tmp")]
     assert len(live) == 1 and model.sweep_stale(tmp_path) == [] and (tmp_path / live[0]).exists()  # a live writer
     writer.kill()
     writer.wait()
-    assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp")) and not (tmp_path / "ckpt.pt").exists()
+    assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp"))
+    assert not (tmp_path / "ckpt.pt").exists()
 
 
 def test_model_atomic_dir_keeps_one_complete_copy(tmp_path):
@@ -1746,10 +1784,10 @@ def test_cuda_bf16_adaptation_step_agrees_with_fp32(monkeypatch):
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             out = net(**batch)
         out["loss"].backward()
-        runs.append(({k: out[k].item() for k in model.TASKS},
+        runs.append(({k: out[k].item() for k in model.ADAPT_TASKS},
                      torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])))
     (fp32, grad32), (bf16, grad16) = runs
-    assert all(bf16[k] == pytest.approx(fp32[k], rel=0.01) for k in model.TASKS), (fp32, bf16)
+    assert all(bf16[k] == pytest.approx(fp32[k], rel=0.01) for k in model.ADAPT_TASKS), (fp32, bf16)
     assert F.cosine_similarity(grad32.double(), grad16.double(), dim=0) >= 0.999
 
 
