@@ -37,6 +37,7 @@ import model as xm
 CLIP_TOKENS_PER_WINDOW = 480  # CLIP BPE tokens per 510 WordPieces of English prose, measured with the real
                               # vocabularies: 427 on Python's documentation, 509 on the paper's own text
 EPOCH_WINDOWS = 800 * 300     # App. C.1: about 800 steps of about 300 windows per WikiText-103 epoch
+RTE_TRAIN, RTE_DEV = 2490, 277  # GLUE RTE's train and dev examples
 
 
 def median_seconds(step, steps, warmup=2, sync=lambda: None):
@@ -184,6 +185,10 @@ def gpu_check(out_path):
         report["adapt"].append(bench_adapt(cfg, steps=5, profile=True))
         torch.cuda.empty_cache() if cuda else None
     report |= graph_breaks(base)
+    report["finetune"] = bench_finetune(["bert-base" if cuda else "bert-toy"], 32, 128, 5, "cuda" if cuda else "cpu")
+    for f in report["finetune"]:  # App. C.2's RTE: 3 epochs, 9 seeds, full-length (128) batches: an upper bound
+        seconds = RTE_TRAIN / f["train_examples_per_s"] + RTE_DEV / f["eval_examples_per_s"]
+        f["rte_9_seeds_minutes"] = 9 * 3 * seconds / 60
     with xm.atomic_file(out_path, "w") as f:
         f.write(json.dumps(report, indent=1) + "\n")
     print(f"\n{report['device']}, torch {report['torch']}, {report['date']}; CUDA tests: {report['cuda_tests']}")
@@ -194,6 +199,9 @@ def gpu_check(out_path):
         print(f"| {r['micro_batch']} | {r['compiled']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
               f"{pct(r['mfu'])} | {pct(r['mfu_real'])} | {r['epoch_minutes']:.1f} | "
               f"{r['peak_memory_gb'] or 0:.1f} | {pct(r.get('gpu_busy_share'))} |")
+    for f in report["finetune"]:
+        print(f"finetune {f['preset']} {f['dtype']}: {f['train_examples_per_s']:,.0f} train / "
+              f"{f['eval_examples_per_s']:,.0f} eval examples/s; RTE's 9 seeds in {f['rte_9_seeds_minutes']:.1f} min")
     print(f"graphs {report['graphs']}, graph breaks {report['graph_breaks']}; written {out_path}")
 
 
