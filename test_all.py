@@ -1652,7 +1652,7 @@ def test_download_toy_swag_read_and_coco(download_toy_root):
 
 
 # =====================================================================================================================
-# adapt.py: the adaptation trainer (issue 5)
+# adapt.py: the adaptation trainer (Sec. 2.3, App. C.1)
 # =====================================================================================================================
 
 # The schedule and FLOP formula against independent oracles, torchrun DDP against one process, exact resume after
