@@ -173,8 +173,7 @@ def gpu_check(out_path):
     report = {"device": torch.cuda.get_device_name() if cuda else "cpu (no CUDA: toy sizes, to show the check runs)",
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_all.py", "-k", "test_cuda_"],
-                           capture_output=True,
-                           text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
+                           capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     report["cuda_tests"] = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-500:]
     base = adapt.parse_args([] if cuda else ["--toy", "--global-batch", "16"])
     runs = [replace(base, micro_batch=8, global_batch=8)] + [replace(base, micro_batch=None, compile=c)
