@@ -1,43 +1,32 @@
 """Sec. 2.3 + App. C.1: cross-modal adaptation of BERT/ELECTRA with CLIP's text transformer (XDBERT).
 
-    python adapt.py --toy                                         # the quick start: the toy kit, 89 steps on a CPU
-    torchrun --nproc_per_node 8 adapt.py --encoder bert-base      # the paper's run: one epoch of WikiText-103
-    python adapt.py --encoder electra-large --tasks mlm,match     # Table 3 ablations: --tasks, --xlayers, --epochs
-    python adapt.py --encoder bert-base --no-clip                 # Sec. 3 fair baseline: one more epoch of plain MLM
-    python adapt.py --encoder bert-base --benchmark 20            # speed on synthetic batches of the real shapes
-    python adapt.py --encoder bert-base --name NAME --resume      # continue runs/NAME/ckpt.pt
+    python adapt.py --toy                                          # the quick start: the toy kit on a CPU
+    torchrun --nproc_per_node 8 adapt.py --encoder bert-base       # the paper's run: epoch 1 of a 40-epoch schedule
+    python adapt.py --encoder bert-base --epochs 20 --save-epochs 1,2   # Table 3's 1-, 2- and 20-epoch models
+    python adapt.py --encoder electra-large --tasks mlm,match      # Table 3 ablations: --tasks, --xlayers
+    python adapt.py --encoder bert-base --no-clip                  # Sec. 3's fair baseline: one more epoch of MLM
+    python adapt.py --encoder bert-base --resume --epochs 2        # continue runs/<run>/ckpt.pt, here to epoch 2
+    python adapt.py plot runs/toy [runs/other ...]                  # loss and MATCH-accuracy curves as SVG
 
-The model (model.CrossModalTransformer) is trained on the WikiText-103 cache of data.py with the plain sum of the
-MLM, MATCH and CLIPTC cross-entropies (Sec. 2.3), AdamW at 1e-4, 5% warm-up then linear decay, gradient clipping
-1.0, one epoch of windows of 512 BERT tokens and 9 x 77 CLIP tokens (App. B, C.1). The global batch of about 300
-sequences (Spec 6: ~800 optimizer steps per epoch) is split as
-    global batch = per-device batch (--batch-size) x gradient accumulation x world size.
-Outputs, in runs/<run>/: xdbert/ (the adapted language encoder in the hub layout, for finetune.py --encoder),
-crossmodal.pt (the whole model, for finetune.py --full-model), ckpt.pt (the resumable state), log.jsonl.
-
-Distributed: torchrun's RANK / LOCAL_RANK / WORLD_SIZE select DDP (nccl on GPU, gloo on CPU); without them this is
-one process. The examples of optimizer step s are the slice [s*G, (s+1)*G) of a permutation drawn from
-(--seed, epoch); its G/B micro-batches go round-robin over the ranks, and dropout is seeded from (--seed, micro-batch),
-so a run gives the same weights (to float rounding) on any world size, and a run killed and resumed from ckpt.pt
-gives bitwise the same weights as one never interrupted (on CPU).
-
-MFU (model FLOPs utilisation, as in nanoGPT / PaLM App. B): the FLOPs of one training sequence are
-    6 x (matmul parameters x the tokens they act on)   forward + backward of every weight matrix
-  + 12 x layers x width x seq x seq                     the attention scores and mixing, per stream
-summed over the language encoder (T = 512 tokens), CLIP-T (n = 9 blocks of 77, attention within a block), the
-cross-modal layers (T language + 9 x 77 CLIP tokens; self-attention T x T and 693 x 693, cross-attention T x 693
-both ways) and the heads (the MLM and CLIPTC decoders on the 15% of positions they predict); a stream of the last
-cross-modal layer that no chosen task reads counts its forward only. flops_per_sequence implements it (the tests
-check it against torch's FlopCounterMode). The peak is the dense bf16 tensor-core figure of the device (PEAK_FLOPS,
-or --peak-flops); on a CPU MFU is printed only with --peak-flops.
+The model (model.CrossModalTransformer) trains on data.py's WikiText-103 windows with the sum of the MLM, MATCH and
+CLIPTC losses (Sec. 2.3) under App. C.1's recipe; the README says how the schedule, resuming and DDP work. Outputs
+in runs/<run>/: xdbert/ (for finetune.py --encoder), xdbert-epoch<e>/, crossmodal.pt (for --full-model), ckpt.pt,
+log.jsonl.
 """
 import argparse
+import functools
 import json
 import math
 import os
+import pickle
+import re
 import shutil
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
+from dataclasses import asdict, dataclass, replace
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -46,95 +35,145 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data
 import model as xm
 
-# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets; SXM parts)
-PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12, "A10": 125e12,
-              "L4": 121e12, "V100": 125e12, "RTX 4090": 165e12, "RTX 3090": 71e12, "T4": 65e12}
-TASK_NAMES = ("mlm", "match", "cliptc")
-# Defaults of the flags left unset. The toy kit (README, "The toy world"): windows of 16 tokens in one CLIP block,
-# about 980 steps of 32 per epoch of its corpus, a peak learning rate for 64-wide encoders (half of it at epoch 1)
-TOY = {"data": "data/toy", "encoder": "bert-toy", "clip": "clip-toy", "seq_len": 16, "clip_blocks": 1,
-       "global_batch": 32, "batch_size": 32, "lr": 4e-3}
-FULL = {"data": "data", "encoder": "bert-base", "clip": "clip", "seq_len": 512, "clip_blocks": 9,
-        "global_batch": 320, "batch_size": 8, "lr": 1e-4}
+# Dense bf16 tensor-core peak per device, FLOP/s (vendor data sheets), matched against the device name in this order
+PEAK_FLOPS = ((r"H200 NVL|H100 NVL", 835e12), (r"H100 PCIe", 756e12), (r"H100|H200|GH200", 989e12),
+              (r"A100", 312e12), (r"L40S", 362e12), (r"A10G", 70e12), (r"A10\b", 125e12), (r"L4\b", 121e12),
+              (r"V100", 125e12), (r"RTX 4090", 165e12), (r"RTX 3090", 71e12), (r"T4\b", 65e12))
+LOGGED = ("loss", "mlm", "match", "cliptc", "match_acc")  # train_step's means, in this order
+DROPOUT_SEED_STRIDE = 1_000_003  # dropout seed of micro-batch m: seed + stride x (m + 1), distinct for every m
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--toy", action="store_true", help="the toy kit: data/toy, bert-toy + clip-toy, short windows")
-    p.add_argument("--data", help="data root (default data, or data/toy with --toy)")
-    p.add_argument("--encoder", help="a name under DATA/ckpt/ or a hub-layout dir (default bert-base)")
-    p.add_argument("--clip", help="CLIP text tower: a name under DATA/ckpt/ or a dir (default clip)")
-    p.add_argument("--corpus", help="raw text corpus (default DATA/wikitext-103-raw/wiki.train.raw)")
-    p.add_argument("--cache", help="an existing cache dir built by data.build_cache (default: build or reuse one)")
-    p.add_argument("--tasks", default="mlm,match,cliptc", help="Table 3: any subset of mlm,match,cliptc")
-    p.add_argument("--xlayers", type=int, default=2, help="cross-modal layers (App. B: 2; Table 3: 1)")
-    p.add_argument("--no-clip", action="store_true", help="Sec. 3 fair baseline: the language encoder alone, plain MLM")
-    p.add_argument("--epochs", type=float, default=1.0, help="App. C.1: 1 (Table 3: 2, 20)")
-    p.add_argument("--seq-len", type=int, help="BERT window (App. B: 512)")
-    p.add_argument("--clip-blocks", type=int, help="CLIP blocks of 77 per window (App. B: 9)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default 320; Spec 6: about 300)")
-    p.add_argument("--batch-size", type=int, help="sequences per device per micro-step (default 8)")
-    p.add_argument("--grad-accum", type=int,
-                   help="micro-steps per optimizer step; sets the global batch to batch-size x grad-accum x world size")
-    p.add_argument("--lr", type=float, help="peak learning rate (App. C.1: 1e-4; --toy: 3e-3)")
-    p.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of the steps (App. C.1: 0.05)")
-    p.add_argument("--weight-decay", type=float, default=0.01, help="AdamW decay of the matrices (not biases, norms)")
-    p.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clipping (the authors' code: 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="autocast dtype: auto = bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--device", help="cuda or cpu (default cuda when available)")
-    p.add_argument("--name", help="writes <out>/<name>/ (default <encoder>-<tasks>, or toy)")
-    p.add_argument("--out", default="runs", help="runs root")
-    p.add_argument("--resume", action="store_true", help="continue from runs/<run>/ckpt.pt")
-    p.add_argument("--log-every", type=int, default=10, help="optimizer steps between log lines")
-    p.add_argument("--ckpt-every", type=int, default=100, help="steps between checkpoints (0: at the end only)")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (the schedule is unchanged)")
-    p.add_argument("--benchmark", type=int, metavar="N", help="time N steps on random batches of the real shapes")
-    p.add_argument("--peak-flops", type=float, help="device peak FLOP/s for MFU (default: PEAK_FLOPS by device name)")
-    args = p.parse_args(argv)
-    for key, value in (TOY if args.toy else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    chosen = args.tasks.split(",")
-    args.tasks = tuple(t for t in TASK_NAMES if t in chosen)
-    unknown = set(chosen) - set(TASK_NAMES)
-    if unknown or not args.tasks:
-        p.error(f"--tasks {','.join(sorted(unknown)) or '(empty)'}: choose a subset of {','.join(TASK_NAMES)}")
-    if args.no_clip:
-        args.tasks = ("mlm",)
-    return args
+@dataclass
+class AdaptConfig:
+    """Every setting of an adaptation run; PRESETS["paper"] is App. C.1's, PRESETS["toy"] the toy kit's."""
+    data: str = "data"                  # data root: ckpt/, wikitext-103-raw/, cache/
+    encoder: str = "bert-base"          # a name under DATA/ckpt/ or a hub-layout directory
+    clip: str = "clip"
+    corpus: str | None = None           # default DATA/wikitext-103-raw/wiki.train.raw
+    cache: str | None = None            # an existing data.build_cache directory
+    all_lines: bool = False             # keep WikiText's headings and short lines (data.wikitext_line)
+    tasks: tuple[str, ...] = xm.ADAPT_TASKS  # Table 3: any subset of mlm, match, cliptc
+    xlayers: int = 2                    # cross-modal layers (App. B: 2; Table 3: 1)
+    no_clip: bool = False               # Sec. 3's fair baseline: the language encoder alone, plain MLM
+    schedule_epochs: float = 40.0       # App. C.1: max_epoch = 40
+    epochs: float = 1.0                 # where the run stops (App. C.1: 1)
+    save_epochs: tuple[float, ...] = ()  # epochs whose adapted encoder is also kept (Table 3: 1, 2, 20)
+    seq_len: int = 512                  # App. B
+    clip_blocks: int = 9                # App. B: 9 x 77
+    global_batch: int = 320             # App. C.1: about 300 (320 divides over 8 GPUs)
+    micro_batch: int | None = None      # per device and micro-step; None: the largest that fits (micro_batch_size)
+    lr: float = 1e-4
+    warmup: float = 0.05
+    weight_decay: float = 0.01          # on the matrices (the paper is silent)
+    clip_grad: float = 1.0              # the authors' code
+    seed: int = 0
+    dtype: str = "auto"                 # auto: bf16 on CUDA where supported, else fp16 + GradScaler; fp32 on CPU
+    compile: bool = False
+    device: str | None = None           # default cuda when available
+    name: str | None = None             # default <encoder>-<tasks>
+    out: str = "runs"
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 10
+    ckpt_every: int = 200
+    max_steps: int | None = None
+    peak_flops: float | None = None
+
+
+# The toy kit (README, "The toy world"): windows of 16 tokens in one CLIP block, about 1,060 steps of 32 per epoch of
+# its corpus, a peak learning rate for 64-wide encoders; the paper's schedule shape (epoch 1 ends at half the peak),
+# run to epoch 2 because MATCH needs about 2,000 such steps to pass 90% from encoders pretrained for seconds.
+PRESETS = {"paper": AdaptConfig(),
+           "toy": AdaptConfig(data="data/toy", encoder="bert-toy", clip="clip-toy", name="toy", seq_len=16,
+                              clip_blocks=1, global_batch=32, micro_batch=32, lr=4e-3, epochs=2.0)}
+# A resumed run must match its checkpoint in what defines the schedule and the data; the learning rate may change
+# (with a note), and where the run stops is free (--epochs, --max-steps, --save-epochs).
+RUN_DEFINING = ("encoder", "clip", "corpus", "cache", "all_lines", "tasks", "xlayers", "no_clip", "schedule_epochs",
+                "seq_len", "clip_blocks", "global_batch", "warmup", "weight_decay", "clip_grad", "seed")
+
+
+def parse_args(argv=None) -> AdaptConfig:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
+    p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy + clip-toy")
+    for name in ("data", "encoder", "clip", "corpus", "cache", "name", "out", "device"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--all-lines", action="store_true", help="keep WikiText's headings and short lines")
+    p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), help="Table 3: a subset of mlm,match,cliptc")
+    p.add_argument("--no-clip", action="store_true", help="Sec. 3's fair baseline: the encoder alone, plain MLM")
+    p.add_argument("--save-epochs", type=lambda s: tuple(map(float, s.split(","))), help="e.g. 1,2")
+    for name in ("xlayers", "seq_len", "clip_blocks", "global_batch", "micro_batch", "seed", "log_every",
+                 "ckpt_every", "max_steps"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int)
+    for name in ("schedule_epochs", "epochs", "lr", "warmup", "weight_decay", "clip_grad", "peak_flops"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=float)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    for name in ("compile", "resume", "overwrite"):
+        p.add_argument(f"--{name}", action="store_true")
+    given = vars(p.parse_args(argv))
+    cfg = replace(PRESETS["toy" if given.pop("toy", False) else "paper"], **given)
+    if cfg.no_clip:
+        cfg = replace(cfg, tasks=("mlm",), xlayers=0)
+    check(cfg)
+    return replace(cfg, tasks=tuple(t for t in xm.ADAPT_TASKS if t in cfg.tasks))
+
+
+def check(cfg: AdaptConfig):
+    """ValueError naming the first setting that the model or the data cannot take."""
+    unknown = set(cfg.tasks) - set(xm.ADAPT_TASKS)
+    problems = [
+        (unknown or not cfg.tasks, f"--tasks {','.join(sorted(unknown)) or '(empty)'}: choose a subset of "
+                                   f"{','.join(xm.ADAPT_TASKS)}"),
+        (cfg.xlayers < (0 if cfg.no_clip else 1), f"--xlayers {cfg.xlayers}: at least 1 cross-modal layer"),
+        (cfg.seq_len < 8, f"--seq-len {cfg.seq_len}: windows need at least 8 tokens"),
+        (cfg.clip_blocks < 1, f"--clip-blocks {cfg.clip_blocks}: at least 1 block of 77"),
+        (cfg.epochs <= 0 or cfg.schedule_epochs <= 0, "--epochs and --schedule-epochs must be positive"),
+        (cfg.epochs > cfg.schedule_epochs, f"--epochs {cfg.epochs:g} runs past the schedule of "
+                                           f"{cfg.schedule_epochs:g} epochs: raise --schedule-epochs"),
+        (any(not 0 < e <= cfg.epochs for e in cfg.save_epochs), f"--save-epochs must lie in (0, --epochs "
+                                                                 f"{cfg.epochs:g}]"),
+        (cfg.max_steps is not None and cfg.max_steps < 1, "--max-steps must be at least 1"),
+        (min(cfg.global_batch, 1 if cfg.micro_batch is None else cfg.micro_batch, cfg.log_every) < 1,
+         "--global-batch, --micro-batch and --log-every must be at least 1"),
+        (cfg.ckpt_every < 0, "--ckpt-every must be 0 (at the end only) or more"),
+        (cfg.lr <= 0 or cfg.clip_grad <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.warmup < 1,
+         "--lr and --clip-grad must be positive, --weight-decay non-negative, --warmup in [0, 1)")]
+    for bad, message in problems:
+        if bad:
+            raise ValueError(message)
 
 # ----------------------------------------------------------------------------- distributed set-up
 
 
-def setup_distributed(device_arg):
-    """torchrun's env vars -> (rank, local_rank, world, device); one process when they are absent."""
+def setup_distributed(cfg):
+    """torchrun's env vars -> (rank, world, device); one process when they are absent. The long timeout lets the
+    other ranks wait while rank 0 builds the WikiText cache (minutes)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    device_type = device_arg or ("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.global_batch % world:
+        raise ValueError(f"global batch {cfg.global_batch} is not divisible by the world size {world}: pass "
+                         f"--global-batch as a multiple of {world}")
+    device_type = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(f"cuda:{local_rank}" if device_type == "cuda" else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, local_rank, world, device
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if "RANK" in os.environ:  # under torchrun, DDP even for one process
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=1),
+                                device_id=device if device.type == "cuda" else None)
+    return rank, world, device
 
 
-def split_batch(args, world):
-    """global batch = batch-size x grad-accum x world; returns grad-accum (micro-steps per rank per step)."""
-    if args.grad_accum is not None:
-        args.global_batch = args.batch_size * args.grad_accum * world
-    if args.global_batch % world:
-        raise SystemExit(f"global batch {args.global_batch} is not divisible by the world size {world}: "
-                         f"pass --global-batch as a multiple of {world}")
-    per_rank = args.global_batch // world
-    if per_rank % args.batch_size:
-        raise SystemExit(f"the {per_rank} sequences per device of global batch {args.global_batch} do not split into "
-                         f"micro-batches of --batch-size {args.batch_size}: pass a --batch-size dividing {per_rank}")
-    return per_rank // args.batch_size
+def micro_batch_size(cfg, world, device):
+    """--micro-batch, or the largest divisor of the per-device batch up to 16 on a CPU and, on a GPU, up to 64
+    sequences or one per 2 GiB of its memory (a 512-token training sequence takes about 0.5 GiB in bf16)."""
+    per_rank = cfg.global_batch // world
+    if cfg.micro_batch:
+        if per_rank % cfg.micro_batch:
+            raise ValueError(f"the {per_rank} sequences per device of global batch {cfg.global_batch} do not split "
+                             f"into micro-batches of --micro-batch {cfg.micro_batch}: pass one dividing {per_rank}")
+        return cfg.micro_batch
+    cap = 16 if device.type != "cuda" else min(64, torch.cuda.get_device_properties(device).total_memory >> 31)
+    return max(d for d in range(1, min(cap, per_rank) + 1) if per_rank % d == 0)
 
 
 def autocast_setup(dtype_arg, device):
@@ -152,14 +191,7 @@ def autocast_setup(dtype_arg, device):
 # ----------------------------------------------------------------------------- schedule, order, FLOPs
 
 
-def lr_at(step, total, warmup, peak):
-    """App. C.1: linear warm-up over `warmup` steps then linear decay to 0 at `total` (as transformers'
-    get_linear_schedule_with_warmup, which the authors' Trainer used)."""
-    if step < warmup:
-        return peak * step / max(1, warmup)
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
-
-
+@functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
     """The permutation of the n windows for an epoch, the same on every rank (DistributedSampler's rule)."""
     g = torch.Generator().manual_seed(seed + epoch)
@@ -175,66 +207,9 @@ def micro_batches(order, step, global_batch, batch_size, rank, world):
     return [(m, chunk[m * batch_size:(m + 1) * batch_size]) for m in range(rank, n_micro, world)]
 
 
-def peak_flops(device, override):
-    if override:
-        return override
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops
-    return None
-
-# ----------------------------------------------------------------------------- the run
-
-
-def build_model(args, lang_dir, clip_dir):
-    """The cross-modal transformer from the public checkpoints; --no-clip: the language encoder with its MLM head
-    alone (model.py's baseline: no CLIP-T, no cross-modal layers)."""
-    if args.no_clip:
-        return xm.load_crossmodal_from_hf(lang_dir, None, xlayers=0, tasks=("mlm",))
-    return xm.load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=args.xlayers, tasks=args.tasks)
-
-
-def prepare_data(args, rank, world, lang_dir, clip_dir):
-    """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
-    if args.cache:
-        if not os.path.isdir(args.cache):
-            raise SystemExit(f"no cache at {args.cache}: drop --cache to build one from --corpus")
-        return data.AdaptationData(args.cache)
-    corpus = args.corpus or os.path.join(args.data, "wikitext-103-raw", "wiki.train.raw")
-    if not os.path.isfile(corpus):
-        hint = "python download.py --toy" if args.toy else "python download.py wikitext"
-        raise SystemExit(f"no corpus at {corpus}: run `{hint}` or pass --corpus FILE")
-    def cache(log):
-        return data.build_cache(corpus, lang_dir, clip_dir, os.path.join(args.data, "cache"), seq_len=args.seq_len,
-                                n_blocks=args.clip_blocks, log=log)
-    if rank == 0:
-        built = cache(print)
-    if world > 1:
-        dist.barrier()
-    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
-
-
-def run_config(args):
-    """The flags a resumed run must share with the run it continues."""
-    keys = ("encoder", "clip", "corpus", "cache", "tasks", "xlayers", "no_clip", "epochs", "seq_len", "clip_blocks",
-            "global_batch", "lr", "warmup", "weight_decay", "clip_grad", "seed", "max_steps")
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keys}
-
-
-def save_outputs(raw_model, args, run_dir, lang_dir):
-    """runs/<run>/xdbert/ (hub layout + the encoder's tokenizer files) and runs/<run>/crossmodal.pt."""
-    out, tmp = os.path.join(run_dir, "xdbert"), os.path.join(run_dir, "xdbert.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    xm.save_hf(raw_model.language, tmp)
-    for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        if os.path.isfile(os.path.join(lang_dir, name)):
-            shutil.copyfile(os.path.join(lang_dir, name), os.path.join(tmp, name))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    if not args.no_clip:
-        xm.save_crossmodal(raw_model, os.path.join(run_dir, "crossmodal.pt"))
+def peak_flops(device_name):
+    """The PEAK_FLOPS entry of a CUDA device name ("NVIDIA H100 PCIe" -> 756e12), None if unknown."""
+    return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, device_name)), None)
 
 
 def unread_streams(m):
@@ -245,23 +220,25 @@ def unread_streams(m):
     return not {"mlm", "match"} & set(m.tasks), "cliptc" not in m.tasks
 
 
-def flops_per_sequence(m, seq_len, clip_blocks):
-    """Training FLOPs of one sequence by the formula of the module docstring, counted as multiply-accumulates (MACs):
-    a weight matrix costs its size per token it acts on, an attention 2 x width x query tokens x key tokens (scores
-    and mixing); forward + backward = 6 FLOPs per MAC, or 2 (forward only) for the last cross-modal layer's stream
-    that no chosen task reads (e.g. the CLIP stream without CLIPTC)."""
+def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
+    """Training FLOPs of one sequence, for MFU (as nanoGPT / PaLM App. B): 6 x the multiply-accumulates (MACs) of
+    every weight matrix on the tokens it acts on, plus the attention scores and mixing (2 x width x queries x keys),
+    over the language encoder, CLIP-T (attention within each block of 77), the cross-modal layers (both streams,
+    both directions) and the heads on their prediction slots; the last cross-modal layer's stream that no chosen
+    task reads counts its forward (2 x MACs) only. clip_tokens replaces the clip_blocks x 77 CLIP positions by the
+    real tokens (MFU over real tokens: padding is not useful work)."""
     lc = m.language.config
     T, H, E, F = seq_len, lc.hidden_size, lc.embedding_size or lc.hidden_size, lc.ffn_size
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
     train_macs += lc.num_layers * 2 * H * T * T
     forward_macs = 0
-    if "mlm" in m.tasks:                   # the MLM head runs on the 15% masked tokens only (model.token_loss)
-        train_macs += 0.15 * T * (H * E + E * lc.vocab_size)
+    if "mlm" in m.tasks:                   # the MLM head runs on the prediction slots only (model.token_loss)
+        train_macs += data.prediction_slots(T - 2, data.MASK_PROB) * (H * E + E * lc.vocab_size)
     if m.clip is not None:
         cc, C = m.clip.config, m.clip.config.context_length
-        W, P, V = cc.width, cc.projection_dim, clip_blocks * C
+        W, P, V = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens
         train_macs += V * (cc.num_layers * (4 * W * W + 2 * W * cc.ffn_size) + W * P)
-        train_macs += clip_blocks * cc.num_layers * 2 * W * C * C            # CLIP-T attends within each block of 77
+        train_macs += V * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of 77
         lang_unread, vis_unread = unread_streams(m)
         for i in range(len(m.xlayers)):   # per stream: cross-attention (Q, out on its tokens; K, V on the other's)
             lang = T * (2 * H * H + 4 * H * H + 2 * H * F) + V * 2 * P * H + 2 * H * T * V + 2 * H * T * T
@@ -269,249 +246,375 @@ def flops_per_sequence(m, seq_len, clip_blocks):
             last = i == len(m.xlayers) - 1
             dead = lang * (last and lang_unread) + vis * (last and vis_unread)
             train_macs, forward_macs = train_macs + lang + vis - dead, forward_macs + dead
-        if "cliptc" in m.tasks:            # CLIPTC on 15% of the CLIP positions (counted over padding too)
-            train_macs += 0.15 * V * (P * W + W * cc.vocab_size)
+        if "cliptc" in m.tasks:            # CLIPTC on its prediction slots
+            train_macs += data.prediction_slots(clip_blocks * data.CLIP_BLOCK_TOKENS, data.MASK_PROB) * \
+                (P * W + W * cc.vocab_size)
     return 6 * train_macs + 2 * forward_macs
 
+# ----------------------------------------------------------------------------- the parts of a run
 
-def train_step(model, optimizer, scaler, ctx, micro, world, clip_grad, step):
+
+def checkpoints(cfg):
+    """(language encoder dir, CLIP dir), checked against what the run needs before any cache is built."""
+    lang_dir, clip_dir = data.checkpoint_dir(cfg.encoder, cfg.data), data.checkpoint_dir(cfg.clip, cfg.data)
+    lang, kind = xm.config_from_hf(lang_dir)
+    if kind == "clip":
+        raise ValueError(f"--encoder {cfg.encoder}: {lang_dir} holds a CLIP checkpoint; the language encoder must be "
+                         f"BERT or ELECTRA (CLIP-T goes to --clip)")
+    if xm.config_from_hf(clip_dir)[1] != "clip" and not cfg.no_clip:
+        raise ValueError(f"--clip {cfg.clip}: {clip_dir} is not a CLIP checkpoint (config.json model_type clip)")
+    if cfg.seq_len > lang.max_positions:
+        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {lang.max_positions} positions of {lang_dir}")
+    return lang_dir, clip_dir
+
+
+def prepare_data(cfg, rank, lang_dir, clip_dir):
+    """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
+    if cfg.cache:
+        if not os.path.isdir(cfg.cache):
+            raise FileNotFoundError(f"no cache at {cfg.cache}: drop --cache to build one from --corpus")
+        return data.AdaptationData(cfg.cache)
+    corpus = cfg.corpus or os.path.join(cfg.data, "wikitext-103-raw", "wiki.train.raw")
+    cache_root = os.path.join(cfg.data, "cache")
+
+    def cache(log):
+        return data.build_cache(corpus, lang_dir, clip_dir, cache_root, seq_len=cfg.seq_len,
+                                n_blocks=cfg.clip_blocks, log=log, all_lines=cfg.all_lines)
+    if rank == 0:
+        xm.sweep_stale(cache_root)
+        built = cache(print)
+    if dist.is_initialized():
+        dist.barrier()
+    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
+
+
+def make_optimizer(raw_model, cfg, device):
+    """AdamW, weight decay on the matrices only (not biases, LayerNorms); fused on CUDA."""
+    params = [p for p in raw_model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, fused=device.type == "cuda")
+
+
+def wrap(raw_model, cfg, device):
+    """DDP, then torch.compile (PyTorch's DDP notes: compiling the DDP module lets TorchDynamo split the graph at
+    the gradient buckets). An ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP stream
+    without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
+    model = raw_model
+    if dist.is_initialized():
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=any(unread_streams(raw_model)))
+    return torch.compile(model) if cfg.compile else model
+
+
+def run_name(cfg):
+    tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
+    return cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}"
+
+
+@dataclass
+class Run:
+    """A run as start() sets it up: where it lives, its data and model, App. C.1's schedule in optimizer steps."""
+    cfg: AdaptConfig
+    rank: int
+    device: torch.device
+    dir: str
+    lang_dir: str
+    dataset: data.AdaptationData
+    micro: int                          # sequences per device and micro-step
+    steps_per_epoch: int
+    schedule: dict                      # {"total": the steps of --schedule-epochs, "warmup": its first --warmup}
+    stop: int                           # the step where this invocation stops
+    saves: dict                         # step -> folder of a --save-epochs snapshot
+    raw: xm.CrossModalTransformer
+    optimizer: torch.optim.Optimizer
+    autocast: object
+    scaler: torch.amp.GradScaler
+    step: int = 0
+
+    @property
+    def ckpt_path(self):
+        return os.path.join(self.dir, "ckpt.pt")
+
+
+def start(cfg):
+    """Distributed set-up, checkpoints, data, model and optimizer; resume from ckpt.pt or start a new run folder."""
+    rank, world, device = setup_distributed(cfg)
+    micro = micro_batch_size(cfg, world, device)
+    lang_dir, clip_dir = checkpoints(cfg)
+    dataset = prepare_data(cfg, rank, lang_dir, clip_dir)
+    per_epoch = len(dataset) // cfg.global_batch
+    if per_epoch == 0:
+        raise ValueError(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
+                         f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
+    total = max(1, round(cfg.schedule_epochs * per_epoch))
+    torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
+    raw = xm.load_crossmodal_from_hf(lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers, cfg.tasks).to(device)
+    ctx, scaler, dtype_name = autocast_setup(cfg.dtype, device)
+    run = Run(cfg, rank, device, os.path.join(cfg.out, run_name(cfg)), lang_dir, dataset, micro, per_epoch,
+              {"total": total, "warmup": math.ceil(cfg.warmup * total)},
+              min(total, max(1, round(cfg.epochs * per_epoch)), cfg.max_steps or total),
+              {max(1, round(e * per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}, raw,
+              make_optimizer(raw, cfg, device), ctx, scaler)
+    if rank == 0:
+        xm.sweep_stale(run.dir)
+    if cfg.resume:
+        run.step = resume(run)
+    if rank == 0:
+        if cfg.resume:
+            keep_log_until(os.path.join(run.dir, "log.jsonl"), run.step)
+        else:
+            new_run_folder(cfg, run.dir)
+        print(f"{run.dir}: {len(dataset)} windows, {per_epoch} steps/epoch, schedule {total} steps "
+              f"({run.schedule['warmup']} warm-up), stop at {run.stop}{f', from step {run.step}' if run.step else ''}"
+              f"; global batch {cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} "
+              f"ranks, {dtype_name} on {device}, {xm.count_parameters(raw):,} parameters", flush=True)
+    return run
+
+
+def new_run_folder(cfg, run_dir):
+    """A new run refuses a folder that holds one already, unless told to replace it."""
+    found = [f for f in ("log.jsonl", "ckpt.pt", "xdbert") if os.path.exists(os.path.join(run_dir, f))]
+    if found and not cfg.overwrite:
+        raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume, start "
+                         f"another with --name NEW, or replace it with --overwrite")
+    os.makedirs(run_dir, exist_ok=True)
+    keep_log_until(os.path.join(run_dir, "log.jsonl"), 0)
+
+
+def resume(run):
+    """Load ckpt.pt (on the CPU; weights_only: it holds tensors and plain containers) and return its step."""
+    cfg, path = run.cfg, run.ckpt_path
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path} to resume: drop --resume to start the run")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
+                         f"loaded; restore it, or start a new --name") from None
+    saved = ckpt["config"]
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+               if k in RUN_DEFINING and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"--resume with settings that differ from {path}: {', '.join(changed)}; use the run's "
+                         f"settings or a new --name")
+    if ckpt["schedule"] != run.schedule:
+        raise ValueError(f"{path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
+                         f"{run.schedule['total']}: resume with the cache it was built from, or start a new --name")
+    if saved["lr"] != cfg.lr:
+        print(f"note: the peak learning rate changes from {saved['lr']:g} to {cfg.lr:g} at step {ckpt['step']}")
+    run.raw.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    return ckpt["step"]
+
+
+def snapshot(run, step):
+    """ckpt.pt's content at `step`, copied to the CPU (training moves on while a thread writes it)."""
+    def to_cpu(obj):
+        if isinstance(obj, torch.Tensor):
+            return obj.detach().to("cpu", copy=True)
+        if isinstance(obj, dict):
+            return {k: to_cpu(v) for k, v in obj.items()}
+        return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
+    cuda = torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []
+    return to_cpu({"model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
+                   "scaler": run.scaler.state_dict(), "step": step, "config": asdict(run.cfg),
+                   "schedule": run.schedule, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}})
+
+
+def save_outputs(run, name):
+    """runs/<run>/<name>/: the adapted encoder in the hub layout with its tokenizer files; crossmodal.pt beside the
+    final one."""
+    with xm.atomic_dir(os.path.join(run.dir, name)) as tmp:
+        xm.save_hf(run.raw.language, tmp)
+        for file in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(run.lang_dir, file)):
+                shutil.copyfile(os.path.join(run.lang_dir, file), os.path.join(tmp, file))
+    if not run.cfg.no_clip and name == "xdbert":
+        xm.save_crossmodal(run.raw, os.path.join(run.dir, "crossmodal.pt"))
+
+
+def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
+    """This rank's micro-batches of optimizer step `step` as [(dropout seed, batch)], in pinned memory on CUDA."""
+    epoch, within = divmod(step, steps_per_epoch)
+    keep = ("input_ids", "token_type_ids", "mlm_positions", "mlm_targets") if cfg.no_clip else None
+    out = []
+    for m, indices in micro_batches(epoch_order(len(dataset), cfg.seed, epoch), within, cfg.global_batch, micro,
+                                    rank, world):
+        batch = {k: v.pin_memory() if pin else v for k, v in dataset.batch(indices, cfg.seed, epoch).items()
+                 if keep is None or k in keep}
+        out.append((cfg.seed + DROPOUT_SEED_STRIDE * (step * (cfg.global_batch // micro) + m + 1), batch))
+    return out
+
+
+def prefetched(load, steps):
+    """load(s) for s in steps, the next one built in a background thread while the caller trains on this one."""
+    with ThreadPoolExecutor(1) as pool:
+        ahead = [pool.submit(load, s) for s in steps[:1]]
+        for s in steps:
+            current = ahead.pop()
+            if s + 1 < steps.stop:
+                ahead.append(pool.submit(load, s + 1))
+            yield current.result()
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def train_step(model, optimizer, scaler, ctx, micro, clip_grad, device):
     """One optimizer step over this rank's micro-batches [(dropout seed, batch)]: accumulate, all-reduce (DDP syncs
-    only on the last micro-batch), unscale, clip, step. Returns the global-batch mean of
-    [loss, mlm, match, cliptc, match_acc] (0 for a task that is off) and the gradient norm."""
-    sums = None
+    only on the last micro-batch), unscale, clip, step. Returns the global-batch means of LOGGED (0 for a task that is
+    off) and the gradient norm, both left on the device (no host sync)."""
+    sums = torch.zeros(len(LOGGED), device=device)
     for i, (seed, batch) in enumerate(micro):
         torch.manual_seed(seed)
-        with (model.no_sync() if world > 1 and i < len(micro) - 1 else nullcontext()), ctx:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with (model.no_sync() if hasattr(model, "no_sync") and i < len(micro) - 1 else nullcontext()), ctx:
             out = model(**batch)
         scaler.scale(out["loss"] / len(micro)).backward()
-        parts = torch.stack([out[k].detach().float() if k in out else torch.zeros((), device=out["loss"].device)
-                             for k in ("loss", "mlm", "match", "cliptc", "match_acc")])
-        sums = parts if sums is None else sums + parts
-    if world > 1:
+        sums += torch.stack([out[k].detach().float() if k in out else sums.new_zeros(()) for k in LOGGED])
+    if world_size() > 1:
         dist.all_reduce(sums)
-    means = (sums / (len(micro) * world)).tolist()
-    if not math.isfinite(means[0]):
-        raise SystemExit(f"the loss is {means[0]} at step {step} (mlm {means[1]}, match {means[2]}, cliptc "
-                         f"{means[3]}): lower --lr or use --dtype bfloat16/float32, then --resume from ckpt.pt")
     scaler.unscale_(optimizer)
-    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                      clip_grad))
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16 overflow: the scaler skips the step
-        raise SystemExit(f"the gradient norm is {grad_norm} at step {step}: lower --lr, then --resume from ckpt.pt")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip_grad)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return means, grad_norm
+    return sums / (len(micro) * world_size()), grad_norm
 
 
-def make_optimizer(raw_model, args, device):
-    """AdamW, weight decay on the matrices only (not biases, LayerNorms); fused on CUDA."""
-    params = [p for p in raw_model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=args.lr, fused=device.type == "cuda")
+def first_non_finite(pending, first_step):
+    """pending: the (means, grad norm) of the steps since the last check, on the device -> (their means as lists,
+    the first step, counted from 1 as the log does, whose loss is not finite, or None)."""
+    means = torch.stack([m for m, _ in pending]).tolist()
+    bad = next((i for i, m in enumerate(means) if not math.isfinite(m[0])), None)
+    return means, None if bad is None else first_step + bad
+
+# ----------------------------------------------------------------------------- the run
 
 
-def wrap(raw_model, args, world, local_rank, device):
-    """torch.compile, then DDP; an ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP
-    stream without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
-    model = torch.compile(raw_model) if args.compile else raw_model
-    if world > 1:
-        model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None,
-                    find_unused_parameters=any(unread_streams(raw_model)))
-    return model
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    grad_accum = split_batch(args, int(os.environ.get("WORLD_SIZE", 1)))   # before any process group exists
-    rank, local_rank, world, device = setup_distributed(args.device)
-    ctx, scaler, dtype_name = autocast_setup(args.dtype, device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)                       # the same fresh heads on every rank
-    if args.benchmark:
-        benchmark(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum)
-    else:
-        train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum)
-    if world > 1:
-        dist.destroy_process_group()
-
-
-def train(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum):
-    master = rank == 0
-    try:
-        lang_dir, clip_dir = data.checkpoint_dir(args.encoder, args.data), data.checkpoint_dir(args.clip, args.data)
-    except FileNotFoundError as e:
-        raise SystemExit(str(e)) from None
-    dataset = prepare_data(args, rank, world, lang_dir, clip_dir)
-    steps_per_epoch = len(dataset) // args.global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
-                         f"{args.global_batch}: pass a smaller --global-batch or a larger --corpus")
-    total = max(1, round(args.epochs * steps_per_epoch))
-    warmup = math.ceil(args.warmup * total)
-    last = min(total, args.max_steps or total)
-    run = args.name or ("toy" if args.toy else os.path.basename(os.path.normpath(args.encoder)) + "-"
-                        + ("noclip" if args.no_clip else "+".join(args.tasks)))
-    run_dir = os.path.join(args.out, run)
-    ckpt_path = os.path.join(run_dir, "ckpt.pt")
-
-    raw_model = build_model(args, lang_dir, clip_dir).to(device)
-    optimizer = make_optimizer(raw_model, args, device)
-    step = 0
-    if args.resume:
-        if not os.path.isfile(ckpt_path):
-            raise SystemExit(f"no checkpoint at {ckpt_path} to resume: drop --resume to start the run")
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        changed = [f"{k} {ckpt['config'].get(k)!r} -> {v!r}" for k, v in run_config(args).items()
-                   if ckpt["config"].get(k) != v]
-        if changed:
-            raise SystemExit(f"--resume with flags that differ from {ckpt_path}: {', '.join(changed)}; "
-                             f"use the run's flags or a new --name")
-        if ckpt["schedule"] != {"total": total, "warmup": warmup}:
-            raise SystemExit(f"{ckpt_path} was a run of {ckpt['schedule']['total']} steps, the corpus now gives "
-                             f"{total}: resume with the cache it was built from, or start a new --name")
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device.type == "cuda" and ckpt["rng"]["cuda"] is not None:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-        step = ckpt["step"]
-    if master:
-        os.makedirs(run_dir, exist_ok=True)
-        keep_log_until(os.path.join(run_dir, "log.jsonl"), step)
-        print(f"{run}: {len(dataset)} windows, {steps_per_epoch} steps/epoch, {total} steps ({warmup} warm-up)"
-              f"{f', from step {step}' if step else ''}, global batch {args.global_batch} = {args.batch_size} x "
-              f"{grad_accum} accum x {world} ranks, {dtype_name} on {device}, "
-              f"{xm.count_parameters(raw_model):,} parameters", flush=True)
-    model = wrap(raw_model, args, world, local_rank, device)
-    flops_seq = flops_per_sequence(raw_model, args.seq_len, args.clip_blocks)
-    peak = peak_flops(device, args.peak_flops)
-    keep = None if not args.no_clip else ("input_ids", "attention_mask", "token_type_ids", "mlm_labels")
-    n_micro = args.global_batch // args.batch_size
-
-    def save_checkpoint():
-        if master:
-            xm.atomic_save({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                            "scaler": scaler.state_dict(), "step": step, "config": run_config(args),
-                            "schedule": {"total": total, "warmup": warmup},
-                            "rng": {"cpu": torch.get_rng_state(),
-                                    "cuda": torch.cuda.get_rng_state_all() if device.type == "cuda" else None}},
-                           ckpt_path)
-
+def train(cfg: AdaptConfig):
+    run = start(cfg)
+    model, master = wrap(run.raw, cfg, run.device), run.rank == 0
+    load = functools.partial(load_step, run.dataset, cfg, steps_per_epoch=run.steps_per_epoch, micro=run.micro,
+                             rank=run.rank, world=world_size(), pin=run.device.type == "cuda")
+    writer, written, pending, clip_real, t_log = ThreadPoolExecutor(1), None, [], 0, time.time()
     model.train()
-    t_log, step_at_log = time.time(), step
-    while step < last:
-        epoch, within = divmod(step, steps_per_epoch)
-        lr = lr_at(step, total, warmup, args.lr)
-        for group in optimizer.param_groups:
+    for step, batches in enumerate(prefetched(load, range(run.step, run.stop)), start=run.step + 1):
+        lr = cfg.lr * xm.linear_warmup_decay(step - 1, run.schedule["total"], cfg.warmup)  # App. C.1
+        for group in run.optimizer.param_groups:
             group["lr"] = lr
-        order = epoch_order(len(dataset), args.seed, epoch)
-        micro = []
-        for m, indices in micro_batches(order, within, args.global_batch, args.batch_size, rank, world):
-            batch = dataset.batch(indices, args.seed, epoch)
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items() if keep is None or k in keep}
-            micro.append((args.seed + 1_000_003 * (step * n_micro + m + 1), batch))   # dropout seed per micro-batch
-        means, grad_norm = train_step(model, optimizer, scaler, ctx, micro, world, args.clip_grad, step)
-        step += 1
-        if master and (step % args.log_every == 0 or step == last):
-            now = time.time()
-            dt = (now - t_log) / (step - step_at_log)
-            t_log, step_at_log = now, step
-            record = {"step": step, "epoch": epoch + (within + 1) / steps_per_epoch, "lr": lr,
-                      **{k: means[j] for j, k in enumerate(("loss", "mlm", "match", "cliptc", "match_acc"))
-                         if k == "loss" or k in raw_model.tasks or (k == "match_acc" and "match" in raw_model.tasks)},
-                      "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": args.global_batch * args.seq_len / dt,
-                      "mfu": flops_seq * args.global_batch / dt / world / peak if peak else None}
-            log(run_dir, record, last, dt * (last - step))
-        if args.ckpt_every and step % args.ckpt_every == 0 and step < last:
-            save_checkpoint()
-    save_checkpoint()
+        clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
+        pending.append(train_step(model, run.optimizer, run.scaler, run.autocast, batches, cfg.clip_grad, run.device))
+        checkpoint = step == run.stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+        if not (step % cfg.log_every == 0 or checkpoint or step in run.saves):
+            continue
+        means, bad = first_non_finite(pending, step - len(pending) + 1)
+        if bad is not None:
+            raise FloatingPointError(f"the loss is not finite at step {bad}: {run.ckpt_path} holds the last step "
+                                     f"with a finite loss; lower --lr and --resume")
+        dt, t_log = (time.time() - t_log) / len(pending), time.time()
+        if master:
+            log(run, step, lr, [sum(c) / len(c) for c in zip(*means)], float(pending[-1][1]), dt,
+                clip_real / len(pending) * world_size())
+        pending, clip_real = [], 0
+        if master and step in run.saves:
+            save_outputs(run, run.saves[step])
+        if master and checkpoint:
+            if written:
+                written.result()
+            written = writer.submit(xm.atomic_save, snapshot(run, step), run.ckpt_path)
+    if written:
+        written.result()
+    writer.shutdown()
     if master:
-        save_outputs(raw_model, args, run_dir, lang_dir)
-        print(f"wrote {run_dir}/xdbert" + ("" if args.no_clip else f" and {run_dir}/crossmodal.pt"), flush=True)
-
-
-def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
-    """Random token ids in the real shapes: BERT (B, T) with 15% MLM labels, CLIP (B, n, 77) framed by
-    <|startoftext|> ... <|endoftext|> (the two largest ids) with 15% CLIPTC labels, random MATCH labels."""
-    def labels(ids):
-        chosen = torch.rand(ids.shape, generator=g) < 0.15
-        return torch.where(chosen, ids, -100)
-    V = raw_model.language.config.vocab_size
-    ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
-             "mlm_labels": labels(ids)}
-    if raw_model.clip is not None:
-        cv, C = raw_model.clip.config.vocab_size, raw_model.clip.config.context_length
-        clip = torch.randint(1, cv - 2, (batch_size, clip_blocks, C), generator=g)
-        clip[..., 0], clip[..., -1] = cv - 2, cv - 1
-        batch |= {"clip_ids": clip, "clip_mask": torch.ones_like(clip), "cliptc_labels": labels(clip),
-                  "match_labels": torch.randint(0, 2, (batch_size,), generator=g)}
-    return {k: v.to(device) for k, v in batch.items()}
-
-
-def benchmark(args, rank, local_rank, world, device, ctx, scaler, dtype_name, grad_accum):
-    """--benchmark N: N optimizer steps (after 2 untimed) on random batches of the run's shapes, random weights
-    from model.PRESETS (no download needed). Prints tokens/s, step time and MFU."""
-    for name in (args.encoder,) + (() if args.no_clip else (args.clip,)):
-        if name not in xm.PRESETS:
-            raise SystemExit(f"--benchmark builds models from model.PRESETS: {name!r} is not one of "
-                             f"{', '.join(xm.PRESETS)}")
-    clip_cfg = None if args.no_clip else xm.PRESETS[args.clip]
-    raw_model = xm.CrossModalTransformer(xm.PRESETS[args.encoder], clip_cfg, 0 if args.no_clip else args.xlayers,
-                                         args.tasks).to(device)
-    optimizer = make_optimizer(raw_model, args, device)
-    model = wrap(raw_model, args, world, local_rank, device)
-    model.train()
-    g = torch.Generator().manual_seed(args.seed + rank)
-    micro = [(args.seed + i, synthetic_batch(raw_model, args.batch_size, args.seq_len, args.clip_blocks, device, g))
-             for i in range(grad_accum)]
-    times = []
-    for i in range(args.benchmark + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        train_step(model, optimizer, scaler, ctx, micro, world, args.clip_grad, i)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    dt = sorted(times[2:])[len(times[2:]) // 2]
-    flops = flops_per_sequence(raw_model, args.seq_len, args.clip_blocks) * args.global_batch
-    peak = peak_flops(device, args.peak_flops)
-    if rank == 0:
-        what = args.encoder if args.no_clip else f"{args.encoder} + {args.clip} x{args.xlayers}"
-        print(f"benchmark {what}, {'+'.join(raw_model.tasks)}, T={args.seq_len}, CLIP {args.clip_blocks}x77, "
-              f"global batch {args.global_batch} = {args.batch_size} x {grad_accum} x {world}, {dtype_name} on "
-              f"{device}{'' if device.type == 'cuda' else f' ({torch.get_num_threads()} threads)'}"
-              f"{', compiled' if args.compile else ''}: median of {args.benchmark} steps {dt:.3f} s/step, "
-              f"{args.global_batch * args.seq_len / dt:,.0f} tokens/s, {flops / dt / world / 1e12:.2f} TFLOP/s "
-              f"per device" + (f", MFU {100 * flops / dt / world / peak:.1f}%" if peak else ""), flush=True)
+        save_outputs(run, "xdbert")
+        print(f"wrote {run.dir}/xdbert" + ("" if cfg.no_clip else f" and {run.dir}/crossmodal.pt"), flush=True)
 
 
 def keep_log_until(path, step):
-    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first."""
+    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first. A torn last line
+    (a kill mid-write) is dropped with a note."""
     if not os.path.isfile(path):
         return
-    with open(path) as f:
-        lines = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            records.append((json.loads(line), line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n} is not a JSON line: repair or delete that line, then --resume") from None
+            print(f"note: dropping the torn last line of {path}")
     with xm.atomic_file(path, "w") as f:
-        f.writelines(lines)
+        f.writelines(line if line.endswith("\n") else line + "\n" for r, line in records if r["step"] <= step)
 
 
-def log(run_dir, record, last, eta):
-    parts = [f"step {record['step']}/{last} ({100 * record['step'] / last:.0f}%)", f"lr {record['lr']:.2e}",
-             *(f"{k} {record[k]:.4f}" for k in ("loss", "mlm", "match", "cliptc", "match_acc") if k in record),
-             f"{record['step_s']:.2f} s/step", f"{record['tokens_per_s']:,.0f} tok/s"]
-    if record["mfu"] is not None:
-        parts.append(f"MFU {100 * record['mfu']:.1f}%")
-    eta = round(eta)
-    parts.append(f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s")
-    print(" | ".join(parts), flush=True)
-    with open(os.path.join(run_dir, "log.jsonl"), "a") as f:
+def log(run, step, lr, means, grad_norm, dt, clip_real):
+    """One log.jsonl record and printed line: LOGGED's means over the steps since the last record, the last step's
+    gradient norm, speed, MFU over all positions and over real tokens."""
+    cfg, m = run.cfg, run.raw
+    peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None)
+    per_flop = cfg.global_batch / dt / world_size() / peak if peak else None
+    record = {"step": step, "epoch": step / run.steps_per_epoch, "lr": lr,
+              **{k: v for k, v in zip(LOGGED, means) if k in ("loss", *m.tasks) or k == "match_acc" and "match" in
+                 m.tasks}, "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
+              "mfu": per_flop and flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks) * per_flop}
+    if per_flop and m.clip is not None:  # over the real CLIP tokens per sequence of the steps since the last log
+        record["mfu_real"] = flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, clip_real / cfg.global_batch) * \
+            per_flop
+    mfu = [f"MFU {100 * record['mfu']:.1f}%"] if record["mfu"] else []
+    if "mfu_real" in record:
+        mfu = [f"{mfu[0]} ({100 * record['mfu_real']:.1f}% of real tokens)"]
+    eta = round(dt * (run.stop - step))
+    print(" | ".join([f"step {step}/{run.stop} ({100 * step / run.stop:.0f}%)", f"lr {lr:.2e}",
+                      *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record), f"{dt:.2f} s/step",
+                      f"{record['tokens_per_s']:,.0f} tok/s", *mfu,
+                      f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"]), flush=True)
+    with open(os.path.join(run.dir, "log.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def plot(run_dirs, out=None):
+    """loss.svg and match_acc.svg in `out` (default the first run's folder): one curve per run from its log.jsonl."""
+    logs = {}
+    for run in run_dirs:
+        path = os.path.join(run, "log.jsonl")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no log at {path}: give the folders of adapt.py runs (runs/<run>)")
+        with open(path, encoding="utf-8") as f:
+            logs[os.path.basename(os.path.normpath(run))] = [json.loads(line) for line in f if line.strip()]
+    out = out or run_dirs[0]
+    for key, title in (("loss", "adaptation loss (MLM + MATCH + CLIPTC, Sec. 2.3)"), ("match_acc", "MATCH accuracy")):
+        series = {run: [(r["epoch"], r[key]) for r in records if key in r] for run, records in logs.items()}
+        series = {run: points for run, points in series.items() if points}
+        if series:
+            with xm.atomic_file(os.path.join(out, f"{key}.svg"), "w") as f:
+                f.write(data.svg_lines(series, title, "epoch", key))
+            print(f"wrote {os.path.join(out, key + '.svg')}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv[:1] == ["plot"]:
+            p = argparse.ArgumentParser(prog="adapt.py plot", description=plot.__doc__)
+            p.add_argument("runs", nargs="+")
+            p.add_argument("--out", help="folder for the SVGs (default: the first run's)")
+            args = p.parse_args(argv[1:])
+            return plot(args.runs, args.out)
+        train(parse_args(argv))
+    except (ValueError, FileNotFoundError, FloatingPointError) as e:
+        raise SystemExit(f"adapt.py: {e}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,31 +1,24 @@
-"""XDBERT data: tokenizers, CLIP blocking (App. B), the adaptation cache and batches (Sec. 2.3), task readers (Sec. 3).
+"""XDBERT data: tokenizers, CLIP blocks (App. B), the adaptation cache and batches (Sec. 2.3), task readers (Sec. 3).
 
-- Tokenizers come from the checkpoints' own files through the `tokenizers` library: BERT/ELECTRA uncased WordPiece
-  and CLIP's byte-level BPE (a tokenizer.json for CLIP can be built from open_clip's merges list).
-- App. B: CLIP sees a text as blocks of 77 ids (<|startoftext|> + up to 75 BPE tokens + <|endoftext|>): 9 blocks for
-  a 512-token adaptation window, 2 per sentence when finetuning.
-- The adaptation corpus (WikiText-103 raw or any raw text) is streamed once into uint16 memmaps; AdaptationData draws
-  the MLM masks, MATCH negatives and CLIPTC targets of Sec. 2.3 deterministically from (seed, epoch, index).
-- GLUE, SWAG and READ (CommonLit readability) readers, and [CLS] a [SEP] b [SEP] features of length 128.
-
-Benchmark of the cache build (generates a WikiText-style corpus, prints MB/s and peak memory):
-    python data.py bench --mb 50 [--bert data/ckpt/bert-base --clip data/ckpt/clip]
+Tokenizers come from the checkpoints' own files; CLIP reads a text as blocks of 77 ids (App. B). A raw corpus is
+streamed once into uint16 memmaps of [CLS] + 510 + [SEP] windows and their CLIP blocks, from which AdaptationData
+draws the MLM, MATCH and CLIPTC examples (Sec. 2.3). GLUE, SWAG and READ files become Examples and [CLS] a [SEP] b
+[SEP] features (Sec. 2.4). svg_lines and svg_bars draw standalone SVG charts. More in the README's data.py section.
 """
-import argparse
+import copy
 import csv
 import gzip
 import hashlib
-import itertools
+import html
 import json
 import math
 import os
 import re
-import resource
 import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +33,18 @@ CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 list (48,894); vocabulary 512 + merges + 2 = 49,408
-BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+# OpenAI CLIP's text cleaning (basic_clean: ftfy.fix_text, then html.unescape twice) as one table of what ftfy changes
+# in ordinary text: curly quotes, full-width ASCII, Latin ligatures, control characters; mojibake stays unrepaired.
+CLIP_FIXES = str.maketrans({
+    **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
+    **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
+    "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\ufb06": "st",
+    **dict.fromkeys(map(chr, [*range(9), 11, *range(14, 32), 127, *range(0x206A, 0x2070), 0xFEFF,
+                              *range(0xFFF9, 0xFFFD)]))})
 
 
-def _download_hint(path: Path, what: str) -> str:
-    """The download command for a missing file: the toy kit (any path under a 'toy' folder) has its own."""
+def download_hint(path, what: str) -> str:
+    """The command that fetches a missing file: `--toy` under a toy folder (data/toy, ckpt/bert-toy), else `what`."""
     toy = any(part == "toy" or part.endswith("-toy") for part in Path(path).parts)
     return f"run `python download.py {'--toy' if toy else what}`"
 
@@ -56,67 +56,51 @@ def checkpoint_dir(name, data_root="data") -> Path:
         if (path / "config.json").is_file():
             return path
     raise FileNotFoundError(f"no checkpoint {str(name)!r}: neither {where} nor {name} holds a config.json; "
-                            f"{_download_hint(where, name)}, or give a directory adapt.py wrote (runs/<run>/xdbert)")
-
-
-def bert_tokenizer(ckpt_dir) -> Tokenizer:
-    """BERT/ELECTRA uncased WordPiece from the checkpoint's tokenizer.json (or vocab.txt), see _plain."""
-    ckpt = Path(ckpt_dir)
-    if (ckpt / "tokenizer.json").is_file():
-        tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
-    elif (ckpt / "vocab.txt").is_file():
-        tok = _wordpiece_from_vocab(ckpt / "vocab.txt")
-    else:
-        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {ckpt}: {_download_hint(ckpt, ckpt.name)}")
-    return _plain(tok)
+                            f"{download_hint(where, name)}, or give a directory adapt.py wrote (runs/<run>/xdbert)")
 
 
 def _plain(tok: Tokenizer) -> Tokenizer:
-    """Padding and truncation off (a shipped tokenizer.json may pad to 128); special-token strings inside the text
-    are tokenized as text, so a literal "<|endoftext|>" or "[SEP]" in a corpus never becomes a control id."""
+    """Padding and truncation off (a shipped tokenizer.json may pad to 128); a "[SEP]" or "<|endoftext|>" in text
+    stays text, never a control id."""
     tok.no_padding()
     tok.no_truncation()
     tok.encode_special_tokens = True
     return tok
 
 
-def _wordpiece_from_vocab(vocab_txt: Path) -> Tokenizer:
-    """The uncased BERT tokenizer (as bert-base-uncased's tokenizer.json) from a vocab.txt."""
-    tok = Tokenizer(WordPiece(WordPiece.read_file(str(vocab_txt)), unk_token="[UNK]", max_input_chars_per_word=100))
+def bert_tokenizer(ckpt_dir) -> Tokenizer:
+    """BERT/ELECTRA uncased WordPiece from the checkpoint's tokenizer.json, else from its vocab.txt."""
+    ckpt = Path(ckpt_dir)
+    if (ckpt / "tokenizer.json").is_file():
+        return _plain(Tokenizer.from_file(str(ckpt / "tokenizer.json")))
+    if not (ckpt / "vocab.txt").is_file():
+        raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {ckpt}: {download_hint(ckpt, ckpt.name)}")
+    vocab = WordPiece.read_file(str(ckpt / "vocab.txt"))
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[(t, tok.token_to_id(t)) for t in ("[CLS]", "[SEP]")])
+    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                       special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(list(BERT_SPECIALS))
-    return tok
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    return _plain(tok)
 
 
 def clip_tokenizer(ckpt_dir) -> Tokenizer:
-    """CLIP's byte-level BPE from the checkpoint's tokenizer.json, see _plain."""
+    """CLIP's byte-level BPE from the checkpoint's tokenizer.json."""
     path = Path(ckpt_dir) / "tokenizer.json"
     if not path.is_file():
-        raise FileNotFoundError(f"no CLIP tokenizer.json in {path.parent}: {_download_hint(path, path.parent.name)}")
+        raise FileNotFoundError(f"no CLIP tokenizer.json in {path.parent}: {download_hint(path, path.parent.name)}")
     return _plain(Tokenizer.from_file(str(path)))
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's map from the 256 bytes to printable characters, in vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
-
-
 def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
-    """Write CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz.
-
-    Vocabulary: the 256 byte symbols, the same with "</w>", the 48,894 merges joined, then <|startoftext|> and
-    <|endoftext|> (49,408 entries). Lower-casing, whitespace cleaning and the pre-tokenizer follow CLIP.
-    """
+    """Write CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz: the 256 byte symbols (GPT-2's map
+    to printable characters), the same with "</w>", the 48,894 merges joined, <|startoftext|>, <|endoftext|>."""
     with gzip.open(bpe_txt_gz, "rt", encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:CLIP_MERGES + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    symbols = [chr(b) for b in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [CLIP_START, CLIP_END]
     tok = Tokenizer(BPE({t: i for i, t in enumerate(tokens)}, merges, continuing_subword_prefix="",
                         end_of_word_suffix="</w>", unk_token=CLIP_END, fuse_unk=False))
@@ -129,14 +113,14 @@ def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
         (CLIP_END, len(tokens) - 1), (CLIP_START, len(tokens) - 2), trim_offsets=False, add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([CLIP_START, CLIP_END])
-    tmp = f"{out_json}.tmp"
-    tok.save(tmp)
-    os.replace(tmp, out_json)
+    tok.save(f"{out_json}.tmp")
+    os.replace(f"{out_json}.tmp", out_json)
 
 
-def tokenizer_sha256(tok: Tokenizer) -> str:
-    """Hash of a tokenizer's full definition (vocabulary, normalizer, pre-tokenizer, ...)."""
-    return hashlib.sha256(tok.to_str().encode()).hexdigest()
+def clip_encode(clip_tok: Tokenizer, texts: list[str]) -> list[list[int]]:
+    """CLIP BPE ids of each text (no start/end), after CLIP's cleaning (CLIP_FIXES, html.unescape twice)."""
+    cleaned = [html.unescape(html.unescape(t.translate(CLIP_FIXES))).strip() for t in texts]
+    return [e.ids for e in clip_tok.encode_batch_fast(cleaned, add_special_tokens=False)]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -157,10 +141,8 @@ def clip_special_ids(clip_tok: Tokenizer) -> tuple[int, int]:
 
 
 def _pack_blocks(bpe: Sequence[int], n_blocks: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """App. B: each block is start + up to 75 BPE ids + end, zero-padded to 77; a text always fills >= 1 block.
-
-    Returns ids (n_blocks, 77) int64, the real length of each block (n_blocks,) and whether BPE ids were cut off.
-    """
+    """App. B: each block is start + up to 75 BPE ids + end, zero-padded to 77; a text fills at least 1 block.
+    -> ids (n_blocks, 77) int64, each block's real length (n_blocks,), whether BPE ids were cut off."""
     ids = np.zeros((n_blocks, CLIP_CONTEXT), np.int64)  # (n, 77)
     lengths = np.zeros(n_blocks, np.int64)              # (n,)
     kept = bpe[:n_blocks * CLIP_BLOCK_TOKENS]
@@ -176,17 +158,10 @@ def _block_mask(lengths: np.ndarray) -> np.ndarray:
     return (np.arange(CLIP_CONTEXT) < lengths[..., None]).astype(np.int64)
 
 
-def clip_blocks(clip_tok: Tokenizer, text: str, n_blocks: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """App. B: text -> ids (n_blocks, 77) int64, mask (n_blocks, 77) int64, truncated (more than 75 * n_blocks BPE)."""
-    ids, lengths, truncated = _pack_blocks(
-        clip_tok.encode(text, add_special_tokens=False).ids, n_blocks, *clip_special_ids(clip_tok))
-    return ids, _block_mask(lengths), truncated
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The adaptation cache (App. B, C.1): windows of [CLS] + 510 WordPiece + [SEP] and their text in 9 CLIP blocks
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: WikiText line rule, CLIP text cleaning
 CHUNK_CHARS = 1 << 20  # text tokenized per batch: bounds the builder's memory whatever the corpus size
 
 
@@ -205,116 +180,103 @@ class SpecialIds:
 
 def first_plain_token(bert_tok: Tokenizer) -> int:
     """The id after the last bracketed vocabulary entry ([PAD], [unused993], [MASK], ...): 999 for bert-base-uncased."""
-    vocab = bert_tok.get_vocab()
-    return 1 + max(i for t, i in vocab.items() if re.fullmatch(r"\[[^\[\]]+\]", t))
+    return 1 + max(i for t, i in bert_tok.get_vocab().items() if re.fullmatch(r"\[[^\[\]]+\]", t))
 
 
-def _special_ids(bert_tok: Tokenizer, clip_tok: Tokenizer) -> SpecialIds:
-    """[CLS] [SEP] [PAD] [MASK], the random-replacement range and CLIP's start/end ids, from the tokenizers."""
-    ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
-    if None in ids.values():
-        raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
-    clip_start, clip_end = clip_special_ids(clip_tok)
-    return SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
-                      clip_start=clip_start, clip_end=clip_end)
-
-
-def file_sha256(path) -> str:
-    """The corpus's hash in the cache key: an edited corpus is rebuilt."""
-    digest = hashlib.sha256()
+def _utf8_lines(path, fix: str) -> Iterator[str]:
+    """A file's lines (ends kept, split at \\n only, a leading BOM dropped); a byte that is not UTF-8 raises
+    ValueError naming the file, the line and `fix`."""
     with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+        for n, raw in enumerate(f, start=1):
+            try:
+                yield raw.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: byte {raw[e.start]:#04x} is not UTF-8: {fix}") from None
 
 
-def line_chunks(path, chunk_chars: int = CHUNK_CHARS) -> Iterator[list[str]]:
-    """Stream a raw-text corpus as lists of non-blank lines of about chunk_chars characters."""
+def wikitext_line(line: str) -> bool:
+    """App. C.1, preprocessing "similar to Tan and Bansal (2020)": their WikiText-103 preparation (vokenization's
+    tokenize_dataset.py) drops heading lines (" = Title = ", " = = Section = = ") and lines of fewer than 5 words."""
+    return not line.startswith(" = ") and len(line.strip().split(" ")) >= 5
+
+
+def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool] = wikitext_line
+                ) -> Iterator[list[str]]:
+    """Stream a raw-text corpus as lists of the non-blank lines that `keep` accepts, about chunk_chars characters."""
     lines, size = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                lines.append(line.rstrip("\n"))
-                size += len(line)
-            if size >= chunk_chars:
-                yield lines
-                lines, size = [], 0
+    for line in _utf8_lines(path, "convert the corpus to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"):
+        if line.strip() and keep(line):
+            lines.append(line.rstrip("\r\n"))
+            size += len(line)
+        if size >= chunk_chars:
+            yield lines
+            lines, size = [], 0
     if lines:
         yield lines
 
 
-def _wordpieces(bert_tok: Tokenizer, lines: list[str]) -> tuple[str, np.ndarray, np.ndarray]:
-    """Lines -> their text joined by newlines, WordPiece ids (n,) and character spans (n, 2) into that text."""
-    encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
-    line_starts = np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])
-    counts = [len(e.ids) for e in encodings]
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int64, sum(counts))
-    spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
-    return "\n".join(lines), ids, spans + np.repeat(line_starts, counts)[:, None]
-
-
 def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict
                  ) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """App. B: cut the concatenated WordPiece stream into windows of body_len ids, chunk by chunk.
-
-    Yields ids (w, body_len) and each window's source text; the tail of a chunk is carried into the next one and the
-    last incomplete window is dropped (counted in stats["dropped_tail_tokens"]).
-    """
-    carry_text, carry_ids, carry_spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)
+    """App. B: the running WordPiece stream cut into windows, chunk by chunk -> ids (w, body_len) and each window's
+    text; a chunk's tail is carried into the next, the last incomplete window dropped (stats["dropped_tail_tokens"])."""
+    text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     for lines in chunks:
-        text, ids, spans = _wordpieces(bert_tok, lines)
-        shift = len(carry_text) + 1
-        text = carry_text + "\n" + text
-        ids, spans = np.concatenate([carry_ids, ids]), np.concatenate([carry_spans, spans + shift])
-        n = len(ids) // body_len
-        ends = spans[body_len - 1:n * body_len:body_len, 1]
-        starts = spans[0:n * body_len:body_len, 0]
-        yield ids[:n * body_len].reshape(n, body_len), [text[s:e] for s, e in zip(starts, ends)]
-        tail = spans[n * body_len:]
-        cut = tail[0, 0] if len(tail) else len(text)
-        carry_text, carry_ids, carry_spans = text[cut:], ids[n * body_len:], tail - cut
-    stats["dropped_tail_tokens"] = len(carry_ids)
+        encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
+        counts = [len(e.ids) for e in encodings]
+        starts = len(text) + 1 + np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # each line in the text
+        new_spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
+        text += "\n" + "\n".join(lines)
+        ids = np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int64)])
+        spans = np.concatenate([spans, new_spans + np.repeat(starts, counts)[:, None]])  # (tokens, 2) into text
+        n = len(ids) // body_len * body_len
+        yield ids[:n].reshape(-1, body_len), [text[s:e] for s, e in zip(spans[0:n:body_len, 0],
+                                                                       spans[body_len - 1:n:body_len, 1])]
+        cut = spans[n, 0] if len(ids) > n else len(text)
+        text, ids, spans = text[cut:], ids[n:], spans[n:] - cut
+    stats["dropped_tail_tokens"] = len(ids)
 
 
-def _cache_key(corpus: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int) -> dict:
-    """What a cache was built from: it is reused only when all of it matches."""
-    return {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": file_sha256(corpus),
-            "bert_tokenizer_sha256": tokenizer_sha256(bert_tok), "clip_tokenizer_sha256": tokenizer_sha256(clip_tok),
-            "seq_len": seq_len, "n_blocks": n_blocks}
+def _built_key(cache_dir: Path) -> dict | None:
+    """The key of the cache published in cache_dir (what it was built from), None when there is none."""
+    manifest = cache_dir / "manifest.json"
+    return json.loads(manifest.read_text())["key"] if manifest.is_file() else None
 
 
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
-                chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print) -> str:
-    """Stream a raw-text corpus into the adaptation cache (App. B) and return its directory; reuse one that matches.
-
-    Files: bert_ids (N, seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8 and
-    manifest.json (the key it was built for, counts, CLIP truncation statistics, the special ids).
-    """
+                chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print, all_lines: bool = False) -> str:
+    """App. B: a raw corpus (without WikiText's headings and short lines unless all_lines) streamed into bert_ids (N,
+    seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8, manifest.json -> the directory."""
     corpus = Path(corpus_path)
     if not corpus.is_file():
-        raise FileNotFoundError(f"no corpus at {corpus}: {_download_hint(corpus, 'wikitext')}")
+        raise FileNotFoundError(f"no corpus at {corpus}: {download_hint(corpus, 'wikitext')}")
     bert_tok, clip_tok = bert_tokenizer(bert_dir), clip_tokenizer(clip_dir)
     if max(bert_tok.get_vocab_size(), clip_tok.get_vocab_size()) > 1 << 16:
         raise ValueError("the cache stores uint16 ids: a vocabulary has more than 65,536 entries")
-    key = _cache_key(corpus, bert_tok, clip_tok, seq_len, n_blocks)
-    tokenizers_id = hashlib.sha256((key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"]).encode())
-    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id.hexdigest()[:10]}"
-    manifest_path = cache_dir / "manifest.json"
-    if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())["key"]
-        if old == key:
-            log(f"reusing the adaptation cache {cache_dir}")
-            return str(cache_dir)
-        changed = ", ".join(k for k in key if old.get(k) != key[k])
-        log(f"rebuilding the adaptation cache {cache_dir}: {changed} changed")
-    else:
-        log(f"building the adaptation cache {cache_dir} from {corpus}")
+    with open(corpus, "rb") as f:
+        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+    sha256 = lambda text: hashlib.sha256(text.encode()).hexdigest()
+    key = {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
+           "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok.to_str()),
+           "clip_tokenizer_sha256": sha256(clip_tok.to_str()), "seq_len": seq_len, "n_blocks": n_blocks}
+    tokenizers_id = sha256(key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"])[:10]
+    cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id}{'-all' * all_lines}"
+    old = _built_key(cache_dir)
+    if old == key:
+        log(f"reusing the adaptation cache {cache_dir}")
+        return str(cache_dir)
+    log(f"rebuilding the adaptation cache {cache_dir}: {', '.join(k for k in key if old.get(k) != key[k])} changed"
+        if old else f"building the adaptation cache {cache_dir} from {corpus}")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=cache_dir.name + ".", suffix=".tmp"))  # per process
+    # one temporary folder per process, <name>.<pid>.XXXX.tmp: removed on any error, swept after a kill (adapt.py)
+    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f"{cache_dir.name}.{os.getpid()}.", suffix=".tmp"))
     start = time.time()
-    counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunk_chars)
-    manifest = {"key": key, **counts, "special_ids": _special_ids(bert_tok, clip_tok).__dict__,
-                "build_seconds": round(time.time() - start, 1)}
+    try:
+        chunks = line_chunks(corpus, chunk_chars, (lambda line: True) if all_lines else wikitext_line)
+        counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunks)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    manifest = {"key": key, **counts, "build_seconds": round(time.time() - start, 1)}
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _publish(tmp_dir, cache_dir, key)
     log(f"{manifest['windows']} windows, {100 * manifest['clip_truncated_fraction']:.2f}% truncated in CLIP blocks")
@@ -322,35 +284,35 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
 
 
 def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
-    """Move a finished build into place. Another process building the same cache at the same time may have won the
-    race: its cache is then kept and ours dropped."""
-    def built_by_another():
-        manifest = cache_dir / "manifest.json"
-        return manifest.is_file() and json.loads(manifest.read_text())["key"] == key
-    if not built_by_another():
+    """Move a finished build into place, unless another process building the same cache won the race (ours dropped)."""
+    if _built_key(cache_dir) != key:
         shutil.rmtree(cache_dir, ignore_errors=True)
         try:
             os.replace(tmp_dir, cache_dir)
             return
         except OSError:  # a concurrent build put its directory there between the two lines above
-            if not built_by_another():
+            if _built_key(cache_dir) != key:
                 raise
     shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
-                   chunk_chars: int) -> dict:
-    """Append each chunk's windows to the memmap files; return the counts for the manifest."""
-    cls, sep = bert_tok.token_to_id("[CLS]"), bert_tok.token_to_id("[SEP]")
+                   chunks: Iterator[list[str]]) -> dict:
+    """Append each chunk's windows to the memmap files; return the manifest's counts and special ids."""
+    ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
+    if None in ids.values():
+        raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
     start, end = clip_special_ids(clip_tok)
+    sp = SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
+                    clip_start=start, clip_end=end)
     stats = {"dropped_tail_tokens": 0}
     windows = truncated = clip_tokens = clip_max = 0
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
             open(out / "clip_lengths", "wb") as f_len:
-        for body, texts in bert_windows(line_chunks(corpus, chunk_chars), bert_tok, seq_len - 2, stats):
+        for body, texts in bert_windows(chunks, bert_tok, seq_len - 2, stats):
             edge = np.ones((len(body), 1), np.int64)
-            f_bert.write(np.hstack([cls * edge, body, sep * edge]).astype(np.uint16).tobytes())  # (w, 510) -> (w, 512)
-            for bpe in (e.ids for e in clip_tok.encode_batch_fast(texts, add_special_tokens=False)):
+            f_bert.write(np.hstack([sp.cls * edge, body, sp.sep * edge]).astype(np.uint16).tobytes())  # (w, 512)
+            for bpe in clip_encode(clip_tok, texts):
                 blocks, lengths, cut = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
                 f_clip.write(blocks.astype(np.uint16).tobytes())
                 f_len.write(lengths.astype(np.uint8).tobytes())
@@ -359,98 +321,104 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
     if windows == 0:
         raise ValueError(f"{corpus} has fewer than {seq_len - 2} WordPiece tokens: no adaptation window fits")
     return {"windows": windows, "bert_tokens": windows * (seq_len - 2) + stats["dropped_tail_tokens"], **stats,
-            "clip_tokens_mean": round(clip_tokens / windows, 2),
-            "clip_tokens_max": clip_max, "clip_truncated_windows": truncated,
-            "clip_truncated_fraction": truncated / windows}
+            "clip_tokens_mean": round(clip_tokens / windows, 2), "clip_tokens_max": clip_max,
+            "clip_truncated_windows": truncated, "clip_truncated_fraction": truncated / windows,
+            "special_ids": asdict(sp)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Adaptation batches (Sec. 2.3): joint MLM, MATCH, CLIPTC
 
-IGNORE = -100  # label of positions no loss is computed on
+IGNORE = -100     # target of an unused prediction slot: no loss is computed there
+MASK_PROB = 0.15  # Sec. 2.3.1, 2.3.3: the share of real tokens that MLM masks and CLIPTC predicts (BERT's rate)
+MATCH_PROB = 0.5  # Sec. 2.3.2: the share of MATCH pairs whose CLIP text comes from another window
 
 
-def _choose(candidates: np.ndarray, prob: float, rng: np.random.Generator) -> np.ndarray:
-    """round(prob * n) of the n candidate positions (at least one), without replacement (Devlin et al. 2019)."""
-    if len(candidates) == 0:
-        return candidates
-    return rng.choice(candidates, max(1, round(prob * len(candidates))), replace=False)
+def prediction_slots(n: int, prob: float) -> int:
+    """round(prob * n), at least 1: how many of n candidates are predicted; for the most candidates a sequence can
+    have, its fixed number of MLM / CLIPTC prediction slots (every shape stays static)."""
+    return max(1, round(prob * n))
 
 
-def mlm_masking(ids: np.ndarray, sp: SpecialIds, prob: float, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
-    """Sec. 2.3.1: choose prob of the real tokens (never [CLS], [SEP], padding); 80% -> [MASK], 10% -> a random
-    plain token (never a special or [unused] id), 10% kept. ids (T,) -> inputs (T,), labels (T,) (IGNORE elsewhere)."""
-    chosen = _choose(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), prob, rng)
-    inputs, labels = ids.copy(), np.full_like(ids, IGNORE)
-    labels[chosen] = ids[chosen]
-    action = rng.random(len(chosen))
-    inputs[chosen[action < 0.8]] = sp.mask
-    swap = chosen[(action >= 0.8) & (action < 0.9)]
-    inputs[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
-    return inputs, labels
+def _predict(candidates: np.ndarray, ids: np.ndarray, prob: float, rng: np.random.Generator, slots: int
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """prediction_slots(n, prob) of the n candidate positions of ids (flat), drawn without replacement (Devlin et al.
+    2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
+    chosen = candidates
+    if len(candidates):
+        chosen = rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False)
+    positions, pad = np.sort(chosen), (0, slots - len(chosen))
+    return chosen, np.pad(positions, pad), np.pad(ids[positions], pad, constant_values=IGNORE)
 
 
-def match_partner(index: int, n: int, prob: float, rng: np.random.Generator) -> tuple[int, int]:
-    """Sec. 2.3.2 (MATCH): with probability prob the CLIP input comes from another random window (label 0),
-    otherwise from the same one (label 1). Returns (window whose CLIP blocks are used, label)."""
-    if rng.random() >= prob:
-        return index, 1
-    other = int(rng.integers(n - 1))
-    return other + (other >= index), 0
-
-
-def cliptc_labels(clip_ids: np.ndarray, lengths: np.ndarray, sp: SpecialIds, prob: float,
-                  rng: np.random.Generator) -> np.ndarray:
-    """Sec. 2.3.3 (CLIPTC): prob of the real CLIP tokens (never start/end/padding) become targets, the input is left
-    unchanged. clip_ids (n, 77), lengths (n,) -> labels (n, 77) (IGNORE elsewhere)."""
-    real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))
-    labels = np.full(clip_ids.size, IGNORE, np.int64)
-    chosen = _choose(np.flatnonzero(real), prob, rng)
-    labels[chosen] = clip_ids.reshape(-1)[chosen]
-    return labels.reshape(clip_ids.shape)
+def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
+    """Indices (N,) of the blocks of a (B, n, 77) CLIP mask that CLIP-T runs on: all that hold text, topped up with
+    empty ones to N = B x ceil(mean blocks per window), so N takes at most n values (English fills about 7 of 9)."""
+    used = clip_mask[..., 0].flatten().bool()  # (B*n,): a block's <|startoftext|> is real unless it is all padding
+    B = clip_mask.shape[0]
+    return torch.argsort((~used).byte(), stable=True)[:B * -(-int(used.sum()) // B)]
 
 
 class AdaptationData:
     """The memmapped adaptation cache and its Sec. 2.3 batches, deterministic from (seed, epoch, window index) so
     that every distributed rank and every resumed run draws the same masks and MATCH partners."""
 
-    def __init__(self, cache_dir, mask_prob: float = 0.15, match_prob: float = 0.5, cliptc_prob: float = 0.15):
-        path = Path(cache_dir) / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no adaptation cache at {cache_dir}: build it with data.build_cache "
+    def __init__(self, cache_dir, mask_prob: float = MASK_PROB, match_prob: float = MATCH_PROB,
+                 cliptc_prob: float = MASK_PROB):
+        cache = Path(cache_dir)
+        if not (cache / "manifest.json").is_file():
+            raise FileNotFoundError(f"no adaptation cache at {cache}: build it with data.build_cache "
                                     "(adapt.py does so from the corpus)")
-        self.manifest = json.loads(path.read_text())
+        self.manifest = json.loads((cache / "manifest.json").read_text())
         self.special = SpecialIds(**self.manifest["special_ids"])
         n, key = self.manifest["windows"], self.manifest["key"]
         seq_len, n_blocks = key["seq_len"], key["n_blocks"]
         if n < 2 and match_prob > 0:
-            raise ValueError(f"MATCH needs at least 2 windows and {cache_dir} holds {n}: use a larger corpus")
-        self.bert_ids = np.memmap(Path(cache_dir) / "bert_ids", np.uint16, "r", shape=(n, seq_len))
-        self.clip_ids = np.memmap(Path(cache_dir) / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
-        self.clip_lengths = np.memmap(Path(cache_dir) / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
+            raise ValueError(f"MATCH needs at least 2 windows and {cache} holds {n}: use a larger corpus")
+        self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
+        self.clip_ids = np.memmap(cache / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
+        self.clip_lengths = np.memmap(cache / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
         self.mask_prob, self.match_prob, self.cliptc_prob = mask_prob, match_prob, cliptc_prob
+        # at most seq_len - 2 real tokens ([CLS] and [SEP] frame a window) and 75 real CLIP tokens per block
+        self.mlm_slots = prediction_slots(seq_len - 2, mask_prob)
+        self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, cliptc_prob)
 
     def __len__(self) -> int:
         return len(self.bert_ids)
 
     def example(self, index: int, seed: int, epoch: int) -> dict[str, np.ndarray]:
-        """One window's inputs and labels; its random draws depend on (seed, epoch, index) only."""
-        rng = np.random.default_rng((seed, epoch, index))
-        partner, match = match_partner(index, len(self), self.match_prob, rng)
-        input_ids, mlm_labels = mlm_masking(self.bert_ids[index].astype(np.int64), self.special, self.mask_prob, rng)
+        """One window's inputs and targets (Sec. 2.3); its random draws depend on (seed, epoch, index) only."""
+        rng, sp = np.random.default_rng((seed, epoch, index)), self.special
+        # MATCH (2.3.2): with match_prob the CLIP input comes from another random window (label 0), else its own (1)
+        partner, match = index, 1
+        if rng.random() < self.match_prob:
+            other = int(rng.integers(len(self) - 1))
+            partner, match = other + (other >= index), 0
+        # MLM (2.3.1): mask_prob of the real tokens (not [CLS], [SEP], padding): 80% [MASK], 10% a random plain token
+        # (never a special or [unused] id), 10% kept
+        ids = self.bert_ids[index].astype(np.int64)  # (T,)
+        chosen, mlm_positions, mlm_targets = _predict(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), ids,
+                                                      self.mask_prob, rng, self.mlm_slots)
+        input_ids, action = ids.copy(), rng.random(len(chosen))
+        input_ids[chosen[action < 0.8]] = sp.mask
+        swap = chosen[(action >= 0.8) & (action < 0.9)]
+        input_ids[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
+        # CLIPTC (2.3.3): cliptc_prob of the real CLIP tokens (not start, end, padding) are targets; the input stays
         clip_ids, lengths = self.clip_ids[partner].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
-        return {"input_ids": input_ids, "attention_mask": (input_ids != self.special.pad).astype(np.int64),
-                "token_type_ids": np.zeros_like(input_ids), "mlm_labels": mlm_labels,
-                "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
-                "cliptc_labels": cliptc_labels(clip_ids, lengths, self.special, self.cliptc_prob, rng),
-                "match_labels": np.int64(match)}
+        real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, 77)
+        _, cliptc_positions, cliptc_targets = _predict(np.flatnonzero(real), clip_ids.reshape(-1), self.cliptc_prob,
+                                                       rng, self.cliptc_slots)
+        return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
+                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
+                "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        """input_ids, attention_mask, token_type_ids, mlm_labels (B, T); clip_ids, clip_mask, cliptc_labels
-        (B, n, 77); match_labels (B,) (1 = same text); all int64."""
+        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask (B, n, 77);
+        clip_blocks (N,); cliptc_positions, cliptc_targets (B, cliptc_slots); match_labels (B,) (1 = same text); all
+        int64. No attention_mask: windows are cut from the running text and never padded."""
         examples = [self.example(int(i), seed, epoch) for i in indices]
-        return {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        out = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
+        return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -462,16 +430,17 @@ MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mism
                "test_ax": "../AX/AX.tsv"}  # GLUE's diagnostic set (AX), predicted by the MNLI model
 COLA_COLUMNS = ("source", "label", "orig", "sentence")  # CoLA's train.tsv and dev.tsv have no header row
 READ_DEV_FRACTION, READ_SPLIT_SEED = 0.1, 0             # CommonLit's test labels are private: a fixed dev split
+SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
 
 
 @dataclass(frozen=True)
 class Example:
     """One task example as read from the official files."""
     text_a: str
-    text_b: str | None = None       # second sentence of a pair task
+    text_b: str | None = None         # second sentence of a pair task
     label: int | float | None = None  # class index, score, or the right ending; None where labels are hidden
-    endings: tuple[str, ...] = ()   # SWAG: the 4 choices, each sent2 + " " + ending_k
-    guid: str = ""                  # the row's index/id in the file (row number where there is none)
+    endings: tuple[str, ...] = ()     # SWAG: the 4 choices, each sent2 + " " + ending_k
+    guid: str = ""                    # the row's index/id in the file (row number where there is none)
 
 
 @dataclass(frozen=True)
@@ -487,6 +456,7 @@ class Task:
     columns: tuple[str, str | None, str]  # the text_a, text_b and label columns
     splits: dict[str, str] = field(default_factory=lambda: dict(GLUE_SPLITS))  # split -> file name
     glue_dir: str | None = None     # GLUE folder name (CoLA, SST-2, ...), None for SWAG and READ
+    more_columns: tuple[str, ...] = ()  # other columns read: the row's id, SWAG's endings
 
     @property
     def num_labels(self) -> int:
@@ -512,161 +482,128 @@ TASKS: dict[str, Task] = {t.name: t for t in [
           ("sentence1", "sentence2", "gold_label"), splits=MNLI_SPLITS),
     _glue("wnli", "WNLI", BINARY, ("accuracy",), ("sentence1", "sentence2", "label")),
     Task("swag", "choice", ("0", "1", "2", "3"), ("accuracy",), "swag", "swag", ("sent1", "sent2", "label"),
-         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}),
+         {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", *SWAG_ENDINGS)),
     Task("read", "regression", (), ("rmse",), "read", "read", ("excerpt", None, "target"),
-         {"train": "train.csv", "dev": "train.csv"}),
+         {"train": "train.csv", "dev": "train.csv"}, more_columns=("id",)),
 ]}
 
 
-def get_task(task: "Task | str") -> Task:
-    """A Task, or its name looked up in TASKS."""
-    if isinstance(task, Task):
-        return task
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}: choose one of {', '.join(TASKS)}")
-    return TASKS[task]
+def get_task(name: str) -> Task:
+    """The task of that name in TASKS."""
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
+    return TASKS[name]
 
 
 def _label(task: Task, raw: str, where: str) -> int | float:
-    """A label mapped by name (classification, choice) or parsed as a float (regression)."""
-    if task.kind == "regression":
-        try:
-            value = float(raw)
-        except ValueError:
-            value = math.nan
-        if not math.isfinite(value):
-            raise ValueError(f"{where}: score {raw!r} is not a number, as every {task.name} label must be")
-        return value
-    if raw not in task.label_names:
-        raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
-    return task.label_names.index(raw)
+    """A class index by label name (classification, choice) or a finite score (regression)."""
+    if task.kind != "regression":
+        if raw not in task.label_names:
+            raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
+        return task.label_names.index(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise ValueError(f"{where}: score {raw!r} is not a number, as every {task.name} label must be")
+    return value
 
 
-def read_task(task: "Task | str", split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
-    """The examples of one split. GLUE test files and SWAG's test.csv have no labels (label None); READ has train
-    and a fixed seeded dev split of CommonLit's train.csv, since its test labels are private."""
-    task = get_task(task)
+def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
+    """The examples of one split; test splits have no labels (None). SWAG's choice k is sent2 + " " + ending_k (as
+    Hugging Face's run_swag); READ's dev split is a seeded READ_DEV_FRACTION of CommonLit's train.csv."""
+    task = get_task(name)
     if split not in task.splits:
         hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
         raise ValueError(f"{task.name} has no split {split!r}{hint}: choose one of {', '.join(task.splits)}")
     path = Path(data_root) / task.folder / task.splits[split]
     if not path.is_file():
-        raise FileNotFoundError(f"no {task.name} {split} data at {path}: {_download_hint(path, task.fetch)}")
-    if task.glue_dir:
-        return _read_glue(task, path, split, log)
-    rows = _read_csv(path)
-    if task.name == "swag":
-        return [_swag_example(task, row, f"{path}:{n}") for n, row in rows]
-    return _read_commonlit(task, rows, split, path)
-
-
-def _read_glue(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[Example]:
-    """GLUE TSVs read without quoting (QUOTE_NONE: their text holds stray quote characters); lines with the wrong
-    number of fields (a few in QQP and MNLI) are skipped and counted. CoLA's train/dev have no header."""
+        raise FileNotFoundError(f"no {task.name} {split} data at {path}: {download_hint(path, task.fetch)}")
+    rows = _rows(task, path, split, log)
+    if task.name == "read":
+        order = np.random.default_rng(READ_SPLIT_SEED).permutation(len(rows))
+        dev = set(order[:round(READ_DEV_FRACTION * len(rows))])
+        rows = [row for i, row in enumerate(rows) if (i in dev) == (split == "dev")]
     text_a, text_b, label = task.columns
-    with open(path, encoding="utf-8-sig", newline="\n") as f:  # utf-8-sig: MRPC's files start with a BOM
-        lines = (line.rstrip("\r\n").split("\t") for line in f)
-        headerless = task.name == "cola" and split != "test"
-        header = list(COLA_COLUMNS) if headerless else next(lines, [])
-        examples, skipped = [], 0
-        for n, fields in enumerate(lines, start=1 if headerless else 2):  # n: line number in the file
-            if len(fields) != len(header):
-                skipped += 1
-                continue
-            row = dict(zip(header, fields))
-            examples.append(Example(
-                row[text_a], row[text_b] if text_b else None,
-                _label(task, row[label], f"{path}:{n}") if label in row else None,
-                guid=row.get("index", row.get("id", str(len(examples))))))
-    if skipped:
-        log(f"{path}: skipped {skipped} malformed lines")
+    examples = []
+    for n, row in rows:
+        y = None if split.startswith("test") else _label(task, row[label], f"{path}:{n}")
+        guid = next((row[k] for k in ("index", "id", "") if k in row), str(len(examples)))
+        if task.kind == "choice":
+            examples.append(Example(row[text_a], label=y, guid=guid,
+                                    endings=tuple(f"{row[text_b]} {row[ending]}" for ending in SWAG_ENDINGS)))
+        else:
+            examples.append(Example(row[text_a], row[text_b] if text_b else None, y, guid=guid))
+    if not examples:
+        raise ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): "
+                         f"{download_hint(path, task.fetch)}")
     return examples
 
 
-def _read_csv(path: Path) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) for a quoted CSV (SWAG, CommonLit: fields may hold commas, quotes and newlines)."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        return [(reader.line_num, row) for row in reader]
-
-
-def _swag_example(task: Task, row: dict[str, str], where: str) -> Example:
-    """SWAG (as Hugging Face's run_swag): the context is sent1, choice k is sent2 + " " + ending_k."""
-    context, start, label = task.columns
-    return Example(row[context], endings=tuple(f"{row[start]} {row[f'ending{k}']}" for k in range(4)),
-                   label=_label(task, row[label], where) if row.get(label) else None, guid=row[""])
-
-
-def _read_commonlit(task: Task, rows: list[tuple[int, dict[str, str]]], split: str, path: Path) -> list[Example]:
-    """READ: CommonLit excerpt -> target; a seeded READ_DEV_FRACTION of train.csv's rows is the dev split."""
-    text, _, label = task.columns
-    dev = set(np.random.default_rng(READ_SPLIT_SEED).permutation(len(rows))[:round(READ_DEV_FRACTION * len(rows))])
-    return [Example(row[text], label=_label(task, row[label], f"{path}:{n}"), guid=row["id"])
-            for i, (n, row) in enumerate(rows) if (i in dev) == (split == "dev")]
+def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
+    """(line number, row) of a task file. GLUE's TSVs are read without quoting (their text holds stray quotes), rows
+    with the wrong number of fields (a few in QQP and MNLI) skipped; in a quoted CSV (SWAG, CommonLit: fields may
+    hold commas and newlines) such a row is an error, as are bytes that are not UTF-8 and a missing column."""
+    lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
+    if task.glue_dir:
+        table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
+    else:
+        reader = csv.reader(lines)
+        table = ((reader.line_num, fields) for fields in reader if fields)
+    header = list(COLA_COLUMNS) if task.name == "cola" and split != "test" else next(table, (0, []))[1]
+    if not any(header):
+        return []
+    wanted = [*task.columns[:2], *task.more_columns, None if split.startswith("test") else task.columns[2]]
+    missing = [c for c in wanted if c is not None and c not in header]
+    if missing:
+        raise ValueError(f"{path}: no column {missing[0]!r} in its header ({', '.join(map(repr, header))}): it is "
+                         f"not the official {task.name} {split} file; {download_hint(path, task.fetch)}")
+    rows, skipped = [], 0
+    for n, fields in table:
+        if len(fields) == len(header):
+            rows.append((n, dict(zip(header, fields))))
+        elif task.glue_dir:
+            skipped += 1
+        else:
+            raise ValueError(f"{path}:{n}: the row does not have the header's {len(header)} fields: the file is cut "
+                             f"or damaged; {download_hint(path, task.fetch)}")
+    if skipped:
+        log(f"{path}: skipped {skipped} malformed lines")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Finetuning features (Sec. 2.4, App. B)
 
-def longest_first(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
-    """Truncate a pair to at most budget ids, taking from the longer one first (the `tokenizers` library's rule:
-    when both must be cut the first keeps budget // 2)."""
-    if len(a) + len(b) <= budget:
-        return a, b
-    short = min(len(a), len(b))
-    keep_short, keep_long = short, max(short, budget - short)
-    if keep_short + keep_long > budget:
-        keep_short, keep_long = budget // 2, budget // 2 + budget % 2
-    keep_a, keep_b = (keep_short, keep_long) if len(a) <= len(b) else (keep_long, keep_short)
-    return a[:keep_a], b[:keep_b]
-
-
-def _bert_features(pairs: list[tuple[str, str | None]], bert_tok: Tokenizer, max_len: int) -> dict[str, np.ndarray]:
-    """[CLS] a [SEP] (b [SEP]) with token types 0 (1 for b), padded to max_len. -> 3 x (M, max_len) int64."""
-    cls, sep, pad = (bert_tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]"))
-    firsts = bert_tok.encode_batch_fast([a for a, _ in pairs], add_special_tokens=False)
-    seconds = iter(bert_tok.encode_batch_fast([b for _, b in pairs if b is not None], add_special_tokens=False))
-    ids = np.full((len(pairs), max_len), pad, np.int64)
-    types, lengths = np.zeros_like(ids), np.zeros(len(pairs), np.int64)
-    for row, ((_, b), first) in enumerate(zip(pairs, firsts)):
-        if b is None:
-            tokens = [cls, *first.ids[:max_len - 2], sep]
-        else:
-            a_ids, b_ids = longest_first(first.ids, next(seconds).ids, max_len - 3)
-            tokens = [cls, *a_ids, sep, *b_ids, sep]
-            types[row, len(a_ids) + 2:len(tokens)] = 1
-        ids[row, :len(tokens)], lengths[row] = tokens, len(tokens)
-    return {"input_ids": ids, "attention_mask": (np.arange(max_len) < lengths[:, None]).astype(np.int64),
-            "token_type_ids": types}
-
-
-def _clip_features(pairs: list[tuple[str, str | None]], clip_tok: Tokenizer) -> dict[str, np.ndarray]:
-    """App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one. -> 2 x (M, 2 or 4, 77) int64."""
-    start, end = clip_special_ids(clip_tok)
-    texts = [t for pair in pairs for t in pair if t is not None]
-    packed = [_pack_blocks(e.ids, SENTENCE_BLOCKS, start, end)
-              for e in clip_tok.encode_batch_fast(texts, add_special_tokens=False)]
-    ids = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M*s, 2, 77) -> (M, 2*s, 77)
-    lengths = np.stack([p[1] for p in packed]).reshape(len(pairs), -1)           # (M, 2*s)
-    return {"clip_ids": ids, "clip_mask": _block_mask(lengths)}
-
-
-def encode(examples: list[Example], task: "Task | str", bert_tok: Tokenizer | None, max_len: int = 128,
+def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
-    """Finetuning features (Sec. 2.4): input_ids, attention_mask, token_type_ids (N, max_len) (choice: (N, 4, max_len)),
-    labels (N,) (int64; float32 for regression; absent when the split's labels are hidden); with clip_tok also
-    clip_ids, clip_mask (N, 2 or 4, 77) (choice: (N, 4, 4, 77)) for full-model finetuning (App. C.3).
-    bert_tok=None gives the CLIP features alone (CLIP-T finetuned on its own, Table 1)."""
+    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), a pair cut longest
+    first; labels (N,) (float32 for regression; absent where hidden); with clip_tok clip_ids, clip_mask (N, 2 per
+    sentence, 77) (App. B, C.3), without bert_tok those alone. SWAG: (N, 4, ...), one context-ending pair a choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
-    task = get_task(task)
+    task = get_task(name)
     if task.kind == "choice":
         pairs = [(ex.text_a, ending) for ex in examples for ending in ex.endings]
     else:
         pairs = [(ex.text_a, ex.text_b) for ex in examples]
-    features = _bert_features(pairs, bert_tok, max_len) if bert_tok is not None else {}
-    if clip_tok is not None:
-        features |= _clip_features(pairs, clip_tok)
+    features = {}
+    if bert_tok is not None:
+        tok = _plain(copy.deepcopy(bert_tok))
+        tok.enable_truncation(max_len)
+        tok.enable_padding(length=max_len, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+        encodings = tok.encode_batch_fast([a if b is None else (a, b) for a, b in pairs])
+        matrix = lambda rows: np.array(rows, np.int64).reshape(-1, max_len)  # (M, max_len)
+        features["input_ids"] = matrix([e.ids for e in encodings])
+        features["attention_mask"] = matrix([e.attention_mask for e in encodings])
+        features["token_type_ids"] = matrix([e.type_ids for e in encodings])
+    if clip_tok is not None:  # App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one
+        start, end = clip_special_ids(clip_tok)
+        texts = [t for pair in pairs for t in pair if t is not None]
+        packed = [_pack_blocks(ids, SENTENCE_BLOCKS, start, end) for ids in clip_encode(clip_tok, texts)]
+        features["clip_ids"] = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M, 2*s, 77)
+        features["clip_mask"] = _block_mask(np.stack([p[1] for p in packed]).reshape(len(pairs), -1))
     shape = (len(examples), -1) if task.kind == "choice" else (len(examples),)
     out = {k: torch.from_numpy(v.reshape(*shape, *v.shape[1:])) for k, v in features.items()}
     labels = [ex.label for ex in examples]
@@ -678,76 +615,86 @@ def encode(examples: list[Example], task: "Task | str", bert_tok: Tokenizer | No
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Benchmark: python data.py bench --mb 50
+# Pictures: standalone SVG charts (loss curves, Table 1-style bars, Fig. 4) written as text, no plotting library
 
-WIKITEXT_TRAIN_MB = 546.5  # WikiText-103 raw train split (sources.md section 4)
-
-
-def write_wikitext_like(path, megabytes: float, bert_tok: Tokenizer, seed: int = 0) -> None:
-    """A corpus in WikiText-103's raw format: ` = Title = ` headings, ` = = Section = = `, blank lines, paragraphs
-    with ` @-@ ` / ` @,@ ` separators. Words are drawn Zipf-like from the BERT vocabulary's whole words, with
-    one in ten a made-up word that splits into several WordPieces."""
-    rng = np.random.default_rng(seed)
-    words = np.array([t for t, _ in sorted(bert_tok.get_vocab().items(), key=lambda x: x[1])
-                      if t.isalpha() and t.isascii() and len(t) > 1])
-    weights = 1 / np.arange(1, len(words) + 1)
-    syllables = np.array(["ka", "lor", "vin", "tes", "mar", "qu", "ex", "ion", "dru", "phe"])
-    with open(path, "w", encoding="utf-8") as f:
-        while f.tell() < megabytes * 1e6:
-            f.write(f" = {' '.join(rng.choice(words, 3)).title()} = \n \n")
-            for _ in range(int(rng.integers(3, 8))):
-                f.write(f" = = {rng.choice(words).title()} = = \n \n")
-                for _ in range(int(rng.integers(1, 4))):
-                    tokens = list(rng.choice(words, int(rng.integers(60, 200)), p=weights / weights.sum()))
-                    for i in rng.integers(0, len(tokens), len(tokens) // 10):
-                        tokens[i] = "".join(rng.choice(syllables, 4))
-                    for i in rng.integers(0, len(tokens), 3):
-                        tokens[i] = rng.choice([f"{rng.integers(1, 99)} @,@ {rng.integers(100, 999)}",
-                                                f"{tokens[i]} @-@ based", f"{tokens[i]} , ", "( 1914 )"])
-                    f.write(f" {' '.join(tokens).capitalize()} . \n \n")
+SVG_WIDTH, SVG_HEIGHT = 640, 400
+SVG_LEFT, SVG_RIGHT, SVG_TOP, SVG_BOTTOM = 70, 490, 40, 350   # the plot area in pixels; the legend sits to its right
+SVG_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 
 
-def bench(megabytes: float, bert_dir, clip_dir) -> None:
-    """Time build_cache on a generated corpus; print MB/s (wall and per CPU-second, which a busy machine does not
-    distort), the extrapolated time for WikiText-103 train on this machine's cores, and the peak RSS."""
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = Path(tmp) / "wiki.bench.raw"
-        write_wikitext_like(corpus, megabytes, bert_tokenizer(bert_dir))
-        size_mb = corpus.stat().st_size / 1e6
-        wall, cpu = time.time(), _cpu_seconds()
-        cache = build_cache(corpus, bert_dir, clip_dir, Path(tmp) / "cache")
-        wall, cpu = time.time() - wall, _cpu_seconds() - cpu
-        manifest = json.loads((Path(cache) / "manifest.json").read_text())
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    cores = os.cpu_count()
-    print(f"{size_mb:.1f} MB in {wall:.1f} s wall, {cpu:.1f} CPU-s: {size_mb / wall:.2f} MB/s wall, "
-          f"{size_mb / cpu:.2f} MB per CPU-s; WikiText-103 train ({WIKITEXT_TRAIN_MB} MB): "
-          f"{WIKITEXT_TRAIN_MB / (size_mb / wall) / 60:.1f} min at this wall rate, "
-          f"{WIKITEXT_TRAIN_MB * cpu / size_mb / cores / 60:.1f} min if all {cores} cores were free; "
-          f"peak RSS {peak_mb:.0f} MB; {manifest['windows']} windows, "
-          f"{100 * manifest['clip_truncated_fraction']:.2f}% truncated in {manifest['key']['n_blocks']} CLIP blocks")
+def nice_ticks(lo: float, hi: float, n: int = 5) -> np.ndarray:
+    """About n round tick values (steps of 1, 2 or 5 x 10^k) from at most lo to at least hi."""
+    if hi <= lo:
+        lo, hi = lo - 0.5, lo + 0.5
+    unit = 10.0 ** math.floor(math.log10((hi - lo) / n))
+    step = next(m * unit for m in (1, 2, 5, 10) if m * unit >= (hi - lo) / n)
+    return np.arange(math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9) + 1) * step
 
 
-def _cpu_seconds() -> float:
-    """User + system time of this process, all threads (the tokenizers' thread pool included)."""
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+def _axis(ticks: np.ndarray, start: float, end: float) -> Callable[[float], float]:
+    """Data value -> pixel, with ticks[0] at start and ticks[-1] at end."""
+    return lambda v: start + (v - ticks[0]) * (end - start) / (ticks[-1] - ticks[0])
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("bench", help="time the adaptation cache build on a generated WikiText-style corpus")
-    b.add_argument("--mb", type=float, default=50, help="size of the generated corpus in MB")
-    b.add_argument("--data", default="data", help="data root holding ckpt/")
-    b.add_argument("--bert", help="BERT checkpoint dir (default DATA/ckpt/bert-base)")
-    b.add_argument("--clip", help="CLIP checkpoint dir (default DATA/ckpt/clip)")
-    args = parser.parse_args(argv)
-    try:
-        bench(args.mb, args.bert or Path(args.data) / "ckpt/bert-base", args.clip or Path(args.data) / "ckpt/clip")
-    except FileNotFoundError as error:
-        raise SystemExit(str(error))
+def _text(x: float, y: float, text: str, anchor: str = "middle", more: str = "") -> str:
+    return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}"{more}>{html.escape(text)}</text>'
 
 
-if __name__ == "__main__":
-    main()
+def _svg(title: str, x_label: str, y_label: str, y_ticks: np.ndarray, x_ticks: list[tuple[float, str]],
+         names: list[str], body: list[str]) -> str:
+    """The frame both charts share: title, axes with their ticks and labels, the plotted body, a legend."""
+    sy, mid, y_mid = _axis(y_ticks, SVG_BOTTOM, SVG_TOP), (SVG_LEFT + SVG_RIGHT) / 2, (SVG_TOP + SVG_BOTTOM) / 2
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
+             f'font-family="sans-serif" font-size="12">', f'<rect width="100%" height="100%" fill="white"/>',
+             _text(mid, 22, title, more=' font-size="15"'), _text(mid, SVG_BOTTOM + 36, x_label),
+             _text(18, y_mid, y_label, more=f' transform="rotate(-90 18 {y_mid})"'),
+             f'<path class="axes" d="M{SVG_LEFT},{SVG_TOP}V{SVG_BOTTOM}H{SVG_RIGHT}" fill="none" stroke="black"/>']
+    for t in y_ticks:
+        parts += [f'<path d="M{SVG_LEFT - 4},{sy(t):.1f}H{SVG_RIGHT}" stroke="#ddd"/>',
+                  _text(SVG_LEFT - 7, sy(t) + 4, f"{t:.6g}", "end")]
+    parts += [_text(x, SVG_BOTTOM + 16, label) for x, label in x_ticks] + body + ['<g class="legend">']
+    for i, name in enumerate(names):
+        y = SVG_TOP + 10 + 20 * i
+        parts.append(f'<g class="entry"><rect x="{SVG_RIGHT + 15}" y="{y - 10}" width="12" height="12" '
+                     f'fill="{SVG_COLOURS[i % len(SVG_COLOURS)]}"/>{_text(SVG_RIGHT + 33, y, name, "start")}</g>')
+    return "\n".join(parts + ["</g>", "</svg>"]) + "\n"
+
+
+def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, x_label: str, y_label: str) -> str:
+    """A line chart as standalone SVG: one polyline per series of (x, y) points (e.g. a loss curve per run)."""
+    points = [p for pts in series.values() for p in pts]
+    if not points:
+        raise ValueError(f"svg_lines({title!r}) got no points: give each series a list of (x, y) pairs")
+    x_ticks, y_ticks = (nice_ticks(min(c), max(c)) for c in zip(*points))
+    sx, sy = _axis(x_ticks, SVG_LEFT, SVG_RIGHT), _axis(y_ticks, SVG_BOTTOM, SVG_TOP)
+    pixels = {name: " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in p) for name, p in series.items()}
+    body = [f'<polyline class="series" data-series="{html.escape(name)}" fill="none" stroke-width="1.5" '
+            f'stroke="{SVG_COLOURS[i % len(SVG_COLOURS)]}" points="{pixels[name]}"/>' for i, name in enumerate(series)]
+    return _svg(title, x_label, y_label, y_ticks, [(sx(t), f"{t:.6g}") for t in x_ticks], list(series), body)
+
+
+def svg_bars(groups: dict[str, dict[str, float]], title: str, y_label: str,
+             errors: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
+    """A grouped bar chart as standalone SVG: one cluster per group along x, one bar per series in the series' colour;
+    errors[group][series] = (low, high) draws a whisker between those two values."""
+    names, errors = list(dict.fromkeys(s for bars in groups.values() for s in bars)), errors or {}
+    if not names:
+        raise ValueError(f"svg_bars({title!r}) got no bars: give each group a dict of series -> value")
+    values = [v for bars in groups.values() for v in bars.values()]
+    values += [e for whiskers in errors.values() for pair in whiskers.values() for e in pair]
+    y_ticks = nice_ticks(min(0.0, *values), max(0.0, *values))
+    sy, slot = _axis(y_ticks, SVG_BOTTOM, SVG_TOP), (SVG_RIGHT - SVG_LEFT) / len(groups)
+    width, body = 0.8 * slot / len(names), []
+    for g, (group, bars) in enumerate(groups.items()):
+        for i, name in ((i, name) for i, name in enumerate(names) if name in bars):
+            x, v, c = SVG_LEFT + (g + 0.1 + 0.8 * i / len(names)) * slot, bars[name], SVG_COLOURS[i % len(SVG_COLOURS)]
+            body.append(f'<rect class="bar" data-series="{html.escape(name)}" x="{x:.1f}" y="{sy(max(v, 0)):.1f}" '
+                        f'width="{width:.1f}" height="{abs(sy(v) - sy(0)):.1f}" fill="{c}">'
+                        f'<title>{html.escape(f"{group}, {name}: {v:.6g}")}</title></rect>')
+            if name in errors.get(group, {}):
+                (low, high), mid, tick = errors[group][name], x + width / 2, f"h{width / 2:.1f}"
+                body.append(f'<path class="error" d="M{mid:.1f},{sy(low):.1f}V{sy(high):.1f}M{mid - width / 4:.1f},'
+                            f'{sy(low):.1f}{tick}M{mid - width / 4:.1f},{sy(high):.1f}{tick}" stroke="black"/>')
+    x_ticks = [(SVG_LEFT + (g + 0.5) * slot, group) for g, group in enumerate(groups)]
+    return _svg(title, "", y_label, y_ticks, x_ticks, names, body)
+

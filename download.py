@@ -3,39 +3,37 @@
     python download.py                       # the main experiment: bert-base clip wikitext glue
     python download.py bert-large electra-base swag read coco rte   # any of the names in ITEMS
     python download.py --dry-run all         # what would be fetched, with sizes, and nothing else
+    python download.py bert-base --force     # fetch again and replace files already there (a damaged checkpoint)
+    python download.py bert-base --mirror hf=https://hf-mirror.com   # another base URL (or XDBERT_MIRROR_HF=...)
     python download.py --toy                 # the offline toy kit in data/toy: runs `python toy.py` (no network)
 
-Everything lands in the layout of README.md ("Data layout") under --data (default data): ckpt/<name>/, wikitext-103-raw/,
-glue/<Task>/, swag/, read/train.csv, coco/captions_train2017.json. Checkpoints are kept exactly as the hub
-publishes them (model.safetensors or pytorch_model.bin): model.from_hf reads either, so nothing is converted.
-
-Each file is streamed to <file>.part, resumed with an HTTP Range request after an interruption, retried with
-backoff, checked against its size and sha256 where known (sources.md) and only then renamed into place, so a
-file under its final name is always complete; a file already there and verified is not fetched again.
-
-Mirrors: every source's base URL can be replaced, by `--mirror NAME=URL` (repeatable) or the environment
-variable XDBERT_MIRROR_<NAME>, e.g. `--mirror hf=https://hf-mirror.com` or XDBERT_MIRROR_HF=http://127.0.0.1:8000.
-NAME is one of the keys of SOURCES; a replaced base serves the same paths below it.
+Files land under --data (default data) in README.md's "Data layout", checkpoints as the hub publishes them, each
+verified before it takes its name; README.md ("download.py") says how downloads resume, retry and are checked.
 """
 import argparse
+import contextlib
 import csv
-import functools
+import fcntl
 import hashlib
 import os
+import posixpath
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import requests
 
 # ----------------------------------------------------------------------------------------------------------------------
-# What to fetch (sources.md)
+# What to fetch (README.md, "Data layout")
 
 SOURCES = {  # name -> base URLs, tried in order (only WikiText-103 has more than one; the original S3 zip is gone)
     "hf": ("https://huggingface.co",),
@@ -59,13 +57,16 @@ class Remote:
 
 @dataclass(frozen=True)
 class Item:
-    """A name on the command line: done when every output exists; `build` turns the fetched files into the outputs
-    (the fetched files that are not outputs are deleted afterwards); `check` validates the outputs."""
+    """A name on the command line: its remotes are fetched, `build` makes its outputs from them, `check` validates
+    them. Done when every output (else every remote's dest) exists."""
     name: str
     remotes: tuple[Remote, ...]
-    outputs: tuple[str, ...]
+    outputs: tuple[str, ...] = ()
     build: Callable[[Path], None] | None = None
     check: Callable[[Path], None] | None = None
+
+    def done(self, root: Path) -> bool:
+        return all((root / out).exists() for out in self.outputs or [r.dest for r in self.remotes])
 
 
 class DownloadError(Exception):
@@ -74,8 +75,7 @@ class DownloadError(Exception):
 
 def checkpoint(name: str, hub_id: str, files: tuple[str, ...]) -> Item:
     """A hub checkpoint as published: DATA/ckpt/<name>/<file> from huggingface.co/<hub_id>/resolve/main/<file>."""
-    remotes = tuple(Remote("hf", f"{hub_id}/resolve/main/{f}", f"ckpt/{name}/{f}") for f in files)
-    return Item(name, remotes, tuple(r.dest for r in remotes))
+    return Item(name, tuple(Remote("hf", f"{hub_id}/resolve/main/{f}", f"ckpt/{name}/{f}") for f in files))
 
 
 BERT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
@@ -89,67 +89,67 @@ CHECKPOINTS = (
 )
 
 
-def unpack_zip(zip_dest: str, members: dict[str, str], root: Path) -> None:
-    """Extract the zip's `members` (name in the zip -> path under DATA), each through a temporary file + os.replace;
-    an archive that is corrupt or lacks a member is removed."""
-    archive = root / zip_dest
+@contextlib.contextmanager
+def new_folder(path: Path):
+    """A temporary sibling folder to fill; once filled (and fsynced) it replaces path: path is complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f"{path.name}.", suffix=".tmp"))
     try:
-        with zipfile.ZipFile(archive) as zf:
-            missing = [m for m in members if m not in set(zf.namelist())]
-            for member, dest in {} if missing else members.items():
-                out = root / dest
-                out.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(member) as src, open(f"{out}.tmp", "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-                os.replace(f"{out}.tmp", out)
+        yield tmp
+        for file in tmp.iterdir():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+        shutil.rmtree(path, ignore_errors=True)  # --force
+        os.replace(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def unpack(root: Path, archive: str, folder: str, suffix: str, out: str) -> None:
+    """Unpack the files directly in the zip's `folder` whose names end in `suffix` into DATA/<out>; an archive that
+    is corrupt or has no such file is removed."""
+    path = root / archive
+    try:
+        with zipfile.ZipFile(path) as zf:
+            members = [m for m in zf.namelist() if posixpath.dirname(m) == folder and m.endswith(suffix)]
+            if members:
+                with new_folder(root / out) as tmp:
+                    for member in members:
+                        with zf.open(member) as src, open(tmp / posixpath.basename(member), "wb") as f:
+                            shutil.copyfileobj(src, f, 1 << 20)
+                return
+        problem = f"has no {folder}/*{suffix}, so the mirror serves another archive"
     except zipfile.BadZipFile as err:
-        archive.unlink()
-        raise DownloadError(f"{archive} is not a valid zip ({err}); it was removed: run the same command again")
-    if missing:
-        archive.unlink()
-        raise DownloadError(f"{archive} has no {missing[0]}, so the mirror serves another archive; it was removed: "
-                            f"pass another --mirror")
+        problem = f"is not a valid zip ({err})"
+    path.unlink()
+    raise DownloadError(f"{path} {problem}; it was removed: run the same command again or pass another --mirror")
 
 
-def zip_item(name: str, remote: Remote, members: dict[str, str]) -> Item:
-    return Item(name, (remote,), tuple(members.values()), functools.partial(unpack_zip, remote.dest, members))
+def zip_item(name: str, remote: Remote, folder: str, suffix: str, out: str) -> Item:
+    return Item(name, (remote,), (out,), lambda root: unpack(root, remote.dest, folder, suffix, out))
 
 
-WIKITEXT = zip_item(
-    "wikitext",
-    Remote("wikitext", "wikitext-103-raw-v1.zip", "downloads/wikitext-103-raw-v1.zip", 191_984_949,
-           "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
-    {f"wikitext-103-raw/wiki.{s}.raw": f"wikitext-103-raw/wiki.{s}.raw" for s in ("train", "valid", "test")})
-
-SPLITS = ("train.tsv", "dev.tsv", "test.tsv")
-GLUE_ZIPS = {  # CLI name -> (task dir, zip name, files)
-    "cola": ("CoLA", "CoLA", SPLITS), "sst2": ("SST-2", "SST-2", SPLITS), "stsb": ("STS-B", "STS-B", SPLITS),
-    "qqp": ("QQP", "QQP-clean", SPLITS), "qnli": ("QNLI", "QNLIv2", SPLITS), "rte": ("RTE", "RTE", SPLITS),
-    "wnli": ("WNLI", "WNLI", SPLITS),
-    "mnli": ("MNLI", "MNLI", ("train.tsv", "dev_matched.tsv", "dev_mismatched.tsv", "test_matched.tsv",
-                              "test_mismatched.tsv")),
-}
+def staged(source: str, path: str, size: int | None = None, sha256: str | None = None) -> Remote:
+    """A file fetched into DATA/downloads/ to build an item from (deleted once it is built)."""
+    return Remote(source, path, f"downloads/{posixpath.basename(path)}", size, sha256)
 
 
-def glue_zip(name: str, task: str, zip_name: str, files: tuple[str, ...]) -> Item:
-    remote = Remote("fb", f"glue/data/{zip_name}.zip", f"downloads/{zip_name}.zip")
-    return zip_item(name, remote, {f"{task}/{f}": f"glue/{task}/{f}" for f in files})
-
-
+WIKITEXT = zip_item("wikitext", staged("wikitext", "wikitext-103-raw-v1.zip", 191_984_949,
+                                       "91c00ae287f0d699e18605c84afc9e45c192bc6b7797ff8837e5474655a33794"),
+                    "wikitext-103-raw", ".raw", "wikitext-103-raw")
+COCO = zip_item("coco", staged("coco", "annotations/annotations_trainval2017.zip"), "annotations",
+                "captions_train2017.json", "coco")
+GLUE_ZIPS = {  # name -> (the task's folder in its zip and under DATA/glue/, the zip); the folder's .tsv are the splits
+    "cola": ("CoLA", "CoLA"), "sst2": ("SST-2", "SST-2"), "stsb": ("STS-B", "STS-B"), "qqp": ("QQP", "QQP-clean"),
+    "mnli": ("MNLI", "MNLI"), "qnli": ("QNLI", "QNLIv2"), "rte": ("RTE", "RTE"), "wnli": ("WNLI", "WNLI")}
+GLUE = tuple(zip_item(name, staged("fb", f"glue/data/{zip_name}.zip"), folder, ".tsv", f"glue/{folder}")
+             for name, (folder, zip_name) in GLUE_ZIPS.items())
 MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
 
 
-def write_lines(path: Path, lines: list[str]) -> None:
-    """Lines with '\\n' endings, written to <path>.tmp and renamed into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8", newline="") as f:
-        f.writelines(line + "\n" for line in lines)
-    os.replace(f"{path}.tmp", path)
-
-
 def build_mrpc(root: Path) -> None:
-    """GLUE's MRPC from SentEval's MSR paraphrase files: dev = the train rows listed in mrpc_dev_ids.tsv; test gets an
-    index column (as GLUE's download_glue_data.py does; the byte-order mark is dropped)."""
+    """GLUE's MRPC from SentEval's MSR paraphrase files, as GLUE's download script builds it: dev = the train rows
+    listed in mrpc_dev_ids.tsv, test with an index column (byte-order marks dropped)."""
     def rows(name):
         with open(root / "downloads" / name, encoding="utf-8-sig") as f:
             return [line.rstrip("\r\n").split("\t") for line in f if line.strip()]
@@ -160,70 +160,48 @@ def build_mrpc(root: Path) -> None:
         raise DownloadError(f"only {len(dev)} of the {len(dev_ids)} MRPC dev ids are in msr_paraphrase_train.txt: "
                             f"delete {root / 'downloads'} and run `python download.py mrpc` again")
     test = [[str(i), *r[1:]] for i, r in enumerate(rows("msr_paraphrase_test.txt")[1:])]
-    out = root / "glue" / "MRPC"
-    write_lines(out / "dev.tsv", [MRPC_HEADER, *("\t".join(r) for r in dev)])
-    write_lines(out / "train.tsv", [MRPC_HEADER, *("\t".join(r) for r in train if (r[1], r[2]) not in dev_ids)])
-    write_lines(out / "test.tsv", ["index\t#1 ID\t#2 ID\t#1 String\t#2 String", *("\t".join(r) for r in test)])
+    with new_folder(root / "glue" / "MRPC") as out:
+        for name, header, records in [("train.tsv", MRPC_HEADER, [r for r in train if (r[1], r[2]) not in dev_ids]),
+                                      ("dev.tsv", MRPC_HEADER, dev),
+                                      ("test.tsv", "index" + MRPC_HEADER.removeprefix("Quality"), test)]:
+            (out / name).write_text("".join(f"{line}\n" for line in [header, *map("\t".join, records)]), "utf-8")
 
 
-MRPC = Item("mrpc", (
-    Remote("fb", "senteval/senteval_data/msr_paraphrase_train.txt", "downloads/msr_paraphrase_train.txt"),
-    Remote("fb", "senteval/senteval_data/msr_paraphrase_test.txt", "downloads/msr_paraphrase_test.txt"),
-    Remote("fb", "glue/data/mrpc_dev_ids.tsv", "downloads/mrpc_dev_ids.tsv"),
-), tuple(f"glue/MRPC/{f}" for f in SPLITS), build_mrpc)
-
-AX = Item("ax", (Remote("fb", "glue/data/AX.tsv", "glue/AX/AX.tsv"),), ("glue/AX/AX.tsv",))  # GLUE's diagnostic
-
-SWAG = Item("swag", tuple(Remote("swag", f"{s}.csv", f"swag/{s}.csv") for s in ("train", "val", "test")),
-            tuple(f"swag/{s}.csv" for s in ("train", "val", "test")))
-
-COCO = zip_item("coco", Remote("coco", "annotations/annotations_trainval2017.zip",
-                               "downloads/annotations_trainval2017.zip"),
-                {"annotations/captions_train2017.json": "coco/captions_train2017.json"})
+MRPC = Item("mrpc", tuple(staged("fb", path) for path in ("senteval/senteval_data/msr_paraphrase_train.txt",
+                                                           "senteval/senteval_data/msr_paraphrase_test.txt",
+                                                           "glue/data/mrpc_dev_ids.tsv")), ("glue/MRPC",), build_mrpc)
+AX = Item("ax", (Remote("fb", "glue/data/AX.tsv", "glue/AX/AX.tsv"),))  # GLUE's diagnostic set
+SWAG = Item("swag", tuple(Remote("swag", f"{s}.csv", f"swag/{s}.csv") for s in ("train", "val", "test")))
 
 COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
 COMMONLIT_ROWS = 2834
 READ_HELP = """\
-READ (CommonLit Readability Prize) needs a Kaggle login, so it cannot be fetched here:
-  1. sign in at https://www.kaggle.com and accept the rules at
-     https://www.kaggle.com/competitions/commonlitreadabilityprize/rules
-  2. download the data: `kaggle competitions download -c commonlitreadabilityprize`
-     (or the "Download All" button at https://www.kaggle.com/competitions/commonlitreadabilityprize/data)
-  3. unzip it and put train.csv (2834 excerpts, about 2.8 MB) at {path}
-  4. run `python download.py read` to check the file."""
+READ (CommonLit Readability Prize) needs a Kaggle login, so it cannot be fetched here: sign in at
+https://www.kaggle.com, accept the rules at https://www.kaggle.com/competitions/commonlitreadabilityprize/rules,
+download the data with `kaggle competitions download -c commonlitreadabilityprize` (or the page's "Download All"
+button), unzip it, put train.csv (2834 excerpts, about 2.8 MB) at {path} and run `python download.py read`."""
 
 
 def check_commonlit(root: Path) -> None:
     """The CommonLit train.csv the user put in place: its header, 2834 rows and a numeric target in each."""
     path = root / "read" / "train.csv"
     if not path.is_file():
-        raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run "
-                            f"`python download.py read` again")
+        raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run it again")
     with open(path, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.reader(f))
     if not rows or rows[0] != COMMONLIT_HEADER:
         raise DownloadError(f"{path} has the columns {rows[0] if rows else []}, not {','.join(COMMONLIT_HEADER)}: "
                             f"put the competition's train.csv there (not test.csv or sample_submission.csv)")
     for i, row in enumerate(rows[1:], 1):
-        if len(row) != len(COMMONLIT_HEADER) or not is_number(row[4]):
+        if len(row) != len(COMMONLIT_HEADER) or not re.fullmatch(r"-?\d+(\.\d*)?([eE][-+]?\d+)?", row[4]):
             raise DownloadError(f"{path}: record {i} has no numeric target: download train.csv again")
     if len(rows) - 1 != COMMONLIT_ROWS:
         raise DownloadError(f"{path} has {len(rows) - 1} records, the CommonLit train.csv has {COMMONLIT_ROWS}: "
                             f"download train.csv again")
 
 
-def is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
 READ = Item("read", (), ("read/train.csv",), check=check_commonlit)
-
-ITEMS = {item.name: item for item in (
-    *CHECKPOINTS, WIKITEXT, *(glue_zip(name, *spec) for name, spec in GLUE_ZIPS.items()), MRPC, AX, SWAG, READ, COCO)}
+ITEMS = {item.name: item for item in (*CHECKPOINTS, WIKITEXT, *GLUE, MRPC, AX, SWAG, READ, COCO)}
 GROUPS = {
     "glue": ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "ax"),
     "main": ("bert-base", "clip", "wikitext", "glue"),  # what the main experiment needs (the default)
@@ -231,38 +209,49 @@ GROUPS = {
 }
 
 
-def expand(names: list[str]) -> list[Item]:
+def expand(names) -> list[Item]:
     """Command-line names (items and GROUPS) -> items, in order, without repeats."""
     out = {}
     for name in names:
         if name in GROUPS:
-            out.update((item.name, item) for item in expand(list(GROUPS[name])))
+            out.update((item.name, item) for item in expand(GROUPS[name]))
         elif name in ITEMS:
             out[name] = ITEMS[name]
         else:
-            raise SystemExit(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
+            raise DownloadError(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
     return list(out.values())
 
 
 def mirror_bases(overrides: list[str], environ=os.environ) -> dict[str, tuple[str, ...]]:
     """SOURCES with the bases replaced by XDBERT_MIRROR_<NAME> and then by --mirror NAME=URL."""
+    variables = {f"XDBERT_MIRROR_{name.upper()}": name for name in SOURCES}
+    specs = [(var, variables[var], url) for var, url in environ.items() if var in variables and url]
+    specs += [(f"--mirror {spec}", *spec.partition("=")[::2]) for spec in overrides]
     bases = dict(SOURCES)
-    for name in SOURCES:
-        if url := environ.get(f"XDBERT_MIRROR_{name.upper()}"):
-            bases[name] = (url,)
-    for spec in overrides:
-        name, sep, url = spec.partition("=")
-        if not sep or name not in SOURCES:
-            raise SystemExit(f"--mirror {spec!r}: write NAME=URL with NAME one of {', '.join(SOURCES)}")
+    for where, name, url in specs:
+        if name not in SOURCES:
+            raise DownloadError(f"{where}: write NAME=URL with NAME one of {', '.join(SOURCES)}")
+        if urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+            raise DownloadError(f"{where}: {url!r} is not an http:// or https:// URL: write the scheme, e.g. "
+                                f"http://127.0.0.1:8000")
         bases[name] = (url,)
     return bases
 
 
-def url_of(remote: Remote, base: str) -> str:
-    return f"{base.rstrip('/')}/{remote.path}"
+@dataclass(frozen=True)
+class DownloadConfig:
+    """The command line's settings."""
+    data: Path = Path("data")
+    names: tuple[str, ...] = ("main",)
+    bases: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SOURCES))  # after mirror_bases
+    timeout: float = 30.0   # seconds of silence from a server before a try is given up and retried
+    retries: int = 5        # retries in a row without progress before giving up (the .part is kept)
+    backoff: float = 1.0    # seconds before the first retry, doubling with each
+    force: bool = False     # fetch again and replace what is there
+    dry_run: bool = False
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Fetching one file: stream to .part, resume with Range, retry, verify, rename
+# Fetching one file: stream into a locked .part, resume with Range, retry, verify, rename
 
 
 class _Transient(Exception):
@@ -272,100 +261,116 @@ class _Transient(Exception):
 TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
 
 
-def fetch(url: str, dest, *, size: int | None = None, sha256: str | None = None,
-          session: requests.Session | None = None, retries: int = 5, backoff: float = 1.0,
-          timeout: float = 60.0) -> Path:
-    """Download url to dest unless dest is already there and verifies. After `retries` failed tries in a row that
-    made no progress it gives up, keeping the .part file for the next run to resume."""
-    dest = Path(dest)
-    if dest.exists():
-        if verifies(dest, size, sha256):
+def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sha256: str | None = None) -> Path:
+    """Download url to dest unless dest is there and matches the published size and sha256 (or cfg.force): into the
+    locked <dest>.part, sized by a HEAD request where nothing is published, renamed once size and sha256 match."""
+    if dest.exists() and not cfg.force:
+        if not (problem := mismatch(dest, size, sha256)):
             return dest
-        print(f"{dest} does not match its published size or sha256: fetching it again")
-        dest.unlink()
+        print(f"{dest} {problem}: fetching it again", file=sys.stderr)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    session = session or requests.Session()
-    failures = 0
-    while True:
-        before = file_size(part)
+    with requests.Session() as session, open(part, "ab") as f:
+        lock(f, part, dest)
+        size = size or remote_size(session, url, cfg.timeout)
         try:
-            stream(session, url, part, timeout)
-            break
-        except TRANSIENT as err:
-            failures = 0 if file_size(part) > before else failures + 1
-            if failures > retries:
-                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {err}); check the "
-                                    f"network or pass another --mirror, then run the same command to resume") from None
-            time.sleep(min(60.0, backoff * 2 ** failures))
-    check_download(part, url, size, sha256)
-    os.replace(part, dest)
+            stream_with_retries(session, url, f, size, cfg)
+        except BaseException:
+            if f.tell() == 0:
+                part.unlink()
+            raise
+        f.flush()
+        if problem := mismatch(part, size, sha256):
+            part.unlink()
+            raise DownloadError(f"{url}: the download {problem}; it was removed: run the same command again or pass "
+                                f"another --mirror")
+        os.fsync(f.fileno())  # the bytes on disk before the name: a power loss cannot leave an empty dest
+        os.replace(part, dest)
     return dest
 
 
-def stream(session: requests.Session, url: str, part: Path, timeout: float) -> None:
-    """One GET into part: append after a 206 answer to our Range request, start over after a 200."""
-    have = file_size(part)
+def lock(f, part: Path, dest: Path) -> None:
+    """An exclusive lock on the open .part file: a second download of the file stops at once with this error."""
+    with contextlib.suppress(BlockingIOError, FileNotFoundError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if os.path.samestat(os.stat(part), os.fstat(f.fileno())):  # not renamed into place meanwhile
+            return
+    raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
+                        f"same command again")
+
+
+def stream_with_retries(session: requests.Session, url: str, f, size: int | None, cfg: DownloadConfig) -> None:
+    """GETs into the open .part file f until the body is complete; each failed try is printed with its reason."""
+    failures, best = 0, f.tell()
+    while True:
+        try:
+            return stream(session, url, f, size, cfg.timeout)
+        except TRANSIENT as err:
+            why = reason(err, cfg.timeout)
+            failures, best = (0 if f.tell() > best else failures + 1), max(best, f.tell())
+            if failures > cfg.retries:
+                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {why}); check the network "
+                                    f"or pass another --mirror, then run the same command to resume") from None
+            wait = cfg.backoff * 2 ** (failures - 1) if failures else 0
+            print(f"{url}: {why}; " + (f"retry {failures} of {cfg.retries} in {wait:g} s" if failures else "resuming"),
+                  file=sys.stderr)
+            time.sleep(wait)
+
+
+def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> None:
+    """One GET into the open .part file f: a 206 answer to our Range request appends, a 200 starts over. A body
+    shorter than announced (Content-Length, else `size`) is a transient failure."""
+    have = f.tell()
     headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
         if r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code}")
-        if r.status_code == 416:
-            part.unlink()
-            raise _Transient("the server cannot resume this partial file (HTTP 416); starting over")
-        if r.status_code >= 400:
+            raise _Transient(f"HTTP {r.status_code} {r.reason}")
+        if r.status_code >= 400 and r.status_code != 416:
             raise DownloadError(f"HTTP {r.status_code} {r.reason} for {url}: check the URL (or the --mirror base)")
-        if r.status_code == 206:
-            total = resumed_total(r, have, part)
-        else:
-            have, total = 0, int(r.headers["Content-Length"]) if "Content-Length" in r.headers else None
-        progress = Progress(part.name.removesuffix(".part"), have, total)
-        with open(part, "ab" if have else "wb") as f:
-            for chunk in r.iter_content(1 << 16):
-                f.write(chunk)
-                have += len(chunk)
-                progress.update(have)
-        progress.close()
-    if total is not None and have != total:
+        if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+            f.seek(0)
+            f.truncate()
+            if r.status_code != 200:  # 416, or a range we did not ask for
+                raise _Transient(f"the server cannot resume at byte {have} (HTTP {r.status_code}); starting over")
+            have = 0
+        total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
+        progress = Progress(Path(f.name).name.removesuffix(".part"), have, total)
+        for chunk in r.iter_content(1 << 16):
+            f.write(chunk)
+            have += len(chunk)
+            progress.update(have)
+        progress.update(have, last=True)
+    if total is not None and have < total:
         raise _Transient(f"the connection closed after {have} of {total} bytes")
 
 
-def resumed_total(r: requests.Response, have: int, part: Path) -> int | None:
-    """The full size from a 206's Content-Range 'bytes START-END/TOTAL'; a range not starting at `have` restarts."""
-    span, _, total = r.headers.get("Content-Range", "").removeprefix("bytes ").partition("/")
-    if span.partition("-")[0] != str(have):
-        part.unlink()
-        raise _Transient(f"the server resumed at {span or '?'} instead of byte {have}; starting over")
-    return int(total) if total.isdigit() else None
+def reason(err: Exception, timeout: float) -> str:
+    """A failed try's cause in a few words, not urllib3's paragraph."""
+    if isinstance(err, requests.Timeout) or "timed out" in str(err):
+        return f"no data for {timeout:g} s (--timeout)"
+    cause = re.search(r"\[Errno -?\d+\] ([^'\"]+)|(Connection broken)", str(err))
+    return (cause[1] or cause[2]) if cause else str(err)
 
 
-def check_download(part: Path, url: str, size: int | None, sha256: str | None) -> None:
-    """Size and sha256 of a finished .part; a bad file is removed."""
-    got = part.stat().st_size
-    if size is not None and got != size:
-        part.unlink()
-        raise DownloadError(f"{url} gave {got} bytes instead of {size}; the file was removed: run again or pass "
-                            f"another --mirror")
-    if sha256 is not None and (digest := file_sha256(part)) != sha256:
-        part.unlink()
-        raise DownloadError(f"sha256 mismatch for {url}: got {digest}, expected {sha256}; the bad file was removed: "
-                            f"run again or pass another --mirror")
+def remote_size(session: requests.Session, url: str, timeout: float) -> int | None:
+    """Content-Length from a HEAD request (following redirects), or None."""
+    try:
+        r = session.head(url, allow_redirects=True, timeout=timeout, headers={"Accept-Encoding": "identity"})
+        return (int(r.headers.get("Content-Length", 0)) if r.ok else 0) or None  # 0: the server did not say
+    except (requests.RequestException, ValueError):
+        return None
 
 
-def verifies(path: Path, size: int | None, sha256: str | None) -> bool:
-    return (size is None or path.stat().st_size == size) and (sha256 is None or file_sha256(path) == sha256)
-
-
-def file_size(path: Path) -> int:
-    return path.stat().st_size if path.exists() else 0
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 24):
-            digest.update(block)
-    return digest.hexdigest()
+def mismatch(path: Path, size: int | None, sha256: str | None) -> str | None:
+    """How a file differs from its known size and sha256, or None."""
+    if size is not None and path.stat().st_size != size:
+        return f"has {path.stat().st_size} bytes, not {size}"
+    if sha256 is not None:
+        with open(path, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        if digest != sha256:
+            return f"has sha256 {digest}, not {sha256}"
+    return None
 
 
 def human(n: float) -> str:
@@ -377,24 +382,18 @@ def human(n: float) -> str:
 
 
 class Progress:
-    """Bytes, rate and ETA: one line redrawn in place on a terminal, otherwise a line per 10% (or per minute)."""
+    """Bytes, rate and ETA on stderr: one line redrawn in place on a terminal, else a line per 10% (or minute)."""
 
-    def __init__(self, name: str, start: int, total: int | None):
-        self.name, self.start, self.total, self.out = name, start, total, sys.stderr
-        self.tty = self.out.isatty()
-        self.have, self.t0, self.shown_at = start, time.monotonic(), time.monotonic()
-        self.next_tenth = 1 + 10 * start // total if total else None
+    def __init__(self, name: str, have: int, total: int | None):
+        self.name, self.total, self.start, self.shown = name, total, have, have
+        self.t0 = self.shown_at = time.monotonic()
+        self.tty = sys.stderr.isatty()
 
-    def update(self, have: int) -> None:
-        now, self.have = time.monotonic(), have
-        if self.tty and now - self.shown_at >= 0.2:
-            self.show(have, now, "")
-        elif not self.tty and (now - self.shown_at >= 60 or (self.total and 10 * have >= self.next_tenth * self.total)):
-            self.show(have, now, "\n")
-            if self.total:
-                self.next_tenth = 1 + 10 * have // self.total
-
-    def show(self, have: int, now: float, end: str) -> None:
+    def update(self, have: int, last: bool = False) -> None:
+        now = time.monotonic()
+        next_tenth = self.total and 10 * have // self.total > 10 * self.shown // self.total
+        if not (now - self.shown_at >= (0.2 if self.tty else 60) or (last if self.tty else next_tenth)):
+            return
         rate = (have - self.start) / max(now - self.t0, 1e-9)
         line = f"  {self.name}  {human(have)}"
         if self.total:
@@ -402,77 +401,76 @@ class Progress:
             line += f" / {human(self.total)} ({100 * have // self.total}%)  {human(rate)}/s  ETA {eta}"
         else:
             line += f"  {human(rate)}/s"
-        print(f"\r{line:79}" if self.tty else line, end=end, file=self.out, flush=True)
-        self.shown_at = now
-
-    def close(self) -> None:
-        if self.tty:
-            self.show(self.have, time.monotonic(), "\n")
+        end = "\n" if last or not self.tty else ""
+        print(f"\r{line:79}" if self.tty else line, end=end, file=sys.stderr, flush=True)
+        self.shown, self.shown_at = have, now
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Items: plan, fetch, build
 
 
-def fetch_remote(remote: Remote, root: Path, bases: dict, session: requests.Session) -> Path:
+def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
     """A Remote from the first of its source's bases that delivers it."""
-    errors = []
-    for base in bases[remote.source]:
+    *others, last = [f"{base.rstrip('/')}/{remote.path}" for base in cfg.bases[remote.source]]
+    for url in others:
         try:
-            return fetch(url_of(remote, base), root / remote.dest, size=remote.size, sha256=remote.sha256,
-                         session=session)
+            return fetch(url, cfg.data / remote.dest, cfg, remote.size, remote.sha256)
         except DownloadError as err:
-            errors.append(err)
-            print(f"{err}", file=sys.stderr)
-    if len(errors) == 1:
-        raise errors[0]
-    raise DownloadError(f"every mirror of {remote.path} failed (see above): pass a working one with "
-                        f"--mirror {remote.source}=URL")
+            print(f"{err}; trying the next mirror", file=sys.stderr)
+    return fetch(last, cfg.data / remote.dest, cfg, remote.size, remote.sha256)
 
 
-def is_done(item: Item, root: Path) -> bool:
-    return all((root / out).exists() for out in item.outputs)
-
-
-def get(item: Item, root: Path, bases: dict, session: requests.Session) -> None:
-    """Fetch and build an item unless its outputs are there; then validate them."""
-    if not is_done(item, root) and item.remotes:
+def get(item: Item, cfg: DownloadConfig) -> None:
+    """Fetch and build an item unless it is done (or cfg.force); then check it."""
+    if item.remotes and (cfg.force or not item.done(cfg.data)):
         for remote in item.remotes:
-            fetch_remote(remote, root, bases, session)
+            fetch_remote(remote, cfg)
         if item.build:
-            item.build(root)
-        for remote in item.remotes:
-            if remote.dest not in item.outputs:
-                (root / remote.dest).unlink()
+            item.build(cfg.data)
+            for remote in item.remotes:
+                (cfg.data / remote.dest).unlink()
+            with contextlib.suppress(OSError):  # downloads/, once empty
+                (cfg.data / "downloads").rmdir()
     if item.check:
-        item.check(root)
+        item.check(cfg.data)
     print(f"{item.name}: ok")
 
 
-def remote_size(session: requests.Session, url: str) -> int | None:
-    """Content-Length from a HEAD request (following redirects), or None."""
-    try:
-        r = session.head(url, allow_redirects=True, timeout=15, headers={"Accept-Encoding": "identity"})
-        return int(r.headers["Content-Length"]) if r.ok and "Content-Length" in r.headers else None
-    except (requests.RequestException, ValueError):
-        return None
-
-
-def show_plan(items: list[Item], root: Path, bases: dict, session: requests.Session) -> None:
+def show_plan(items: list[Item], cfg: DownloadConfig) -> None:
     """What will be fetched, with sizes (published, else from a HEAD request), before anything is."""
-    print(f"data directory: {root}")
+    print(f"data directory: {cfg.data}")
     total, unknown = 0, 0
-    for item in items:
-        if is_done(item, root):
-            print(f"  {item.name:14} present, skipped")
-            continue
-        if not item.remotes:
-            print(f"  {item.name:14} manual download:\n" + READ_HELP.format(path=root / item.outputs[0]))
-        for remote in item.remotes:
-            url = url_of(remote, bases[remote.source][0])
-            size = remote.size or remote_size(session, url)
-            total, unknown = total + (size or 0), unknown + (size is None)
-            print(f"  {item.name:14} {url}  {human(size) if size else 'size unknown'}")
+    with requests.Session() as session:
+        for item in items:
+            if item.done(cfg.data) and not cfg.force:
+                print(f"  {item.name:14} present, skipped (--force fetches it again)")
+                continue
+            if not item.remotes:
+                print(f"  {item.name:14} manual download:\n" + READ_HELP.format(path=cfg.data / item.outputs[0]))
+            for remote in item.remotes:
+                url = f"{cfg.bases[remote.source][0].rstrip('/')}/{remote.path}"
+                size = remote.size or remote_size(session, url, cfg.timeout)
+                total, unknown = total + (size or 0), unknown + (size is None)
+                print(f"  {item.name:14} {url}  {human(size) if size else 'size unknown'}")
     print(f"to fetch: {human(total)}" + (f" + {unknown} files of unknown size" if unknown else ""))
+
+
+def download(cfg: DownloadConfig) -> None:
+    """The plan, then every item; one that fails is reported and the others go on."""
+    items = expand(cfg.names)
+    show_plan(items, cfg)
+    if cfg.dry_run:
+        return
+    failed = []
+    for item in items:
+        try:
+            get(item, cfg)
+        except DownloadError as err:
+            print(f"{item.name}: {err}", file=sys.stderr)
+            failed.append(item.name)
+    if failed:
+        raise DownloadError(f"not done: {' '.join(failed)}; fix the errors above and run "
+                            f"`python download.py {' '.join(failed)}` again")
 
 
 def main(argv=None) -> None:
@@ -484,6 +482,9 @@ def main(argv=None) -> None:
     parser.add_argument("--mirror", action="append", default=[], metavar="NAME=URL",
                         help=f"replace a source's base URL; NAME is one of {', '.join(SOURCES)}")
     parser.add_argument("--dry-run", action="store_true", help="show what would be fetched and stop")
+    parser.add_argument("--force", action="store_true", help="fetch the names again and replace files already there")
+    parser.add_argument("--timeout", type=float, default=DownloadConfig.timeout, metavar="SECONDS",
+                        help=f"silence from a server before a try is retried (default {DownloadConfig.timeout:g})")
     parser.add_argument("--toy", action="store_true", help="build the offline toy kit (no network)")
     args = parser.parse_args(argv)
     root = Path(args.data or ("data/toy" if args.toy else "data"))
@@ -491,20 +492,13 @@ def main(argv=None) -> None:
         if subprocess.run([sys.executable, str(Path(__file__).with_name("toy.py")), "--data", str(root)]).returncode:
             raise SystemExit("the toy kit was not built: see the error above")
         return
-    items, bases, session = expand(args.names), mirror_bases(args.mirror), requests.Session()
-    show_plan(items, root, bases, session)
-    if args.dry_run:
-        return
-    failed = []
-    for item in items:
-        try:
-            get(item, root, bases, session)
-        except DownloadError as err:
-            print(f"{item.name}: {err}", file=sys.stderr)
-            failed.append(item.name)
-    if failed:
-        raise SystemExit(f"not done: {' '.join(failed)}; fix the errors above and run "
-                         f"`python download.py {' '.join(failed)}` again")
+    try:
+        if not args.timeout > 0:
+            raise DownloadError(f"--timeout {args.timeout}: give a positive number of seconds")
+        download(DownloadConfig(root, tuple(args.names), mirror_bases(args.mirror), args.timeout, force=args.force,
+                                dry_run=args.dry_run))
+    except DownloadError as err:
+        raise SystemExit(str(err)) from None
 
 
 if __name__ == "__main__":

@@ -4,54 +4,34 @@
     python finetune.py rte --toy                            # the toy kit: seconds on 2 CPU cores
     python finetune.py rte --encoder runs/<run>/xdbert --full-model   # App. C.3: the whole cross-modal model
     python finetune.py sst2 --encoder clip                  # Table 1's CLIP-T row
+    python finetune.py sweep --encoders bert-base,runs/<run>/xdbert   # Table 1: every task x encoder x seed
     python finetune.py table runs/*/results.json            # a table like the paper's Table 1
-    python finetune.py bench                                # finetuning examples/s, random weights
 
-Recipe (App. C.2, Table 5): AdamW, learning rate 1e-4 for RTE, MRPC and STS-B and 2e-5 for the other tasks on
-base-sized encoders (5e-5 and 1e-5 on large ones), 10% linear warm-up then linear decay to 0, 3 epochs, maximum
-length 128, batch 32 (the authors ran 4 x 8 accumulation: `--grad-accum`), weight decay 0, dropout 0.1, gradient
-clipping 1.0 (the Hugging Face Trainer default the authors' script ran with). Median of 5 seeds, 9 for RTE.
-
-The paper's "learning rate decay of 0.9" is ambiguous: it reads like ELECTRA's layer-wise decay (Clark et al.
-2020), yet the authors' BERT script used a plain linear schedule. The default here is the plain schedule;
-`--layer-decay 0.9` switches on ELECTRA's rule (`_get_layer_lrs` in google-research/electra): the embeddings
-have depth 0, transformer layer i depth i + 1, the task head (and BERT's pooler) depth L + 2, and a parameter
-of depth d trains at lr * decay ** (L + 2 - d).
-
-Heads (written here, not in model.py, because finetuning alone uses them):
-- BERT: the pooled [CLS] (the pretrained dense + tanh pooler) -> dropout -> linear (Devlin et al. 2019).
-- ELECTRA has no pooler: [CLS] -> dropout -> dense -> GELU -> dropout -> linear, the convention of Hugging Face's
-  ElectraClassificationHead (the original ELECTRA code put the linear layer on [CLS] directly).
-- Regression (STS-B, READ): the same head with one output, mean squared error.
-- Multiple choice (SWAG): each of the 4 (context, ending) pairs is scored by the head with one output; the
-  softmax (cross-entropy) runs over the 4 scores of one example.
-- CLIP-T alone: CLIP's pooled end-of-text output (after the text projection) of every 77-token block, averaged
-  over the non-empty blocks of each sentence (2 blocks per sentence, App. B), the sentences concatenated ->
-  dropout -> linear. The paper does not say how CLIP-T read sentence pairs; this is the reading adopted here.
-- Full model (App. C.3): the cross-modal transformer's pooled [CLS] (its MATCH pooler) -> dropout -> linear, with
-  2 CLIP blocks per sentence: (B, 2, 77) for one sentence, (B, 4, 77) for a pair (App. B).
-
-Outputs of one seed, in OUT/<task>-<model>-seed<k>/ (OUT = --out, default runs): results.json (dev metrics after
-every epoch and at the end, hyper-parameters, speed), dev_predictions.jsonl (one {"index", "text_a", "text_b",
-"label", "prediction"} per dev example in file order; MNLI adds dev_mismatched_predictions.jsonl) and, when the
-GLUE test file is there, glue_test/<Task>.tsv in the submission format (MNLI-m.tsv, MNLI-mm.tsv and AX.tsv for MNLI).
-Every file is written to a .tmp name first and renamed. The printed median is per metric over the seeds.
---toy finetunes the toy kit's random-weight encoders, so it defaults to a larger learning rate (TOY_LR) and 3 seeds.
-
-Metrics are written here with numpy. Degenerate inputs give defined values instead of NaN: Pearson and Spearman
-are 0.0 when either side is constant (fewer than 2 distinct values), Matthews correlation is 0.0 when a
-marginal is degenerate (one class only in labels or predictions, as scikit-learn does), F1 is 0.0 when there is
-no positive label and no positive prediction (scikit-learn's zero_division=0). Empty or non-finite inputs raise
-ValueError.
+The recipe is App. C.2's with Table 5's learning rates (PRESETS["paper"]); the README explains the heads, the
+reading of "learning rate decay of 0.9" (--layer-decay) and the precision. Each seed writes
+OUT/<task>-<model>-seed<k>/ (results.json, dev predictions, GLUE test predictions), <model> naming every setting that
+differs from the recipe; the median of the seeds (Sec. 3) is the run whose main metric is the median.
 """
 import argparse
+import collections
 import copy
+import csv
+import ctypes
+import datetime
+import functools
+import io
 import json
 import math
 import os
+import re
+import signal
 import statistics
+import subprocess
 import sys
 import time
+import typing
+import zipfile
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -61,101 +41,256 @@ import torch.nn.functional as F
 import data
 import model
 
-TASK_ORDER = ("rte", "mrpc", "stsb", "cola", "sst2", "qnli", "qqp", "mnli", "wnli", "swag", "read")
-SMALL_TASKS = ("rte", "mrpc", "stsb")  # Table 5: the higher learning rate
-LEARNING_RATES = {"base": {"small": 1e-4, "other": 2e-5}, "large": {"small": 5e-5, "other": 1e-5}}  # Table 5
-DEFAULT_SEEDS = {"rte": 9}  # App. C.2: median of 9 runs for RTE, 5 for the others
-TOY_SEEDS = 3
-TOY_LR = 1e-3  # --toy: the toy encoders are 64 wide and pretrained for seconds (README, "The toy world")
-# GLUE submission (sources.md 1): file name per task and dev/test suffix; label strings for these tasks.
-SUBMISSION_NAMES = {"cola": "CoLA", "sst2": "SST-2", "mrpc": "MRPC", "stsb": "STS-B", "qqp": "QQP",
-                    "mnli": "MNLI", "qnli": "QNLI", "rte": "RTE", "wnli": "WNLI"}
-STRING_LABEL_TASKS = ("mnli", "qnli", "rte")
+GLUE = tuple(t for t in data.TASKS if data.TASKS[t].glue_dir)
+TABLE1_GLUE = tuple(t for t in GLUE if t != "wnli")  # the tasks of Table 1's GLUE average
+TABLE5_LR = {"base": (1e-4, 2e-5), "large": (5e-5, 1e-5)}  # Table 5: (RTE, MRPC and STS-B; the other tasks)
+TABLE5_HIGH_LR = ("rte", "mrpc", "stsb")
+PAPER_SEEDS = {"rte": 9}  # App. C.2: the median of 9 runs for RTE, 5 for the others
+GRAD_CLIP = 1.0  # max gradient norm: the Hugging Face Trainer's default (max_grad_norm) the authors ran with
+ADAM_EPS = 1e-8  # AdamW's epsilon: the Trainer's default (adam_epsilon)
+CHECK_EVERY = 50  # optimizer steps between two looks at the loss on the host (each look waits for the device)
 
 
-# ---------------------------------------------------------------------------------------------------- metrics
+@dataclass
+class FinetuneConfig:
+    """Every setting of a finetuning command; PRESETS["paper"] is App. C.2's recipe, PRESETS["toy"] the toy kit's."""
+    task: str = ""                      # one of data.TASKS
+    data: str = "data"
+    encoder: str = "bert-base"          # a name under DATA/ckpt/ or a hub-layout dir such as runs/<run>/xdbert
+    clip: str = "clip"                  # the CLIP tokenizer feeding --full-model
+    full_model: bool = False            # App. C.3: the whole cross-modal model of the adapt.py run of --encoder
+    lr: float | None = None             # None: Table 5's rate for the task and the encoder's size
+    layer_decay: float | None = None    # ELECTRA's layer-wise decay, e.g. 0.9; None: the authors' plain schedule
+    epochs: int = 3
+    batch_size: int = 32                # the whole batch; the authors ran 4 x 8 (--grad-accum 4)
+    grad_accum: int = 1                 # micro-batches per optimizer step
+    max_len: int = 128
+    warmup: float = 0.1                 # warm-up share of the optimizer steps
+    weight_decay: float = 0.0
+    dropout: float = 0.1                # before the head
+    max_train_examples: int | None = None  # train on the first N examples only (quick checks)
+    seeds: int | None = None            # None: 9 for RTE, 5 otherwise (App. C.2)
+    seed: int = 0                       # the first seed
+    out: str = "runs"
+    name: str | None = None             # the table's row name; None: from --encoder
+    device: str | None = None           # None: cuda when available
+    dtype: str | None = None            # bf16 (autocast, TF32) or fp32; None: bf16 on CUDA, fp32 on the CPU
+    verbose: bool = False               # print every epoch's dev scores
+    preset: str = "paper"
 
-def _vectors(labels, predictions, dtype):
-    y, p = np.asarray(labels, dtype=dtype).ravel(), np.asarray(predictions, dtype=dtype).ravel()
+
+# The toy encoders are 64 wide and pretrained for seconds (README, "The toy world"): Table 5's rates barely move them.
+PRESETS = {"paper": FinetuneConfig(),
+           "toy": FinetuneConfig(data="data/toy", encoder="bert-toy", clip="clip-toy", lr=1e-3, seeds=3, preset="toy")}
+# What a run is: a rerun must match these, and a run's name lists the recipe settings that differ from its preset's.
+RECIPE = {"lr": "lr", "layer_decay": "ld", "warmup": "wu", "epochs": "ep", "batch_size": "bs", "max_len": "len",
+          "weight_decay": "wd", "dropout": "drop", "max_train_examples": "n"}
+RUN_DEFINING = ("task", "encoder", "full_model", *RECIPE)
+SWEEP_SETS = ("task", "encoder", "name", "seeds", "seed")  # a sweep gives each job its own
+
+
+def parse_args(argv, sweep=False):
+    """The command line -> FinetuneConfig; for a sweep, (the jobs' shared FinetuneConfig, the sweep's settings)."""
+    p = argparse.ArgumentParser(prog="finetune.py" + " sweep" * sweep, description=__doc__, allow_abbrev=False,
+                                argument_default=argparse.SUPPRESS,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy, lr 1e-3, 3 seeds")
+    for f in fields(FinetuneConfig):
+        if f.name != "preset" and not (sweep and f.name in SWEEP_SETS):
+            kind = (typing.get_args(f.type) or (f.type,))[0]
+            flag = f.name if f.name == "task" else "--" + f.name.replace("_", "-")
+            p.add_argument(flag, **{"action": "store_true"} if kind is bool else {"type": kind})
+    if sweep:
+        p.add_argument("--encoders", required=True, help="comma-separated --encoder values")
+        p.add_argument("--tasks", default="all", help="glue (its 9 tasks), all (with swag, read) or a list: rte,mrpc")
+        p.add_argument("--seeds", default="paper", help="paper (9 for RTE, 5 otherwise) or a number for every task")
+        p.add_argument("--workers", type=int, default=None, help="jobs at a time (default: one per GPU, else 1)")
+        p.add_argument("--shard", default="1/1", help="I/N: run the I-th of N disjoint shares of the jobs")
+    given = vars(p.parse_args(argv))
+    own = {k: given.pop(k) for k in ("encoders", "tasks", "seeds", "workers", "shard")} if sweep else {}
+    cfg = replace(PRESETS["toy" if given.pop("toy", False) else "paper"], **given)
+    return (cfg, own) if sweep else check(cfg)
+
+
+def check(cfg: FinetuneConfig) -> FinetuneConfig:
+    """cfg, or a ValueError naming the first setting it cannot run with."""
+    data.get_task(cfg.task)
+    for name in ("epochs", "batch_size", "grad_accum", "seeds", "max_len", "max_train_examples"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if cfg.grad_accum > cfg.batch_size:
+        raise ValueError("--grad-accum cannot exceed --batch-size: each micro-batch needs an example")
+    if cfg.dtype not in (None, "bf16", "fp32"):
+        raise ValueError(f"--dtype {cfg.dtype}: choose bf16 or fp32")
+    return cfg
+
+
+def to_argv(cfg: FinetuneConfig) -> list[str]:
+    """The command line that parse_args reads back as cfg: the task, --toy, then every setting the preset lacks."""
+    preset, argv = PRESETS[cfg.preset], [cfg.task] + ["--toy"] * (cfg.preset == "toy")
+    for f in fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if f.name not in ("task", "preset") and value != getattr(preset, f.name):
+            argv += [flag] if value is True else [flag, str(value)]
+    return argv
+
+
+def settled(cfg: FinetuneConfig, size: str) -> FinetuneConfig:
+    """cfg with its defaults filled in: Table 5's rate for the task and the encoder's size ('base' or 'large'), the
+    paper's seed count, the device and the precision."""
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    lr = TABLE5_LR[size][cfg.task not in TABLE5_HIGH_LR] if cfg.lr is None else cfg.lr
+    return replace(cfg, lr=lr, seeds=cfg.seeds or PAPER_SEEDS.get(cfg.task, 5), device=device,
+                   dtype=cfg.dtype or ("bf16" if torch.device(device).type == "cuda" else "fp32"))
+
+
+def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
+    """The table's row: --name or the checkpoint's (the adapt.py run's for runs/<run>/xdbert; X- for the full model),
+    then each recipe setting that differs from the preset's, e.g. bert-base-lr3e-05-ep1."""
+    name, path = cfg.name, os.path.normpath(cfg.encoder)
+    if not name:
+        name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "xdbert" else path)
+        name = "X-" + name if variant == "full-model" else name
+    recipe, mine = settled(replace(PRESETS[cfg.preset], task=cfg.task), size), settled(cfg, size)
+    return name + "".join(f"-{short}{getattr(mine, k):g}" for k, short in RECIPE.items()
+                          if getattr(mine, k) != getattr(recipe, k))
+
+
+# ---------------------------------------------------------------------------------------------------- metrics, Table 1
+
+def _vectors(labels, predictions, classes):
+    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
     if y.shape != p.shape:
         raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
     if y.size == 0:
         raise ValueError("no examples to score: the dev set is empty")
-    if dtype == np.float64 and not (np.isfinite(y).all() and np.isfinite(p).all()):
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
         raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
-    return y, p
-
-
-def accuracy(labels, predictions) -> float:
-    """Share of exact matches."""
-    y, p = _vectors(labels, predictions, np.int64)
-    return float(np.mean(y == p))
-
-
-def f1(labels, predictions, positive=1) -> float:
-    """Binary F1 of the positive class, 2 tp / (2 tp + fp + fn); 0.0 when there is no positive at all."""
-    y, p = _vectors(labels, predictions, np.int64)
-    tp = np.sum((y == positive) & (p == positive))
-    wrong = np.sum((y == positive) != (p == positive))
-    return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
-
-
-def matthews(labels, predictions) -> float:
-    """Matthews correlation (multi-class, Gorodkin 2004) from the confusion matrix; 0.0 if a marginal is degenerate."""
-    y, p = _vectors(labels, predictions, np.int64)
-    classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
-    k = len(classes)
-    confusion = np.zeros((k, k), dtype=np.float64)
-    np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
-    true_counts, pred_counts = confusion.sum(1), confusion.sum(0)
-    n, correct = confusion.sum(), np.trace(confusion)
-    cov_yp = correct * n - true_counts @ pred_counts
-    cov_yy, cov_pp = n * n - true_counts @ true_counts, n * n - pred_counts @ pred_counts
-    return float(cov_yp / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-
-
-def pearson(labels, predictions) -> float:
-    """Pearson correlation; 0.0 when either side is constant."""
-    y, p = _vectors(labels, predictions, np.float64)
-    y, p = y - y.mean(), p - p.mean()
-    norm = math.sqrt(float(y @ y) * float(p @ p))
-    return float(np.clip((y @ p) / norm, -1.0, 1.0)) if norm > 0 else 0.0
+    if classes and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
+        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
+                         "numbers: score regression outputs with pearson, spearman or rmse")
+    return (y.astype(np.int64), p.astype(np.int64)) if classes else (y, p)
 
 
 def average_ranks(x) -> np.ndarray:
     """1-based ranks, ties sharing the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
     _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
-    last = np.cumsum(counts)
-    return (last - (counts - 1) / 2.0)[inverse.ravel()]
+    return (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]
 
 
-def spearman(labels, predictions) -> float:
-    """Spearman correlation: Pearson of the average ranks; 0.0 when either side is constant."""
-    y, p = _vectors(labels, predictions, np.float64)
-    return pearson(average_ranks(y), average_ranks(p))
+def score(metric, labels, predictions) -> float:
+    """A metric of data.Task.metrics (F1 of class 1, MCC multi-class as Gorodkin 2004, Spearman as the Pearson of
+    the average ranks); 0.0 where undefined (the README), a constant side tested before centring's rounding residue."""
+    y, p = _vectors(labels, predictions, classes=metric in ("accuracy", "f1", "mcc"))
+    if metric == "accuracy":
+        return float(np.mean(y == p))
+    if metric == "rmse":
+        return float(np.sqrt(np.mean((y - p) ** 2)))
+    if metric == "f1":
+        tp, wrong = np.sum((y == 1) & (p == 1)), np.sum((y == 1) != (p == 1))
+        return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
+    if metric == "mcc":
+        classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
+        confusion = np.zeros((len(classes), len(classes)))
+        np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
+        t, q, n = confusion.sum(1), confusion.sum(0), y.size  # true and predicted class counts
+        cov_yp, cov_yy, cov_pp = np.trace(confusion) * n - t @ q, n * n - t @ t, n * n - q @ q
+        return float(cov_yp / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
+    if metric not in ("pearson", "spearman"):
+        raise ValueError(f"unknown metric {metric!r}: choose accuracy, f1, mcc, pearson, spearman or rmse")
+    y, p = (average_ranks(y), average_ranks(p)) if metric == "spearman" else (y, p)
+    if np.ptp(y) == 0 or np.ptp(p) == 0:
+        return 0.0
+    y, p = y - y.mean(), p - p.mean()
+    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
 
 
-def rmse(labels, predictions) -> float:
-    """Root mean squared error (READ)."""
-    y, p = _vectors(labels, predictions, np.float64)
-    return float(np.sqrt(np.mean((y - p) ** 2)))
+def median_run(runs: list[dict]) -> dict:
+    """Sec. 3's median of several seeds: the run whose main metric is the median (for an even count the worse of the
+    two middle runs), so that every metric reported comes from that one run."""
+    def quality(r):
+        value = r["metrics"][r["main_metric"]]
+        return -value if r["main_metric"].startswith("rmse") else value
+    return sorted(runs, key=lambda r: (quality(r), r["seed"]))[(len(runs) - 1) // 2]
 
 
-METRICS = {"accuracy": accuracy, "f1": f1, "mcc": matthews, "pearson": pearson, "spearman": spearman, "rmse": rmse}
-LOWER_IS_BETTER = ("rmse",)
+def shown(metric, value):
+    """A metric as Table 1 prints it: x100 with 2 decimals, RMSE in target units with 4."""
+    return f"{value:.4f}" if metric.startswith("rmse") else f"{100 * value:.2f}"
 
 
-def score(task, labels, predictions) -> dict:
-    """The task's metrics (data.TASKS[task].metrics) on one dev split, as fractions (RMSE in target units)."""
-    return {name: METRICS[name](labels, predictions) for name in data.TASKS[task].metrics}
+def format_metrics(metrics):
+    return ", ".join(f"{k} {shown(k, v)}" for k, v in metrics.items())
 
 
-def median_metrics(runs: list[dict]) -> dict:
-    """Per-metric median over seeds (statistics.median: the mean of the two middle runs for an even count)."""
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def read_results(path) -> dict:
+    """A results.json written by finetune.py, checked (run_dir added): a ValueError names a file that is not one."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            r = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read it as a results file ({e}): give results.json files of finetune.py")
+    if not isinstance(r, dict) or not {"task", "model", "seed", "metrics", "main_metric"} <= set(r):
+        raise ValueError(f"{path} is not a results file of finetune.py (task, model, seed, metrics, main_metric): "
+                         f"give the results.json of finetuning runs")
+    if r["task"] not in data.TASKS or not isinstance(r["metrics"], dict) or r["main_metric"] not in r["metrics"]:
+        raise ValueError(f"{path} has no {r['main_metric']} among its metrics: its run did not finish, run it again")
+    return r | {"run_dir": os.path.dirname(os.path.abspath(path))}
 
 
-# ---------------------------------------------------------------------------------------------------- heads
+def results_in(run_dir):
+    """The results of the finished run in run_dir (results.json and the files it lists), else None."""
+    try:
+        r = read_results(os.path.join(run_dir, "results.json"))
+    except ValueError:
+        return None
+    files = [os.path.join(run_dir, "glue_test", os.path.basename(p)) for p in r.get("test_predictions", [])]
+    return r if all(map(os.path.isfile, [*files, os.path.join(run_dir, "dev_predictions.jsonl")])) else None
+
+
+def table(results) -> tuple[str, str]:
+    """Table 1 from results dicts as (Markdown, CSV): per model and task the median run's metrics, the range of the
+    main metric and the seed count; GLUE as the benchmark scores it (a task's metrics averaged, then the tasks)."""
+    cells = collections.defaultdict(lambda: collections.defaultdict(list))
+    for r in results:
+        cells[r["model"]][r["task"]].append(r)
+    tasks = [t for t in data.TASKS if any(t in row for row in cells.values())]
+    glue = [t for t in tasks if t in GLUE]  # data.TASKS puts them first
+    columns = glue + ["GLUE"] * any(set(TABLE1_GLUE) <= set(row) for row in cells.values()) + tasks[len(glue):]
+    lines = ["| model | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    rows = [("model", "task", "seeds", "median_seed", "metric", "value", "min", "max")]
+    for name, row in cells.items():
+        out = {}
+        for t, runs in row.items():
+            mid, main = median_run(runs), runs[0]["main_metric"]
+            lo, hi = (shown(main, f(r["metrics"][main] for r in runs)) for f in (min, max))
+            spread = f" [{lo}, {hi}]" if len(runs) > 1 else ""
+            out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
+                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
+        if set(TABLE1_GLUE) <= set(row):
+            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
+            out["GLUE"] = f"{100 * average:.2f}"
+            rows.append((name, "GLUE", "", "", "average", average, "", ""))
+        lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
+    return "\n".join(lines), text.getvalue()
+
+
+def glue_submission(results, path):
+    """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
+    names = []
+    with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+        for task in GLUE:
+            runs = [r for r in results if r["task"] == task]
+            for tsv in median_run(runs).get("test_predictions", []) if runs else []:
+                names.append(os.path.basename(tsv))
+                z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
+    return names
+
+
+# ---------------------------------------------------------------------------------------------------- model, training
 
 class Head(nn.Module):
     """features (B, D) -> dropout -> linear -> (B, outputs); ELECTRA's convention puts dense + GELU first."""
@@ -174,16 +309,12 @@ class Head(nn.Module):
 
 
 class Finetuner(nn.Module):
-    """A backbone (LanguageEncoder, CLIPTextTransformer or CrossModalTransformer) with a task head (Sec. 2.4).
-
-    forward(batch) -> classification logits (B, C), regression scores (B,) or choice scores (B, 4).
-    """
+    """A backbone (LanguageEncoder, CLIPTextTransformer or CrossModalTransformer) with a task head (Sec. 2.4):
+    forward(batch) -> classification logits (B, C), regression scores (B,) or choice scores (B, 4)."""
 
     def __init__(self, backbone, kind, num_labels, dropout=0.1, sentences=1):
         super().__init__()
-        self.backbone, self.kind = backbone, kind
-        outputs = num_labels if kind == "classification" else 1
-        electra = False
+        self.backbone, self.kind, electra = backbone, kind, False
         if isinstance(backbone, model.CrossModalTransformer):
             dim = backbone.language.config.hidden_size
             if "match" in backbone.tasks:
@@ -194,20 +325,18 @@ class Finetuner(nn.Module):
         elif isinstance(backbone, model.CLIPTextTransformer):
             dim = backbone.config.projection_dim * sentences
         else:
-            dim = backbone.config.hidden_size
-            electra = backbone.pooler is None
-        self.head = Head(dim, outputs, dropout, electra)
+            dim, electra = backbone.config.hidden_size, backbone.pooler is None
+        self.head = Head(dim, num_labels if kind == "classification" else 1, dropout, electra)
 
     def features(self, b):
         """One (B, D) vector per input: pooled [CLS], ELECTRA's [CLS], CLIP-T's pooled blocks or cross-modal [CLS]."""
         bb = self.backbone
-        if isinstance(bb, model.CLIPTextTransformer):
+        if isinstance(bb, model.CLIPTextTransformer):  # App. B: 2 blocks per sentence, the non-empty ones averaged
             B, n, C = b["clip_ids"].shape
             _, pooled = bb(b["clip_ids"].reshape(B * n, C))  # (B, n, 77) -> (B*n, 77) -> pooled (B*n, P)
             pooled = pooled.reshape(B, n // 2, 2, -1)  # -> (B, sentences, 2 blocks, P)
             used = (b["clip_mask"].sum(-1) > 0).reshape(B, n // 2, 2, 1).to(pooled.dtype)
-            per_sentence = (pooled * used).sum(2) / used.sum(2).clamp(min=1)  # (B, sentences, P)
-            return per_sentence.flatten(1)  # (B, sentences * P)
+            return ((pooled * used).sum(2) / used.sum(2).clamp(min=1)).flatten(1)  # (B, sentences * P)
         if isinstance(bb, model.CrossModalTransformer):
             lang, _ = bb.encode(b["input_ids"], b["attention_mask"], b["token_type_ids"], b["clip_ids"],
                                 b["clip_mask"])
@@ -231,55 +360,48 @@ def loss_fn(kind, outputs, labels):
     return F.cross_entropy(outputs.float(), labels)
 
 
-def predictions_of(kind, outputs):
-    return outputs.float() if kind == "regression" else outputs.argmax(-1)
-
-
-# ---------------------------------------------------------------------------------------------------- optimisation
-
 def layer_depth(name, num_layers, xlayers=0):
-    """ELECTRA's depth of a parameter (App. C.2 "decay 0.9", read as Clark et al. 2020's layer-wise decay):
-    embeddings 0, layer i of an encoder i + 1, cross-modal layer j L + 1 + j, the rest (head, poolers, final LN)
-    L + xlayers + 2. Names are the Finetuner's (backbone.blocks.3.ffn..., backbone.language.blocks.3..., ...)."""
-    parts = name.split(".")
-    if parts[0] != "backbone":
+    """ELECTRA's depth of a Finetuner parameter (App. C.2's "decay 0.9" read as Clark et al. 2020's layer-wise
+    decay): embeddings 0, layer i i + 1, cross-modal layer j L + 1 + j, the rest (head, poolers) L + xlayers + 2."""
+    m = re.match(r"backbone\.(language\.|clip\.)?(embeddings|token_embedding|positional_embedding|blocks\.(\d+)|"
+                 r"xlayers\.(\d+))(\.|$)", name)
+    if m is None:
         return num_layers + xlayers + 2
-    parts = parts[2:] if parts[1] in ("language", "clip") else parts[1:]
-    if parts[0] in ("embeddings", "token_embedding", "positional_embedding"):
-        return 0
-    if parts[0] == "blocks":
-        return int(parts[1]) + 1
-    if parts[0] == "xlayers":
-        return num_layers + 1 + int(parts[1])
-    return num_layers + xlayers + 2
+    return int(m[3]) + 1 if m[3] else num_layers + 1 + int(m[4]) if m[4] else 0
 
 
-def param_groups(net: "Finetuner", lr, layer_decay=None):
+def param_groups(net: Finetuner, lr, layer_decay=None):
     """AdamW groups: one group at lr (the plain recipe), or one per depth at lr * decay ** (top - depth)."""
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if layer_decay is None:
         return [{"params": [p for _, p in params], "lr": lr}]
     bb = net.backbone
-    if isinstance(bb, model.CrossModalTransformer):
-        L, X = bb.language.config.num_layers, len(bb.xlayers)
-    else:
-        L, X = bb.config.num_layers, 0
-    top, groups = L + X + 2, {}
+    cross = isinstance(bb, model.CrossModalTransformer)
+    L, X = (bb.language.config.num_layers, len(bb.xlayers)) if cross else (bb.config.num_layers, 0)
+    groups = collections.defaultdict(list)
     for name, p in params:
-        groups.setdefault(layer_depth(name, L, X), []).append(p)
-    return [{"params": ps, "lr": lr * layer_decay ** (top - d)} for d, ps in sorted(groups.items())]
+        groups[layer_depth(name, L, X)].append(p)
+    return [{"params": ps, "lr": lr * layer_decay ** (L + X + 2 - d)} for d, ps in sorted(groups.items())]
 
 
-def warmup_linear(total_steps, warmup=0.1):
-    """Learning-rate factor: linear warm-up over the first 10% of the optimizer steps, then linear decay to 0
-    (as transformers' get_linear_schedule_with_warmup, which the authors' script used)."""
-    warm = round(total_steps * warmup)
-    return lambda step: step / warm if step < warm else max(0.0, (total_steps - step) / max(1, total_steps - warm))
+def adamw(groups, device, weight_decay=0.0):
+    """App. C.2's AdamW, fused into one kernel on CUDA."""
+    return torch.optim.AdamW(groups, weight_decay=weight_decay, eps=ADAM_EPS,
+                             fused=True if torch.device(device).type == "cuda" else None)
+
+
+def autocast(device, bf16):
+    """bf16 autocast when asked; on CUDA the matmuls left in fp32 use TF32 with bf16 and full fp32 without."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = bf16
+    return torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
 
 def trimmed(batch, device):
-    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T)."""
-    out = {}
+    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T); decided
+    on the CPU batch, copied to a GPU from pinned memory without waiting."""
+    out, device = {}, torch.device(device)
     T = int(batch["attention_mask"].sum(-1).max()) if "attention_mask" in batch else None
     C = int(batch["clip_mask"].sum(-1).max()) if "clip_mask" in batch else None
     for k, v in batch.items():
@@ -287,105 +409,98 @@ def trimmed(batch, device):
             v = v[..., :T]
         elif k in ("clip_ids", "clip_mask"):
             v = v[..., :max(C, 1)]
-        out[k] = v.to(device)
+        out[k] = v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
     return out
 
-
-# ---------------------------------------------------------------------------------------------------- one run
 
 def batches(tensors, indices, size):
     """Consecutive slices of `indices` of at most `size`, as dicts of the tensors' rows."""
     for start in range(0, len(indices), size):
-        rows = indices[start:start + size]
-        yield {k: v[rows] for k, v in tensors.items()}
+        yield {k: v[indices[start:start + size]] for k, v in tensors.items()}
 
 
 @torch.no_grad()
-def predict(net, tensors, device, batch_size=128):
+def predict(net, tensors, cfg, batch_size=128):
     """Dev or test predictions: class ids, regression scores or chosen endings, as a numpy vector."""
     net.eval()
-    n = len(next(iter(tensors.values())))
-    out = [predictions_of(net.kind, net(trimmed(b, device))).cpu()
-           for b in batches({k: v for k, v in tensors.items() if k != "labels"}, torch.arange(n), batch_size)]
-    return torch.cat(out).numpy()
+    inputs = {k: v for k, v in tensors.items() if k != "labels"}
+    rows = torch.arange(len(next(iter(inputs.values()))))
+    with autocast(cfg.device, cfg.dtype == "bf16"):
+        out = torch.cat([net(trimmed(b, cfg.device)) for b in batches(inputs, rows, batch_size)])
+    return (out.float() if net.kind == "regression" else out.argmax(-1)).cpu().numpy()
 
 
-def train(net, train_set, dev_sets, args, seed, log=None):
-    """Finetune `net` (App. C.2 recipe) and score every dev split after each epoch.
+def check_finite(losses, first_step):
+    """FloatingPointError naming the first optimizer step (counted from 1) of `losses` whose loss is NaN or inf;
+    one host sync for the whole window of steps."""
+    bad = torch.nonzero(~torch.isfinite(torch.stack(losses)))
+    if len(bad):
+        raise FloatingPointError(f"the training loss became {float(losses[int(bad[0])])} at step "
+                                 f"{first_step + int(bad[0])}: finetune again with a lower --lr")
 
-    train_set: encoded tensors with "labels"; dev_sets: {suffix: tensors}. Returns (per-epoch records, seconds).
-    """
-    device = torch.device(args.device)
-    net.to(device)
-    n = len(train_set["labels"])
-    micro = math.ceil(args.batch_size / args.grad_accum)
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    optimizer = torch.optim.AdamW(param_groups(net, args.lr, args.layer_decay), weight_decay=args.weight_decay,
-                                  eps=1e-8)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear(total, args.warmup))
-    order = torch.Generator().manual_seed(seed)
-    params = [p for p in net.parameters() if p.requires_grad]
+
+def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
+    """Finetune `net` (App. C.2; cfg settled), scoring every dev split ({metric suffix: tensors}) after each epoch;
+    the loss stays on the device, checked every CHECK_EVERY steps. Returns (per-epoch records, training seconds)."""
+    net.to(cfg.device)
+    n, bf16, micro = len(train_set["labels"]), cfg.dtype == "bf16", math.ceil(cfg.batch_size / cfg.grad_accum)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    optimizer = adamw(param_groups(net, cfg.lr, cfg.layer_decay), cfg.device, cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
+        model.linear_warmup_decay, total=steps_per_epoch * cfg.epochs, warmup_fraction=cfg.warmup))
+    order, params = torch.Generator().manual_seed(seed), [p for p in net.parameters() if p.requires_grad]
     history, seconds = [], 0.0
-    for epoch in range(1, args.epochs + 1):
+    for epoch in range(1, cfg.epochs + 1):
         net.train()
-        start, losses = time.perf_counter(), []
+        start, losses, checked = time.perf_counter(), [], 0  # losses: one 0-d device tensor per step
         permutation = torch.randperm(n, generator=order)
         for step in range(steps_per_epoch):
-            rows = permutation[step * args.batch_size:(step + 1) * args.batch_size]
+            rows = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+            step_loss = 0.0
             for part in batches(train_set, rows, micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
-                b = trimmed(part, device)
-                with torch.autocast(device.type, torch.bfloat16, enabled=args.bf16):
-                    loss = loss_fn(net.kind, net(b), b["labels"])
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss.item()} at epoch {epoch}: try a lower --lr")
-                (loss * len(part["labels"]) / len(rows)).backward()
-                losses.append(loss.item())
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+                b = trimmed(part, cfg.device)
+                with autocast(cfg.device, bf16):
+                    loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part["labels"]) / len(rows))
+                loss.backward()
+                step_loss = step_loss + loss.detach()
+            torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+            if len(losses) - checked == CHECK_EVERY or step == steps_per_epoch - 1:
+                check_finite(losses[checked:], (epoch - 1) * steps_per_epoch + checked + 1)
+                checked = len(losses)
         seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)), "metrics": {}, "predictions": {}}
+        record = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": {},
+                  "predictions": {}}
         for suffix, tensors in dev_sets.items():
-            p = predict(net, tensors, device)
-            record["predictions"][suffix] = p
-            for k, v in score(args.task, tensors["labels"].numpy(), p).items():
-                record["metrics"][k + suffix] = v
+            record["predictions"][suffix] = p = predict(net, tensors, cfg)
+            record["metrics"] |= {m + suffix: score(m, tensors["labels"].numpy(), p)
+                                  for m in data.TASKS[cfg.task].metrics}
         history.append(record)
         if log:
             log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, " + format_metrics(record["metrics"]))
     return history, seconds
 
 
-def format_metrics(metrics):
-    return ", ".join(f"{k} {v:.4f}" if k.startswith("rmse") else f"{k} {100 * v:.2f}" for k, v in metrics.items())
+# ---------------------------------------------------------------------------------------------------- one command
 
-
-# ---------------------------------------------------------------------------------------------------- data and models
-
-def splits(task, kind):
-    """{metric suffix: data.read_task split}: MNLI scores matched and mismatched dev sets (and test sets)."""
-    if task == "mnli":
-        return {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} | ({"_ax": "test_ax"} if kind == "test" else {})
-    return {"": kind}
-
-
-def load_backbone(args):
+def load_backbone(cfg: FinetuneConfig):
     """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder / --full-model."""
-    if args.full_model:
-        run = args.encoder.rstrip("/")
+    if cfg.full_model:
+        run = cfg.encoder.rstrip("/")
         candidates = (os.path.join(run, "crossmodal.pt"), os.path.join(os.path.dirname(run), "crossmodal.pt"))
         path = next((p for p in candidates if os.path.isfile(p)), None)
         if path is None:
-            raise SystemExit(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
-                             f"runs/<run>/xdbert of a run of `python adapt.py`")
+            raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
+                                    f"runs/<run>/xdbert of a run of `python adapt.py`")
         xm = model.load_crossmodal(path)
         if xm.clip is None:
-            raise SystemExit(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
+            raise ValueError(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
         bert_tok = data.bert_tokenizer(os.path.join(os.path.dirname(path), "xdbert"))
-        return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(args.clip, args.data))
-    path = data.checkpoint_dir(args.encoder, args.data)
+        return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(cfg.clip, cfg.data))
+    path = data.checkpoint_dir(cfg.encoder, cfg.data)
     backbone = model.from_hf(path)
     if isinstance(backbone, model.CLIPTextTransformer):
         return backbone, "clip", None, data.clip_tokenizer(path)
@@ -393,279 +508,252 @@ def load_backbone(args):
 
 
 def model_size(backbone):
-    """Table 5 columns: 'large' for 1024-wide encoders, else 'base' (CLIP-T counts as base)."""
+    """Table 5's columns: 'large' for 1024-wide encoders, else 'base' (CLIP-T counts as base)."""
     cfg = backbone.language.config if isinstance(backbone, model.CrossModalTransformer) else backbone.config
     return "large" if getattr(cfg, "hidden_size", 0) >= 1024 else "base"
 
 
-def default_lr(task, size):
-    """Table 5: RTE, MRPC and STS-B train at the higher rate."""
-    return LEARNING_RATES[size]["small" if task in SMALL_TASKS else "other"]
+def run_record(cfg: FinetuneConfig, name, seed) -> dict:
+    """What identifies one seed's run: task, model (the table's row), seed and the settings of its own command."""
+    return {"task": cfg.task, "model": name, "seed": seed, "config": asdict(replace(cfg, seed=seed, seeds=1))}
 
 
-def model_label(args, variant):
-    """Table row name: the checkpoint name, or the adapt.py run's name for runs/<run>/xdbert; X- for the full model,
-    -ld<decay> for layer-wise decay (so that the two readings of App. C.2 get their own runs and rows)."""
-    if args.name:
-        return args.name
-    path = os.path.normpath(args.encoder)
-    base = os.path.basename(path)
-    if base == "xdbert":
-        base = os.path.basename(os.path.dirname(path))
-    base = "X-" + base if variant == "full-model" else base
-    return base + (f"-ld{args.layer_decay:g}" if args.layer_decay is not None else "")
+def same_settings(a, b) -> bool:
+    """Two results of one experiment: model, seed and the run-defining settings agree (the precision, the
+    accumulation and the device may differ)."""
+    return (a["model"] == b["model"] and a["seed"] == b["seed"]
+            and all(a.get("config", {}).get(k) == b["config"][k] for k in RUN_DEFINING))
 
 
-# ---------------------------------------------------------------------------------------------------- outputs
-
-def python_value(x):
-    return float(x) if isinstance(x, (float, np.floating)) else int(x)
-
-
-def dev_prediction_lines(examples, labels, predictions):
-    """One JSON object per dev example, in dev-file order (pwcca.py's visual-grounding analysis reads these)."""
-    return "".join(json.dumps({"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": python_value(y),
-                               "prediction": python_value(p)}) + "\n"
-                   for i, (ex, y, p) in enumerate(zip(examples, labels, predictions)))
+def splits(cfg: FinetuneConfig, kind):
+    """{metric suffix: split} of the dev or test sets: MNLI's matched and mismatched (and AX); test sets only where
+    the GLUE test file is there."""
+    task = data.TASKS[cfg.task]
+    names = {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} if cfg.task == "mnli" else {"": kind}
+    names |= {"_ax": "test_ax"} if cfg.task == "mnli" and kind == "test" else {}
+    return {s: split for s, split in names.items() if kind == "dev" or task.glue_dir and os.path.isfile(
+        os.path.join(cfg.data, task.folder, task.splits[split]))}
 
 
 def submission_tsv(task, ids, predictions, label_names):
-    """GLUE submission file (sources.md 1): header index<TAB>prediction, one row per test line in file order with
-    the file's own index (or id); label strings for MNLI, QNLI and RTE, 0/1 for the other classification tasks,
-    a float for STS-B."""
-    rows = ["index\tprediction"]
-    for i, p in zip(ids, predictions):
-        if task == "stsb":
-            value = f"{float(p):.6f}"
-        elif task in STRING_LABEL_TASKS:
-            value = label_names[int(p)]
-        else:
-            value = str(int(p))
-        rows.append(f"{i}\t{value}")
-    return "\n".join(rows) + "\n"
+    """A GLUE submission file: index<TAB>prediction, one row per test line with the file's own index; a float for
+    STS-B, else the label as the task's files write it (entailment / not_entailment, MNLI's three, 0/1)."""
+    values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
+    return "".join(f"{i}\t{v}\n" for i, v in zip(["index", *ids], ["prediction", *values]))
 
 
-def glue_test_path(task, split, data_root):
-    """The GLUE test file of a split, or None when the task has no GLUE test set or it is not downloaded."""
-    spec = data.TASKS[task]
-    if task not in SUBMISSION_NAMES or not spec.glue_dir:
-        return None
-    path = os.path.join(data_root, spec.folder, spec.splits[split])
-    return path if os.path.isfile(path) else None
+def write_run(run_dir, result, net, dev, test, final, cfg):
+    """A finished seed's files: dev predictions (pwcca.py's grounding analysis reads them), GLUE test predictions
+    under the names GLUE's server expects, then results.json (last: its presence means the run is complete)."""
+    for suffix, (examples, tensors) in dev.items():
+        lines = [{"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": y.item(), "prediction": p.item()}
+                 for i, (ex, y, p) in enumerate(zip(examples, tensors["labels"].numpy(), final["predictions"][suffix]))]
+        name = "dev_mismatched_predictions.jsonl" if suffix == "_mm" else "dev_predictions.jsonl"
+        with model.atomic_file(os.path.join(run_dir, name), "w") as out:
+            out.write("".join(json.dumps(line) + "\n" for line in lines))
+    result["test_predictions"] = []
+    for suffix, (examples, tensors) in test.items():
+        name = "AX.tsv" if suffix == "_ax" else f"{data.TASKS[cfg.task].glue_dir}{suffix.replace('_', '-')}.tsv"
+        result["test_predictions"].append(os.path.join(run_dir, "glue_test", name))
+        with model.atomic_file(result["test_predictions"][-1], "w") as out:
+            out.write(submission_tsv(cfg.task, [ex.guid for ex in examples], predict(net, tensors, cfg),
+                                     data.TASKS[cfg.task].label_names))
+    with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
+        out.write(json.dumps(result, indent=2) + "\n")
 
 
-def submission_file(task, suffix):
-    """The file name GLUE's server expects: RTE.tsv, MNLI-m.tsv, MNLI-mm.tsv, and AX.tsv from the MNLI model."""
-    if suffix == "_ax":
-        return "AX.tsv"
-    return SUBMISSION_NAMES[task] + {"": "", "_m": "-m", "_mm": "-mm"}[suffix] + ".tsv"
+def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
+    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run.
+    Returns the results (also written to OUT/<task>-<model>-seed<k>/results.json)."""
+    task = data.TASKS[cfg.task]
+    backbone, variant, bert_tok, clip_tok = load_backbone(cfg)
+    name, cfg = run_name(cfg, variant, model_size(backbone)), settled(cfg, model_size(backbone))
+    runs = {os.path.join(cfg.out, f"{cfg.task}-{name}-seed{s}"): run_record(cfg, name, s)
+            for s in range(cfg.seed, cfg.seed + cfg.seeds)}
+    for run_dir, record in runs.items():  # before any training
+        old = results_in(run_dir)
+        theirs = {} if old is None else old.get("config", {})
+        if old is not None and not same_settings(old, record):
+            differ = ", ".join(f"{k} {theirs.get(k)!r} there, {record['config'][k]!r} here" for k in RUN_DEFINING
+                               if theirs.get(k) != record["config"][k])
+            raise ValueError(f"{run_dir} holds a run with other settings ({differ}): give another --name or --out, "
+                             f"or delete it")
 
+    def encode(split, limit=None):
+        examples = data.read_task(cfg.task, split, cfg.data)[:limit]
+        return examples, data.encode(examples, cfg.task, bert_tok, cfg.max_len, clip_tok)
 
-# ---------------------------------------------------------------------------------------------------- seeds
-
-def run_seeds(args, log=print):
-    """Load and encode once, then finetune one fresh copy per seed; print each run and the medians.
-    Returns the list of results dicts (also written to runs/<task>-<model>-seed<k>/results.json)."""
-    task = data.TASKS[args.task]
-    try:
-        backbone, variant, bert_tok, clip_tok = load_backbone(args)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
-    size = model_size(backbone)
-    lr = args.lr if args.lr is not None else TOY_LR if args.toy else default_lr(args.task, size)
-    label = model_label(args, variant)
-
-    def encode(split):
-        examples = data.read_task(args.task, split, args.data)
-        return examples, data.encode(examples, args.task, bert_tok, args.max_len, clip_tok)
-
-    try:  # missing files and bad labels: data.py's errors name the file (and line) and the command to run
-        _, train_set = encode("train")
-        dev = {suffix: encode(split) for suffix, split in splits(args.task, "dev").items()}
-        test = {suffix: encode(split) for suffix, split in splits(args.task, "test").items()
-                if glue_test_path(args.task, split, args.data)}
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(str(e)) from None
+    _, train_set = encode("train", cfg.max_train_examples)
+    dev, test = ({suffix: encode(split) for suffix, split in splits(cfg, kind).items()} for kind in ("dev", "test"))
     sentences = train_set["clip_ids"].shape[-2] // 2 if variant == "clip" else 1
-    hparams = {"lr": lr, "layer_decay": args.layer_decay, "warmup": args.warmup, "epochs": args.epochs,
-               "batch_size": args.batch_size, "grad_accum": args.grad_accum, "max_len": args.max_len,
-               "weight_decay": args.weight_decay, "dropout": args.dropout, "model_size": size}
-    run_args = argparse.Namespace(**{**vars(args), "lr": lr})
-    n_train = len(train_set["labels"])
-    results = []
-    for seed in range(args.seed, args.seed + args.seeds):
-        torch.manual_seed(seed)  # head initialisation and dropout
-        net = Finetuner(copy.deepcopy(backbone), task.kind, task.num_labels, args.dropout, sentences)
-        history, seconds = train(net, train_set, {s: t for s, (_, t) in dev.items()}, run_args, seed,
-                                 log if args.verbose else None)
-        run_dir = os.path.join(args.out, f"{args.task}-{label}-seed{seed}")
-        final = history[-1]
-        for suffix, (examples, tensors) in dev.items():
-            name = "dev_mismatched_predictions.jsonl" if suffix == "_mm" else "dev_predictions.jsonl"
-            with model.atomic_file(os.path.join(run_dir, name), "w") as out:
-                out.write(dev_prediction_lines(examples, tensors["labels"].numpy(), final["predictions"][suffix]))
-        submissions = []
-        for suffix, (examples, tensors) in test.items():
-            path = os.path.join(run_dir, "glue_test", submission_file(args.task, suffix))
-            with model.atomic_file(path, "w") as out:
-                out.write(submission_tsv(args.task, [ex.guid for ex in examples],
-                                         predict(net, tensors, torch.device(args.device)), task.label_names))
-            submissions.append(path)
-        result = {"task": args.task, "model": label, "variant": variant, "encoder": args.encoder, "seed": seed,
-                  "metrics": final["metrics"], "main_metric": task.metrics[0] + next(iter(dev)),
-                  "epochs": [{"epoch": h["epoch"], "train_loss": h["train_loss"], "metrics": h["metrics"]}
-                             for h in history],
-                  "hparams": hparams, "train_examples": n_train, "train_seconds": round(seconds, 3),
-                  "train_examples_per_second": round(n_train * args.epochs / seconds, 1),
-                  "dev_predictions": os.path.join(run_dir, "dev_predictions.jsonl"), "test_predictions": submissions}
-        with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
-            out.write(json.dumps(result, indent=2) + "\n")
+    n_train, results = len(train_set["labels"]), []
+    for run_dir, record in runs.items():
+        torch.manual_seed(record["seed"])  # head initialisation and dropout
+        net = Finetuner(copy.deepcopy(backbone), task.kind, task.num_labels, cfg.dropout, sentences)
+        history, seconds = train(net, train_set, {s: t for s, (_, t) in dev.items()}, cfg, record["seed"],
+                                 log if cfg.verbose else None)
+        result = record | {"metrics": history[-1]["metrics"], "main_metric": task.metrics[0] + next(iter(dev)),
+                           "epochs": [{k: h[k] for k in ("epoch", "train_loss", "metrics")} for h in history],
+                           "train_examples": n_train, "train_seconds": round(seconds, 3),
+                           "train_examples_per_second": round(n_train * cfg.epochs / seconds, 1),
+                           "dev_predictions": os.path.join(run_dir, "dev_predictions.jsonl")}
+        write_run(run_dir, result, net, dev, test, history[-1], cfg)
         results.append(result)
-        log(f"{args.task} {label} seed {seed}: {format_metrics(final['metrics'])} "
-            f"({seconds:.1f} s, {result['train_examples_per_second']:.0f} train examples/s) -> {run_dir}")
-    log(f"{args.task} {label} median of {len(results)} seed(s): "
-        f"{format_metrics(median_metrics([r['metrics'] for r in results]))}")
+        log(f"{cfg.task} {name} seed {record['seed']}: {format_metrics(result['metrics'])} ({seconds:.1f} s, "
+            f"{result['train_examples_per_second']:.0f} train examples/s) -> {run_dir}")
+    middle = median_run(results)
+    log(f"{cfg.task} {name} median of {len(results)} seed(s) by {middle['main_metric']}: "
+        f"{format_metrics(middle['metrics'])} (seed {middle['seed']})")
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- Table 1
+# ---------------------------------------------------------------------------------------------------- sweep
 
-def table(paths) -> str:
-    """A Markdown table like the paper's Table 1 from results.json files: a row per model, a column per task,
-    each cell the median over seeds (x100, RMSE as is) with the number of seeds; two metrics as a/b."""
-    cells = {}
-    for path in paths:
-        try:
-            with open(path, encoding="utf-8") as f:
-                r = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"cannot read results file {path} ({e}): give results.json files written by finetune.py")
-        cells.setdefault(r["model"], {}).setdefault(r["task"], []).append(r["metrics"])
-    tasks = [t for t in TASK_ORDER if any(t in row for row in cells.values())]
-    lines = ["| model | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for name, row in cells.items():
-        out = []
-        for t in tasks:
-            if t not in row:
-                out.append("")
+Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train file bytes x epochs x parameters
+
+
+def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
+    """Every (task, encoder, seed) of a sweep in a stable order, each the config of a one-seed `finetune.py TASK`.
+    seeds: a number per task, or None for the paper's (App. C.2: 9 for RTE, 5 otherwise)."""
+    jobs, facts = [], {}
+    for task in tasks:
+        for encoder in encoders:
+            cfg = check(replace(base, task=task, encoder=encoder, seeds=1))
+            if encoder not in facts:
+                backbone, variant, *_ = load_backbone(cfg)
+                facts[encoder] = variant, model_size(backbone), model.count_parameters(backbone)
+            variant, size, params = facts[encoder]
+            spec, name = data.TASKS[task], run_name(cfg, variant, size)
+            train_file = os.path.join(cfg.data, spec.folder, spec.splits["train"])
+            cost = (os.path.getsize(train_file) if os.path.isfile(train_file) else 1) * cfg.epochs * params
+            for seed in range(seeds or PAPER_SEEDS.get(task, 5)):
+                run = f"{task}-{name}-seed{seed}"
+                jobs.append(Job(run, replace(cfg, seed=seed), run_record(settled(cfg, size), name, seed), cost,
+                                os.path.join(cfg.out, "sweep-logs", run + ".log")))
+    return jobs
+
+
+def shard(jobs, i, n) -> list[Job]:
+    """--shard I/N: every N-th job of the largest-first list, from the I-th; the N shares are disjoint, cover the
+    list and get a fair part of the big jobs each. The share keeps the largest-first order."""
+    return sorted(jobs, key=lambda j: -j.cost)[i - 1::n]
+
+
+def finished(job):
+    """The job's results when its run is complete and was made with the job's settings, else None."""
+    r = results_in(os.path.join(job.cfg.out, job.name))
+    return r if r is not None and same_settings(r, job.expected) else None
+
+
+def start_job(job, gpu, threads):
+    """The job as `python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads),
+    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG), so a killed
+    sweep leaves no job running; elsewhere an orphaned job finishes, writing its files atomically."""
+    env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+    env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
+    sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
+
+    def die_with_sweep():
+        if prctl is not None:
+            prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != sweep_pid:  # the sweep died before the request took effect
+            os._exit(1)
+
+    os.makedirs(os.path.dirname(job.log), exist_ok=True)
+    with open(job.log, "a", encoding="utf-8") as log:
+        log.write(f"$ python finetune.py {' '.join(to_argv(job.cfg))}\n")
+        log.flush()
+        return subprocess.Popen([sys.executable, os.path.abspath(__file__), *to_argv(job.cfg)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_sweep)
+
+
+def run_sweep(jobs, workers=None, log=print) -> list[Job]:
+    """Run the unfinished jobs in list order, `workers` processes at a time (default: one per visible GPU, each job
+    seeing its own), a failed job once more; logs progress and an ETA. Returns the jobs that failed twice."""
+    gpus = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(gpus)).split(",") if gpus else []  # the ids to give
+    workers = workers or max(1, len(gpus))
+    todo = collections.deque(j for j in jobs if not finished(j))
+    log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} finished before, {len(todo)} to run on {workers} worker(s)")
+
+    def tail(job, n):
+        with open(job.log, encoding="utf-8", errors="replace") as f:
+            return "".join(collections.deque(f, n)).rstrip()
+
+    running, tries, failed, done, total = {}, collections.Counter(), [], [], len(todo)
+    while todo or running:
+        for slot in [s for s in range(workers) if s not in running][:len(todo)]:
+            job = todo.popleft()
+            tries[job.name] += 1
+            gpu = gpus[slot % len(gpus)] if gpus else None
+            running[slot] = job, start_job(job, gpu, max(1, (os.cpu_count() or 1) // workers)), time.time()
+            log(f"start {job.name} (worker {slot + 1}" + (", second try)" if tries[job.name] > 1 else ")"))
+        time.sleep(0.2)
+        for slot, (job, proc, started) in list(running.items()):
+            if proc.poll() is None:
                 continue
-            m = median_metrics(row[t])
-            values = "/".join(f"{v:.3f}" if k.startswith("rmse") else f"{100 * v:.2f}" for k, v in m.items())
-            out.append(f"{values} ({len(row[t])})")
-        lines.append(f"| {name} | " + " | ".join(out) + " |")
-    return "\n".join(lines)
+            del running[slot]
+            if proc.returncode == 0 and finished(job):
+                done.append((job.cost, time.time() - started))
+                cost, seconds = map(sum, zip(*done))
+                left = sum(j.cost for j in todo) + sum(j.cost for j, _, _ in running.values())
+                eta = datetime.timedelta(seconds=round(left * seconds / cost / workers))
+                log(f"done {job.name} ({done[-1][1]:.0f} s) | {len(done)}/{total} done, {len(running)} running, "
+                    f"{len(todo)} left, {len(failed)} failed, ETA {eta}")
+            elif tries[job.name] < 2:
+                log(f"failed {job.name} (exit {proc.returncode}), trying once more: {tail(job, 1)}")
+                todo.appendleft(job)
+            else:
+                failed.append(job)
+                log(f"failed {job.name} twice: see the end of the sweep")
+    for job in failed:
+        log(f"FAILED {job.name}: python finetune.py {' '.join(to_argv(job.cfg))}; the end of {job.log}:\n"
+            + tail(job, 5))
+    return failed
 
 
-# ---------------------------------------------------------------------------------------------------- benchmark
-
-def bench(presets, batch_size, seq_len, steps, device):
-    """Finetuning examples/s (forward + backward + AdamW step, then eval forward) of a classifier on random
-    weights from model.PRESETS and random full-length inputs (batch_size, seq_len): no download needed."""
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, float32, batch {batch_size} "
-          f"x {seq_len} tokens, median of {steps} steps after 1 warm-up")
-    for preset in presets:
-        cfg = model.PRESETS[preset]
-        torch.manual_seed(0)
-        net = Finetuner(model.LanguageEncoder(cfg), "classification", 2).to(device)
-        optimizer = torch.optim.AdamW(net.parameters(), lr=1e-5)
-        b = {"input_ids": torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device),
-             "attention_mask": torch.ones(batch_size, seq_len, dtype=torch.long, device=device),
-             "token_type_ids": torch.zeros(batch_size, seq_len, dtype=torch.long, device=device),
-             "labels": torch.randint(0, 2, (batch_size,), device=device)}
-        times = {"train": [], "eval": []}
-        for i in range(steps + 1):
-            sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-            net.train()
-            t = time.perf_counter()
-            loss_fn("classification", net(b), b["labels"]).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync()
-            t_train = time.perf_counter() - t
-            net.eval()
-            t = time.perf_counter()
-            with torch.no_grad():
-                net(b)
-            sync()
-            if i:
-                times["train"].append(t_train)
-                times["eval"].append(time.perf_counter() - t)
-        train_s, eval_s = statistics.median(times["train"]), statistics.median(times["eval"])
-        print(f"{preset:10s} train {batch_size / train_s:8.1f} examples/s ({train_s * 1e3:.0f} ms/step), "
-              f"eval {batch_size / eval_s:8.1f} examples/s")
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-
-def task_parser():
-    p = argparse.ArgumentParser(prog="finetune.py", description="Finetune an encoder on a GLUE / SWAG / READ task "
-                                "(App. C.2). Other commands: `table FILES...`, `bench`.")
-    p.add_argument("task", help="one of " + ", ".join(TASK_ORDER))
-    p.add_argument("--data", default="data", help="data root (default: data)")
-    p.add_argument("--toy", action="store_true", help="--data data/toy --encoder bert-toy --clip clip-toy, 3 seeds, "
-                   f"lr {TOY_LR} (the toy encoders have random weights)")
-    p.add_argument("--encoder", help="a name under DATA/ckpt (bert-base, bert-large, electra-base, electra-large, "
-                   "clip) or a hub-layout dir such as runs/<run>/xdbert (default: bert-base)")
-    p.add_argument("--full-model", action="store_true", help="App. C.3: finetune the whole cross-modal model of the "
-                   "adapt.py run of --encoder (its crossmodal.pt)")
-    p.add_argument("--clip", help="CLIP checkpoint whose tokenizer feeds --full-model (default: clip)")
-    p.add_argument("--lr", type=float, help="learning rate (default: Table 5 by task and model size)")
-    p.add_argument("--layer-decay", type=float, help="ELECTRA-style layer-wise decay, e.g. 0.9 (default: none, "
-                   "the plain linear schedule of the authors' BERT script)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per step (the authors: 4 x 8)")
-    p.add_argument("--max-len", type=int, default=128)
-    p.add_argument("--warmup", type=float, default=0.1, help="warm-up share of the steps")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout before the head")
-    p.add_argument("--seeds", type=int, help="number of seeds (default: 9 for RTE, 5 otherwise, 3 with --toy)")
-    p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--out", default="runs", help="runs root: each seed writes OUT/<task>-<model>-seed<k>/")
-    p.add_argument("--name", help="model name in the results and the table (default: from --encoder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    p.add_argument("--verbose", action="store_true", help="print every epoch's dev scores")
-    return p
-
-
-def parse_task_args(argv):
-    args = task_parser().parse_args(argv)
-    if args.task not in data.TASKS:
-        raise SystemExit(f"unknown task {args.task!r}: choose one of {', '.join(TASK_ORDER)}")
-    if args.toy:
-        args.data = "data/toy" if args.data == "data" else args.data
-        args.encoder = args.encoder or "bert-toy"
-        args.clip = args.clip or "clip-toy"
-    args.encoder, args.clip = args.encoder or "bert-base", args.clip or "clip"
-    if args.seeds is None:
-        args.seeds = TOY_SEEDS if args.toy else DEFAULT_SEEDS.get(args.task, 5)
-    for name in ("epochs", "batch_size", "grad_accum", "seeds", "max_len"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
-    if args.grad_accum > args.batch_size:
-        raise SystemExit("--grad-accum cannot exceed --batch-size: each micro-batch needs an example")
-    return args
+def sweep(argv, log=print) -> list[Job]:
+    """python finetune.py sweep: Table 1 in one command (the README's finetune.py). Runs its share of the jobs, then
+    the Table 1 printer over all finished ones (OUT/table1.md, .csv) and a GLUE submission zip per model."""
+    base, s = parse_args(argv, sweep=True)
+    if not (s["seeds"] == "paper" or s["seeds"].isdigit() and int(s["seeds"]) > 0):
+        raise ValueError(f"--seeds {s['seeds']}: give paper or a positive number")
+    i, _, n = s["shard"].partition("/")
+    if not (i.isdigit() and n.isdigit() and 1 <= int(i) <= int(n)):
+        raise ValueError(f"--shard {s['shard']}: give I/N with 1 <= I <= N, e.g. 1/4")
+    if s["workers"] is not None and s["workers"] < 1:
+        raise ValueError("--workers must be at least 1")
+    tasks = {"glue": list(GLUE), "all": list(data.TASKS)}.get(s["tasks"]) or s["tasks"].split(",")
+    jobs = sweep_jobs(base, s["encoders"].split(","), tasks, None if s["seeds"] == "paper" else int(s["seeds"]))
+    failed = run_sweep(shard(jobs, int(i), int(n)), s["workers"], log)
+    results = [r for r in map(finished, jobs) if r]
+    markdown, csv_text = table(results)
+    for file, text in (("table1.md", markdown + "\n"), ("table1.csv", csv_text)):
+        with model.atomic_file(os.path.join(base.out, file), "w") as f:
+            f.write(text)
+    log(markdown + f"\n(written to {os.path.join(base.out, 'table1.md')} and table1.csv)")
+    for name in dict.fromkeys(r["model"] for r in results if r.get("test_predictions")):
+        path = os.path.join(base.out, f"glue-submission-{name}.zip")
+        log(f"GLUE submission {path}: {', '.join(glue_submission([r for r in results if r['model'] == name], path))}")
+    return failed
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["table"]:
-        if len(argv) < 2:
-            raise SystemExit("usage: python finetune.py table runs/*/results.json")
-        print(table(argv[1:]))
-    elif argv[:1] == ["bench"]:
-        p = argparse.ArgumentParser(prog="finetune.py bench")
-        p.add_argument("--presets", nargs="+", default=["bert-toy", "bert-base"],
-                       choices=[k for k, v in model.PRESETS.items() if isinstance(v, model.EncoderConfig)])
-        p.add_argument("--batch-size", type=int, default=32)
-        p.add_argument("--max-len", type=int, default=128)
-        p.add_argument("--steps", type=int, default=3)
-        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        a = p.parse_args(argv[1:])
-        bench(a.presets, a.batch_size, a.max_len, a.steps, a.device)
-    else:
-        run_seeds(parse_task_args(argv))
+    try:
+        if argv[:1] == ["table"]:
+            if len(argv) < 2:
+                raise ValueError("usage: python finetune.py table runs/*/results.json")
+            print(table([read_results(path) for path in argv[1:]])[0])
+        elif argv[:1] == ["sweep"]:
+            failed = sweep(argv[1:])
+            if failed:
+                raise SystemExit(f"{len(failed)} job(s) failed twice (listed above); rerun the same command to "
+                                 f"retry them, finished jobs are skipped")
+        else:
+            run_seeds(parse_args(argv))
+    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        raise SystemExit(str(e)) from None
 
 
 if __name__ == "__main__":

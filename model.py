@@ -1,18 +1,20 @@
 """XDBERT's models in plain PyTorch (Hsu, Lee and Tsao, ACL 2022).
 
-The cross-modal transformer of Sec. 2.1 / Fig. 2 is three parts:
-  - LanguageEncoder: BERT or ELECTRA (post-LN, GELU), the model that is adapted and then finetuned ("XDBERT");
-  - CLIPTextTransformer: CLIP's text tower "CLIP-T" (pre-LN, causal, quick-GELU, text projection);
-  - CrossModalLayer x 2: LXMERT-style layers coupling the two streams with Eq. 1 in both directions (Fig. 3).
-CrossModalTransformer adds the three adaptation heads and losses of Sec. 2.3 (MLM, MATCH, CLIPTC).
-The rest of the file loads the public Hugging Face checkpoints through explicit name tables (from_hf), writes the
-adapted encoder back in their layout (save_hf), and `python model.py` prints the Table 6 parameter counts.
+The cross-modal transformer of Sec. 2.1 and Fig. 2-3: LanguageEncoder (BERT or ELECTRA, the model that is adapted and
+then finetuned alone as XDBERT), CLIPTextTransformer (CLIP's text tower, CLIP-T) and CrossModalLayers coupling the two
+streams with the cross-attention of Eq. 1. CrossModalTransformer adds the three adaptation losses of Sec. 2.3 (MLM,
+MATCH, CLIPTC). Below them: safetensors and atomic file writing, and the public Hugging Face checkpoints read and
+written through explicit name tables (from_hf, save_hf).
+
+    python model.py    # Table 6: the parameter counts of the presets
 """
+import contextlib
 import json
 import math
 import os
+import re
+import shutil
 import struct
-import sys
 import tempfile
 from dataclasses import asdict, dataclass
 
@@ -21,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-# ----------------------------------------------------------------------------- configs (Table 4, spec section 2)
+# ----------------------------------------------------------------------------- configs (Table 4, App. B)
 
 @dataclass
 class EncoderConfig:
-    """A BERT-family language encoder. embedding_size != hidden_size adds ELECTRA-small's projection."""
+    """A BERT-family language encoder (Table 4); embedding_size != hidden_size adds ELECTRA-small's projection."""
     model_type: str = "bert"  # "bert" | "electra"
     vocab_size: int = 30522
     hidden_size: int = 768
@@ -38,12 +40,12 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     dropout: float = 0.1
     pooler: bool = True
-    initializer_range: float = 0.02  # std of new weights (config.json's initializer_range)
+    initializer_range: float = 0.02  # std of new weights, the encoder's and the cross-modal layers' (LXMERT's rule)
 
 
 @dataclass
 class CLIPTextConfig:
-    """CLIP-T, the text tower of CLIP ViT-B/32: 77 positions, causal self-attention, 512-wide projection."""
+    """CLIP-T, the text tower of CLIP ViT-B/32 (App. B): 77 positions, causal self-attention, 512-wide projection."""
     vocab_size: int = 49408
     width: int = 512
     num_layers: int = 12
@@ -61,7 +63,7 @@ PRESETS = {
     "electra-base": EncoderConfig(model_type="electra", pooler=False),
     "electra-large": EncoderConfig(model_type="electra", pooler=False, **_LARGE),
     "clip": CLIPTextConfig(),
-    # tiny models for the tests and the offline toy kit (download.py sets vocab_size to its trained tokenizers)
+    # tiny models for the tests and the offline toy kit (which sets vocab_size to its trained tokenizers)
     "bert-toy": EncoderConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, ffn_size=128,
                               max_positions=128),
     "electra-toy": EncoderConfig(model_type="electra", vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
@@ -88,14 +90,15 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, mask=None, causal=False):
-        # x (B, T, D); context (B, S, D_kv) or None; mask (B, S) bool, True = a real key, or None
+        # x (B, T, D); context (B, S, D_kv) or None; mask (B, S) 1 = a real key, or None: nothing is padded (decided
+        # on the CPU batch, so nothing waits for the device and SDPA picks its fastest kernel)
         B, T, D = x.shape
         if context is None:
             q, k, v = self.qkv(x).split(D, dim=-1)
         else:
             q, (k, v) = self.q(x), self.kv(context).split(D, dim=-1)
         q, k, v = (t.view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        mask = None if mask is None else mask[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+        mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, heads, T, D/heads) -> (B, T, D)
@@ -138,13 +141,6 @@ class Block(nn.Module):
 
     def forward(self, x, mask):
         return self.ffn(self.attention(x, mask=mask))
-
-
-def _padding_mask(attention_mask):
-    """(B, T) 0/1 -> bool (B, T), or None when nothing is padded (lets SDPA pick its fastest kernel)."""
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    return attention_mask.bool()
 
 
 class Embeddings(nn.Module):
@@ -191,13 +187,10 @@ class LanguageEncoder(nn.Module):
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        # input_ids (B, T) -> hidden (B, T, H), pooled (B, H) or None
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
-        mask = _padding_mask(attention_mask)
-        x = self.embeddings(input_ids, token_type_ids)
+        # input_ids (B, T), attention_mask (B, T) 0/1 or None (no padding) -> hidden (B, T, H), pooled (B, H) or None
+        x = self.embeddings(input_ids, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         for block in self.blocks:
-            x = block(x, mask)
+            x = block(x, attention_mask)
         return x, (self.pooler(x) if self.pooler is not None else None)
 
 
@@ -215,7 +208,7 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x):
         x = x + self.attn(self.ln_1(x), causal=True)
         h = self.fc(self.ln_2(x))
-        return x + self.proj(h * torch.sigmoid(1.702 * h))  # quick-GELU
+        return x + self.proj(h * torch.sigmoid(1.702 * h))  # quick-GELU, CLIP's approximation of GELU
 
 
 class CLIPTextTransformer(nn.Module):
@@ -234,8 +227,8 @@ class CLIPTextTransformer(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=cfg.width ** -0.5)
 
     def forward(self, input_ids):
-        # input_ids (N, 77) -> tokens (N, 77, P) for every position, pooled (N, P) at the end-of-text token.
-        # Padding after <|endoftext|> needs no mask: the causal mask keeps it out of every real position.
+        # input_ids (N, 77) -> tokens (N, 77, P) for every position, pooled (N, P) at the end-of-text token (the
+        # largest id). Padding after it needs no mask: the causal mask keeps it out of every real position.
         x = self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[1]]
         for block in self.blocks:
             x = block(x)
@@ -245,8 +238,7 @@ class CLIPTextTransformer(nn.Module):
 
 
 def init_weights(module, std=0.02):
-    """BERT's initialisation: normal(0, std) weights (the config's initializer_range, 0.02 in every public
-    checkpoint), zero biases, unit LayerNorms."""
+    """BERT's initialisation: normal(0, std) weights (std: the config's initializer_range), zero biases, unit LNs."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)
         if getattr(module, "bias", None) is not None:
@@ -256,16 +248,18 @@ def init_weights(module, std=0.02):
         nn.init.zeros_(module.bias)
 
 
+def count_parameters(module):
+    """Number of scalars in a module's parameters (works on the meta device)."""
+    return sum(p.numel() for p in module.parameters())
+
+
 # ----------------------------------------------------------------------------- the cross-modal encoder (Fig. 3)
 
 class CrossModalLayer(nn.Module):
-    """One LXMERT-style cross-modal encoder layer (Sec. 2.1, Fig. 3, spec section 3).
-
-    lang (B, T, H) is BERT's stream; vis (B, n*77, P) is CLIP-T's projected stream ("visual" features, Sec. 2.2).
-    1. cross-attention both ways (Eq. 1 with Q from one stream, K and V from the other), both read the layer inputs;
-    2. self-attention in each stream; 3. feed-forward in each stream. Every sublayer is post-LN with a residual.
-    The CLIP stream keeps its own width P and heads but uses the language encoder's FFN size (Table 6).
-    """
+    """One LXMERT-style cross-modal encoder layer (Sec. 2.1, Fig. 3): lang (B, T, H) is BERT's stream, vis (B, n*77, P)
+    CLIP-T's projected stream. 1. cross-attention both ways (Eq. 1, Q from one stream, K and V from the other), both
+    reading the layer inputs; 2. self-attention and 3. feed-forward in each stream; every sublayer post-LN. The CLIP
+    stream keeps its own width and heads but takes the language encoder's FFN size (Table 6)."""
 
     def __init__(self, lang: EncoderConfig, clip: CLIPTextConfig):
         super().__init__()
@@ -284,8 +278,8 @@ class CrossModalLayer(nn.Module):
 
 
 class TokenPredictionHead(nn.Module):
-    """BERT's MLM head (dense, GELU, LayerNorm, decoder tied to an embedding matrix, own bias); used for the joint
-    MLM on the language stream and for CLIPTC on the CLIP stream with CLIP's token embedding (Sec. 2.3.1, 2.3.3)."""
+    """BERT's MLM head: dense, GELU, LayerNorm, a decoder tied to an embedding matrix, own bias. MLM ties it to BERT's
+    word embeddings (Sec. 2.3.1), CLIPTC to CLIP's token embedding (Sec. 2.3.3)."""
 
     def __init__(self, dim, embedding_dim, vocab_size, eps):
         super().__init__()
@@ -294,39 +288,34 @@ class TokenPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(vocab_size))
 
     def forward(self, x, embedding_weight):
-        # x (N, D) -> logits (N, V); embedding_weight (V, E) is the tied decoder
+        # x (N, D) -> logits (N, vocabulary); embedding_weight (vocabulary, E) is the tied decoder
         return F.linear(self.ln(F.gelu(self.dense(x))), embedding_weight, self.bias)
 
 
-def token_loss(head, hidden, labels, embedding_weight):
-    """Cross-entropy over the positions whose label is not -100. Only those rows reach the vocabulary-sized
-    decoder: (B, T, D) -> (N, D) -> (N, V). Returns 0 (with a graph) when no position is labelled."""
-    chosen = labels != -100
-    logits = head(hidden[chosen], embedding_weight)
-    return F.cross_entropy(logits.float(), labels[chosen], reduction="sum") / chosen.sum().clamp(min=1)
+def token_loss(head, hidden, positions, targets, embedding_weight):
+    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (0 if none; an unused slot
+    holds cross_entropy's ignore_index, -100). Only those rows reach the vocabulary-sized decoder, in static shapes."""
+    chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L, D) -> (B, K, D)
+    logits = head(chosen, embedding_weight).float().flatten(0, 1)  # (B*K, vocabulary)
+    return F.cross_entropy(logits, targets.flatten(), reduction="sum") / (targets >= 0).sum().clamp(min=1)
 
 
-TASKS = ("mlm", "match", "cliptc")
+ADAPT_TASKS = ("mlm", "match", "cliptc")  # the adaptation tasks of Sec. 2.3
 
 
 class CrossModalTransformer(nn.Module):
-    """The adaptation model (Sec. 2.1, 2.3): language encoder + CLIP-T + cross-modal layers + the task heads.
+    """The adaptation model (Sec. 2.1, 2.3): language encoder + CLIP-T + cross-modal layers + the heads of the chosen
+    tasks (Table 3 ablates subsets); the loss is the plain sum of their cross-entropies. clip_cfg=None with
+    xlayers=0 is the fair baseline of Sec. 3: the language encoder alone with plain MLM."""
 
-    The loss is the plain sum of the chosen tasks' cross-entropies (Table 3 ablations choose any subset):
-      MLM    masked tokens predicted from the language stream, decoder tied to the word embeddings;
-      MATCH  same-sentence prediction, a binary classifier on the pooled cross-modal [CLS];
-      CLIPTC CLIP token classification, 15% of CLIP tokens predicted from the CLIP stream (input unchanged).
-    clip_cfg=None with xlayers=0 is the fair baseline of Sec. 3: the language encoder alone with plain MLM.
-    """
-
-    def __init__(self, lang_cfg: EncoderConfig, clip_cfg: CLIPTextConfig | None, xlayers=2, tasks=TASKS):
+    def __init__(self, lang_cfg: EncoderConfig, clip_cfg: CLIPTextConfig | None, xlayers=2, tasks=ADAPT_TASKS):
         super().__init__()
-        unknown = set(tasks) - set(TASKS)
+        unknown = set(tasks) - set(ADAPT_TASKS)
         if unknown:
-            raise ValueError(f"unknown adaptation task(s) {sorted(unknown)}: choose from {', '.join(TASKS)}")
+            raise ValueError(f"unknown adaptation task(s) {sorted(unknown)}: choose from {', '.join(ADAPT_TASKS)}")
         if clip_cfg is None and (xlayers or set(tasks) - {"mlm"}):
             raise ValueError("without CLIP-T only the plain MLM baseline exists: use xlayers=0 and tasks=('mlm',)")
-        self.tasks = tuple(t for t in TASKS if t in tasks)
+        self.tasks = tuple(t for t in ADAPT_TASKS if t in tasks)
         self.language = LanguageEncoder(lang_cfg)
         if self.language.pooler is not None:
             self.language.pooler.requires_grad_(False)  # adaptation never uses it; XDBERT keeps BERT's pooler
@@ -334,54 +323,52 @@ class CrossModalTransformer(nn.Module):
         self.xlayers = nn.ModuleList(CrossModalLayer(lang_cfg, clip_cfg) for _ in range(xlayers))
         H, eps = lang_cfg.hidden_size, lang_cfg.layer_norm_eps
         if "mlm" in self.tasks:
-            E = lang_cfg.embedding_size or H
-            self.mlm_head = TokenPredictionHead(H, E, lang_cfg.vocab_size, eps)
+            self.mlm_head = TokenPredictionHead(H, lang_cfg.embedding_size or H, lang_cfg.vocab_size, eps)
         if "match" in self.tasks:
-            self.match_pooler = Pooler(H)
-            self.match_classifier = nn.Linear(H, 2)
+            self.match_pooler = Pooler(H)  # the cross-modal [CLS] pooler (also full-model finetuning's, App. C.3)
+            self.match_classifier = nn.Linear(H, 2)  # class 1: both streams hold the same text
         if "cliptc" in self.tasks:
             self.cliptc_head = TokenPredictionHead(clip_cfg.projection_dim, clip_cfg.width, clip_cfg.vocab_size, eps)
         for name, module in self.named_children():
             if name not in ("language", "clip"):  # new layers start as LXMERT's: the language config's std
                 module.apply(lambda m: init_weights(m, lang_cfg.initializer_range))
 
-    def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask):
-        """Both encoders, then the cross-modal layers. Returns lang (B, T, H) and vis (B, n*77, P) or None."""
+    def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks=None):
+        """Both encoders, then the cross-modal layers: lang (B, T, H) and vis (B, n*77, P) or None. clip_blocks (N,):
+        the blocks of the flattened (B*n) that CLIP-T runs on (None: all); the others are all padding and enter the
+        cross-modal layers as zeros, masked out like any padding."""
         lang, _ = self.language(input_ids, token_type_ids, attention_mask)  # (B, T, H)
         if self.clip is None:
             return lang, None
         B, n, C = clip_ids.shape
-        vis, _ = self.clip(clip_ids.reshape(B * n, C))  # (B, n, 77) -> (B*n, 77) -> (B*n, 77, P)
+        blocks = clip_ids.reshape(B * n, C)  # (B, n, 77) -> (B*n, 77)
+        vis, _ = self.clip(blocks if clip_blocks is None else blocks[clip_blocks])  # (B*n or N, 77) -> (.., 77, P)
+        if clip_blocks is not None:  # (N, 77, P) -> (B*n, 77, P), the skipped blocks as zeros
+            vis = vis.new_zeros(B * n, C, vis.shape[-1]).index_copy(0, clip_blocks, vis)
         vis = vis.reshape(B, n * C, -1)  # -> (B, n*77, P), e.g. (B, 693, 512)
-        lang_mask, vis_mask = _padding_mask(attention_mask), _padding_mask(clip_mask.reshape(B, n * C))
         for layer in self.xlayers:
-            lang, vis = layer(lang, vis, lang_mask, vis_mask)
+            lang, vis = layer(lang, vis, attention_mask, clip_mask.reshape(B, n * C))
         return lang, vis
 
-    def pooled(self, lang):
-        """The cross-modal [CLS] pooler that MATCH classifies (and full-model finetuning uses, App. C.3)."""
-        return self.match_pooler(lang)
-
-    def forward(self, input_ids, attention_mask, clip_ids=None, clip_mask=None, token_type_ids=None,
-                mlm_labels=None, match_labels=None, cliptc_labels=None):
-        lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask)
+    def forward(self, input_ids, attention_mask=None, clip_ids=None, clip_mask=None, token_type_ids=None,
+                clip_blocks=None, mlm_positions=None, mlm_targets=None, match_labels=None, cliptc_positions=None,
+                cliptc_targets=None):
+        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}: MLM and CLIPTC predict at the slots
+        mlm_positions (B, K) of the T language positions and cliptc_positions (B, K') of the n*77 CLIP positions."""
+        lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks)
         out = {}
-        if "mlm" in self.tasks:
-            out["mlm"] = token_loss(self.mlm_head, lang, mlm_labels, self.language.embeddings.word_embeddings.weight)
-        if "match" in self.tasks:
-            logits = self.match_classifier(self.pooled(lang))  # (B, 2)
+        if "mlm" in self.tasks:  # Sec. 2.3.1: masked tokens from the language stream
+            out["mlm"] = token_loss(self.mlm_head, lang, mlm_positions, mlm_targets,
+                                    self.language.embeddings.word_embeddings.weight)
+        if "match" in self.tasks:  # Sec. 2.3.2: do both streams hold the same sentence? from the cross-modal [CLS]
+            logits = self.match_classifier(self.match_pooler(lang))  # (B, 2)
             out["match"] = F.cross_entropy(logits.float(), match_labels)
             out["match_acc"] = (logits.argmax(-1) == match_labels).float().mean().detach()
-        if "cliptc" in self.tasks:
-            out["cliptc"] = token_loss(self.cliptc_head, vis.flatten(0, 1), cliptc_labels.flatten(),
+        if "cliptc" in self.tasks:  # Sec. 2.3.3: 15% of the CLIP tokens from the CLIP stream, input unmasked
+            out["cliptc"] = token_loss(self.cliptc_head, vis, cliptc_positions, cliptc_targets,
                                        self.clip.token_embedding.weight)
         out["loss"] = sum(out[t] for t in self.tasks)
         return out
-
-
-def count_parameters(module):
-    """Number of scalars in a module's parameters (works on the meta device)."""
-    return sum(p.numel() for p in module.parameters())
 
 
 # ----------------------------------------------------------------------------- safetensors, hand-written
@@ -396,23 +383,20 @@ def read_safetensors(path):
     data = bytearray(os.path.getsize(path))
     with open(path, "rb") as f:
         f.readinto(data)
-    bad = f"{path} is not a complete safetensors file"
+    bad, redo = f"{path} is not a complete safetensors file", _redownload(os.path.dirname(os.path.abspath(path)))
     if len(data) < 8:
-        raise ValueError(f"{bad} ({len(data)} bytes): download it again")
+        raise ValueError(f"{bad} ({len(data)} bytes): {redo}")
     (n,) = struct.unpack("<Q", data[:8])
     try:
         header = json.loads(data[8:8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ValueError(f"{bad} (its header is unreadable): download it again") from None
+        raise ValueError(f"{bad} (its header is unreadable): {redo}") from None
     header.pop("__metadata__", None)
-    body = memoryview(data)[8 + n:]
-    tensors = {}
+    body, tensors = memoryview(data)[8 + n:], {}
     for name, info in header.items():
-        begin, end = info["data_offsets"]
-        dtype = _DTYPES[info["dtype"]]
+        (begin, end), dtype = info["data_offsets"], _DTYPES[info["dtype"]]
         if end > len(body) or end - begin != math.prod(info["shape"]) * dtype.itemsize:
-            raise ValueError(f"{bad}: tensor {name} lies past its end ({end} > {len(body)} bytes of data); "
-                             f"download it again")
+            raise ValueError(f"{bad}: tensor {name} lies past its end ({end} > {len(body)} bytes of data); {redo}")
         flat = torch.frombuffer(body[begin:end], dtype=dtype) if end > begin else torch.empty(0, dtype=dtype)
         tensors[name] = flat.reshape(info["shape"])
     return tensors
@@ -438,30 +422,28 @@ def write_safetensors(tensors, path, metadata=None):
             f.write(blob)
 
 
-class atomic_file:
-    """open(path, mode) whose file only appears under its name once fully written (temporary file + os.replace);
-    text modes write UTF-8 with '\\n' line endings."""
+# ----------------------------------------------------------------------------- atomic writes
 
-    def __init__(self, path, mode="wb"):
-        self.path, self.mode = path, mode
-
-    def __enter__(self):
-        folder = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(folder, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(self.path) + ".", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
-        text = "b" not in self.mode
-        self.file = os.fdopen(fd, self.mode, **({"encoding": "utf-8", "newline": ""} if text else {}))
-        return self.file
-
-    def __exit__(self, kind, *_):
-        self.file.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            os.remove(self.tmp)
+@contextlib.contextmanager
+def atomic_file(path, mode="wb"):
+    """open(path, mode) whose file appears under its name only once fully written and fsynced (a temporary sibling
+    `<name>.<pid>.XXXX.tmp`, then os.replace); text modes write UTF-8 with '\\n' line endings."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(path), suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+    _fsync_dir(folder)
 
 
 def atomic_save(obj, path):
@@ -470,35 +452,93 @@ def atomic_save(obj, path):
         torch.save(obj, f)
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yields a temporary sibling folder to fill; on success it replaces `path`. An existing folder is first moved
+    aside (`<name>.<pid>.old`) and removed last, so a complete copy exists at every moment; sweep_stale puts an
+    aside copy back if a kill struck between the two renames."""
+    path, folder = os.path.normpath(path), os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=folder, prefix=_tmp_prefix(path), suffix=".tmp")
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        aside = f"{path}.{os.getpid()}.old"
+        if os.path.exists(path):
+            os.replace(path, aside)
+        os.replace(tmp, path)
+        _fsync_dir(folder)
+        shutil.rmtree(aside, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _tmp_prefix(path):
+    return f"{os.path.basename(os.path.normpath(path))}.{os.getpid()}."
+
+
+def _fsync_dir(folder):
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep_stale(folder):
+    """Remove the temporary files and folders (`<name>.<pid>.XXXX.tmp`) that killed processes left in `folder`, and
+    put back a folder that atomic_dir had moved aside (`<name>.<pid>.old`) when nothing replaced it. Entries of live
+    processes are left alone. Returns the entries handled."""
+    handled = []
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
+        match = re.fullmatch(r"(.+)\.(\d+)\.(\w+\.tmp|old)", entry)
+        if not match or int(match[2]) == os.getpid() or _alive(int(match[2])):
+            continue
+        full, name = os.path.join(folder, entry), os.path.join(folder, match[1])
+        if match[3] == "old" and not os.path.exists(name):
+            os.replace(full, name)
+        elif os.path.isdir(full):
+            shutil.rmtree(full)
+        else:
+            os.remove(full)
+        handled.append(entry)
+    return handled
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        pass
+    return True
+
+
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
-def encoder_names(cfg: EncoderConfig):
-    """Our parameter name -> the Hugging Face BertModel / ElectraModel names it is made of (concatenated on dim 0).
-    Checkpoints may prefix these with "bert." or "electra."; bert-base-uncased still calls LayerNorm weights
-    gamma/beta (read_checkpoint renames them)."""
-    table = {"embeddings.word_embeddings.weight": ["embeddings.word_embeddings.weight"],
-             "embeddings.position_embeddings.weight": ["embeddings.position_embeddings.weight"],
-             "embeddings.token_type_embeddings.weight": ["embeddings.token_type_embeddings.weight"]}
-    pairs = [("embeddings.ln", "embeddings.LayerNorm")]
-    if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
-        pairs.append(("embeddings.project", "embeddings_project"))
-    for i in range(cfg.num_layers):
-        ours, hf = f"blocks.{i}.", f"encoder.layer.{i}."
-        for suffix in ("weight", "bias"):
-            table[ours + f"attention.attn.qkv.{suffix}"] = [hf + f"attention.self.{m}.{suffix}"
-                                                            for m in ("query", "key", "value")]
-        pairs += [(ours + "attention.attn.proj", hf + "attention.output.dense"),
-                  (ours + "attention.ln", hf + "attention.output.LayerNorm"),
-                  (ours + "ffn.fc", hf + "intermediate.dense"),
-                  (ours + "ffn.proj", hf + "output.dense"),
-                  (ours + "ffn.ln", hf + "output.LayerNorm")]
-    if cfg.pooler:
-        pairs.append(("pooler.dense", "pooler.dense"))
-    for ours, hf in pairs:
-        for suffix in ("weight", "bias"):
-            table[f"{ours}.{suffix}"] = [f"{hf}.{suffix}"]
-    return table
+# our config field -> the config.json key of BertConfig / ElectraConfig, and of CLIPTextConfig
+ENCODER_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+                "num_heads": "num_attention_heads", "ffn_size": "intermediate_size",
+                "max_positions": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
+                "layer_norm_eps": "layer_norm_eps", "dropout": "hidden_dropout_prob",
+                "initializer_range": "initializer_range"}
+ENCODER_OPTIONAL = ("type_vocab_size", "layer_norm_eps", "dropout", "initializer_range")  # old files may lack them
+CLIP_KEYS = {"vocab_size": "vocab_size", "width": "hidden_size", "num_layers": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "ffn_size": "intermediate_size",
+             "context_length": "max_position_embeddings", "projection_dim": "projection_dim",
+             "layer_norm_eps": "layer_norm_eps"}
 
+# our module in a block -> the Hugging Face modules whose weight and bias it holds (several: concatenated on dim 0)
+BERT_LAYER_NAMES = {"attention.attn.qkv": ["attention.self.query", "attention.self.key", "attention.self.value"],
+                    "attention.attn.proj": ["attention.output.dense"], "attention.ln": ["attention.output.LayerNorm"],
+                    "ffn.fc": ["intermediate.dense"], "ffn.proj": ["output.dense"], "ffn.ln": ["output.LayerNorm"]}
+CLIP_LAYER_NAMES = {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    "attn.proj": ["self_attn.out_proj"], "ln_1": ["layer_norm1"], "fc": ["mlp.fc1"],
+                    "proj": ["mlp.fc2"], "ln_2": ["layer_norm2"]}
 
 # BERT's pretraining heads, where a checkpoint has them: the MLM and MATCH heads start from them (Sec. 2.3).
 PRETRAINING_HEAD_NAMES = {
@@ -512,66 +552,76 @@ PRETRAINING_HEAD_NAMES = {
 }
 
 
-def clip_names(cfg: CLIPTextConfig):
-    """Our parameter name -> the Hugging Face CLIPModel / CLIPTextModelWithProjection names it is made of."""
-    table = {"token_embedding.weight": ["text_model.embeddings.token_embedding.weight"],
-             "positional_embedding": ["text_model.embeddings.position_embedding.weight"],
-             "text_projection.weight": ["text_projection.weight"]}
-    pairs = [("ln_final", "text_model.final_layer_norm")]
+def hf_names(cfg):
+    """Our tensor -> the Hugging Face tensors it is made of (several: concatenated on dim 0), for BertModel /
+    ElectraModel (checkpoints may prefix the names with "bert." / "electra." and call LayerNorm weights gamma/beta:
+    read_checkpoint undoes both) or CLIPModel / CLIPTextModelWithProjection."""
+    if isinstance(cfg, CLIPTextConfig):
+        weights = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+                   "positional_embedding": "text_model.embeddings.position_embedding.weight",
+                   "text_projection.weight": "text_projection.weight"}
+        modules = {"ln_final": ["text_model.final_layer_norm"]}
+        layer_names, hf_layer = CLIP_LAYER_NAMES, "text_model.encoder.layers.{}."
+    else:
+        weights = {f"embeddings.{e}.weight": f"embeddings.{e}.weight"
+                   for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
+        modules = {"embeddings.ln": ["embeddings.LayerNorm"]}
+        layer_names, hf_layer = BERT_LAYER_NAMES, "encoder.layer.{}."
+        if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
+            modules["embeddings.project"] = ["embeddings_project"]
+        if cfg.pooler:
+            modules["pooler.dense"] = ["pooler.dense"]
     for i in range(cfg.num_layers):
-        ours, hf = f"blocks.{i}.", f"text_model.encoder.layers.{i}."
-        for suffix in ("weight", "bias"):
-            table[ours + f"attn.qkv.{suffix}"] = [hf + f"self_attn.{m}_proj.{suffix}" for m in "qkv"]
-        pairs += [(ours + "attn.proj", hf + "self_attn.out_proj"), (ours + "ln_1", hf + "layer_norm1"),
-                  (ours + "fc", hf + "mlp.fc1"), (ours + "proj", hf + "mlp.fc2"), (ours + "ln_2", hf + "layer_norm2")]
-    for ours, hf in pairs:
-        for suffix in ("weight", "bias"):
-            table[f"{ours}.{suffix}"] = [f"{hf}.{suffix}"]
-    return table
+        modules |= {f"blocks.{i}.{ours}": [hf_layer.format(i) + hf for hf in hfs] for ours, hfs in layer_names.items()}
+    return {ours: [hf] for ours, hf in weights.items()} | {
+        f"{ours}.{s}": [f"{hf}.{s}" for hf in hfs] for ours, hfs in modules.items() for s in ("weight", "bias")}
 
 
-def _unused(name, cfg):
-    """Checkpoint tensors that are known and deliberately left out."""
-    if name.endswith("position_ids") or name.startswith(("vision_model.", "visual_projection.")):
-        return True  # buffers of old transformers versions; CLIP's image tower
-    if name in ("logit_scale", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
-        return True  # CLIP's contrastive temperature (unused here); the MLM decoder is tied to the word embeddings
-    if name.startswith(("embeddings_project.", "discriminator_predictions.")):
-        return True  # ELECTRA's unused projection when embedding_size == hidden_size (HF#7530); its RTD head
-    return False
+def _unused(name):
+    """Checkpoint tensors known and deliberately left out: buffers of old transformers versions, CLIP's image tower and
+    contrastive temperature, the MLM decoder (tied to the word embeddings), ELECTRA's unused projection when
+    embedding_size == hidden_size (HF#7530) and its RTD head, BERT's pretraining heads (read apart)."""
+    return (name.endswith("position_ids") or name in PRETRAINING_HEAD_NAMES.values()
+            or name in ("logit_scale", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+            or name.startswith(("vision_model.", "visual_projection.", "embeddings_project.",
+                                "discriminator_predictions.")))
 
 
-def _config_from_hf(path):
-    """config.json of a hub-layout directory -> (our config, kind)."""
+def _redownload(path):
+    return f"fetch it again with `python download.py {os.path.basename(os.path.normpath(path))} --force`"
+
+
+def config_from_hf(path):
+    """config.json of a hub-layout directory -> (our config, kind: "bert" | "electra" | "clip")."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json in {path}: is it a checkpoint directory? "
                                 f"Fetch one with `python download.py bert-base` (or clip, electra-base, ...)")
-    with open(file) as f:
-        c = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            c = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON ({e}): {_redownload(path)}") from None
+    if not isinstance(c, dict):
+        raise ValueError(f"{file} is not a config.json object: {_redownload(path)}")
     kind = c.get("model_type")
-    if kind in ("bert", "electra"):
-        act = c.get("hidden_act", "gelu")
-        if act != "gelu":
-            raise ValueError(f"{file}: hidden_act {act!r} is not supported (BERT and ELECTRA use 'gelu')")
-        emb = c.get("embedding_size", c["hidden_size"])
-        return EncoderConfig(
-            model_type=kind, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-            num_layers=c["num_hidden_layers"], num_heads=c["num_attention_heads"], ffn_size=c["intermediate_size"],
-            max_positions=c["max_position_embeddings"], type_vocab_size=c.get("type_vocab_size", 2),
-            embedding_size=None if emb == c["hidden_size"] else emb, layer_norm_eps=c.get("layer_norm_eps", 1e-12),
-            dropout=c.get("hidden_dropout_prob", 0.1), pooler=kind == "bert",
-            initializer_range=c.get("initializer_range", 0.02)), kind
+    try:
+        if kind in ("bert", "electra"):
+            act = c.get("hidden_act", "gelu")
+            if act != "gelu":
+                raise ValueError(f"{file}: hidden_act {act!r} is not supported (BERT and ELECTRA use 'gelu')")
+            fields = {ours: c.get(hf, getattr(EncoderConfig, ours)) if ours in ENCODER_OPTIONAL else c[hf]
+                      for ours, hf in ENCODER_KEYS.items()}
+            emb = c.get("embedding_size", c["hidden_size"])
+            return EncoderConfig(model_type=kind, embedding_size=None if emb == c["hidden_size"] else emb,
+                                 pooler=kind == "bert", **fields), kind
+    except KeyError as e:
+        raise ValueError(f"{file} lacks the key {e.args[0]!r} of a {kind} config: {_redownload(path)}") from None
     if kind in ("clip", "clip_text_model"):
-        t = c.get("text_config") or {} if kind == "clip" else c
-        d = CLIPTextConfig()
-        return CLIPTextConfig(
-            vocab_size=t.get("vocab_size", d.vocab_size), width=t.get("hidden_size", d.width),
-            num_layers=t.get("num_hidden_layers", d.num_layers), num_heads=t.get("num_attention_heads", d.num_heads),
-            ffn_size=t.get("intermediate_size", d.ffn_size),
-            context_length=t.get("max_position_embeddings", d.context_length),
-            projection_dim=c.get("projection_dim", t.get("projection_dim", d.projection_dim)),
-            layer_norm_eps=t.get("layer_norm_eps", d.layer_norm_eps)), "clip"
+        t = (c.get("text_config") or {}) if kind == "clip" else c  # CLIPModel nests the text tower's config
+        fields = {ours: t.get(hf, getattr(CLIPTextConfig, ours)) for ours, hf in CLIP_KEYS.items()}
+        fields["projection_dim"] = c.get("projection_dim", fields["projection_dim"])
+        return CLIPTextConfig(**fields), "clip"
     raise ValueError(f"{file}: model_type {kind!r} is not one of bert, electra, clip")
 
 
@@ -583,75 +633,59 @@ def read_checkpoint(path):
         if os.path.isfile(file):
             break
     else:
-        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: "
-                                f"the download is incomplete, run `python download.py` for it again")
-    if file.endswith(".bin"):
+        raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: the download is incomplete, "
+                                f"{_redownload(path)}")
+    if file.endswith(".safetensors"):
+        state = read_safetensors(file)
+    else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{file} cannot be read ({type(e).__name__}): download it again") from None
-    else:
-        state = read_safetensors(file)
-    out = {}
+        except Exception as e:  # torch.load raises many kinds on a damaged file; its message says which
+            raise ValueError(f"{file} cannot be read ({type(e).__name__}: {e}): {_redownload(path)}") from None
+    renamed = {}
     for key, tensor in state.items():
-        for prefix in ("bert.", "electra."):
-            key = key.removeprefix(prefix)
-        key = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-        out[key] = tensor
-    return out
-
-
-def _convert(state, table, cfg, source):
-    """Fill our tensors from a checkpoint by the name table; every name of ours must be found with its shape and
-    every checkpoint tensor must be used or known-unused (_unused)."""
-    ours, used = {}, set()
-    for name, parts in table.items():
-        missing = [p for p in parts if p not in state]
-        if missing:
-            raise ValueError(f"{source} has no tensor {missing[0]} (needed for {name}): is it a "
-                             f"{getattr(cfg, 'model_type', 'clip')} checkpoint of the layout config.json describes?")
-        ours[name] = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
-        used.update(parts)
-    extra = [k for k in state if k not in used and not _unused(k, cfg) and k not in PRETRAINING_HEAD_NAMES.values()]
-    if extra:
-        raise ValueError(f"{source} holds tensors this architecture does not have, e.g. {extra[0]}: "
-                         f"it is not a plain {getattr(cfg, 'model_type', 'clip')} checkpoint")
-    return ours
-
-
-def _load_strict(module, tensors, source):
-    """load_state_dict with a clear error naming the first misshaped tensor."""
-    expected = module.state_dict()
-    for name, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[name].shape):
-            raise ValueError(f"{source}: tensor for {name} has shape {tuple(tensor.shape)}, "
-                             f"config.json implies {tuple(expected[name].shape)}")
-    module.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
-
-
-def from_hf(path):
-    """Build a LanguageEncoder (model_type bert / electra) or CLIPTextTransformer (clip, clip_text_model) from a
-    directory in the Hugging Face hub layout: config.json + model.safetensors or pytorch_model.bin."""
-    return _from_hf(path)[0]
+        key = key.removeprefix("bert.").removeprefix("electra.")
+        renamed[key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
+    return renamed
 
 
 def _from_hf(path):
-    cfg, kind = _config_from_hf(path)
+    """from_hf, and all the checkpoint's tensors. Every tensor of ours must be found by the name table with its shape,
+    and every checkpoint tensor must be used or known-unused."""
+    cfg, kind = config_from_hf(path)
     state = read_checkpoint(path)
-    if kind == "clip":
-        module, table = CLIPTextTransformer(cfg), clip_names(cfg)
-    else:
-        module, table = LanguageEncoder(cfg), encoder_names(cfg)
-    _load_strict(module, _convert(state, table, cfg, path), path)
-    heads = {ours: state[hf] for ours, hf in PRETRAINING_HEAD_NAMES.items() if hf in state}
-    return module, heads
+    module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
+    expected, ours = module.state_dict(), {}
+    table = hf_names(cfg)
+    for name, parts in table.items():
+        missing = [p for p in parts if p not in state]
+        if missing:
+            raise ValueError(f"{path} has no tensor {missing[0]} (needed for {name}): is it a {kind} checkpoint of "
+                             f"the layout config.json describes?")
+        ours[name] = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
+        if ours[name].shape != expected[name].shape:
+            raise ValueError(f"{path}: tensor for {name} has shape {tuple(ours[name].shape)}, config.json implies "
+                             f"{tuple(expected[name].shape)}")
+    used = {p for parts in table.values() for p in parts}
+    extra = [k for k in state if k not in used and not _unused(k)]
+    if extra:
+        raise ValueError(f"{path} holds tensors this architecture does not have, e.g. {extra[0]}: it is not a plain "
+                         f"{kind} checkpoint")
+    module.load_state_dict({k: v.float() for k, v in ours.items()})
+    return module, state
 
 
-def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=TASKS):
-    """The adaptation model from two public checkpoints (clip_dir=None: the MLM-only baseline). The cross-modal
-    layers and the CLIPTC head start fresh; the MLM head and MATCH classifier start from BERT's pretraining heads
-    (cls.predictions, cls.seq_relationship) when the checkpoint has them, and the MATCH pooler from BERT's pooler."""
-    language, heads = _from_hf(lang_dir)
+def from_hf(path):
+    """A LanguageEncoder (model_type bert, electra) or CLIPTextTransformer (clip, clip_text_model) from a directory in
+    the Hugging Face hub layout: config.json + model.safetensors or pytorch_model.bin."""
+    return _from_hf(path)[0]
+
+
+def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=ADAPT_TASKS):
+    """The adaptation model from two public checkpoints (clip_dir None: the MLM baseline). The cross-modal layers and
+    the CLIPTC head start fresh; the MLM head, MATCH classifier and MATCH pooler from BERT's pretraining heads and
+    pooler where the checkpoint has them."""
+    language, state = _from_hf(lang_dir)
     if not isinstance(language, LanguageEncoder):
         raise ValueError(f"{lang_dir} holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA")
     clip = from_hf(clip_dir) if clip_dir is not None else None
@@ -661,8 +695,12 @@ def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=TASKS):
     model.language.load_state_dict(language.state_dict())
     if clip is not None:
         model.clip.load_state_dict(clip.state_dict())
-    own = model.state_dict()
-    model.load_state_dict({k: v.float() for k, v in heads.items() if k in own}, strict=False)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for ours, hf in PRETRAINING_HEAD_NAMES.items():
+            if ours in params and hf in state:  # the head of a chosen task, in a checkpoint that has it
+                # NSP's class 0 is IsNext, MATCH's class 1 is "same text": the two rows swap
+                params[ours].copy_(state[hf].flip(0) if ours.startswith("match_classifier.") else state[hf])
     if "match" in model.tasks and language.pooler is not None:
         model.match_pooler.load_state_dict(language.pooler.state_dict())
     return model
@@ -671,37 +709,30 @@ def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=TASKS):
 def _hf_config(cfg):
     """Our config -> a config.json that transformers' BertModel / ElectraModel / CLIPTextModelWithProjection read."""
     if isinstance(cfg, CLIPTextConfig):
-        return {"model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"],
-                "vocab_size": cfg.vocab_size, "hidden_size": cfg.width, "num_hidden_layers": cfg.num_layers,
-                "num_attention_heads": cfg.num_heads, "intermediate_size": cfg.ffn_size,
-                "max_position_embeddings": cfg.context_length, "projection_dim": cfg.projection_dim,
-                "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "quick_gelu",
-                "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1, "pad_token_id": 0}
-    c = {"model_type": cfg.model_type, "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-         "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
-         "intermediate_size": cfg.ffn_size, "max_position_embeddings": cfg.max_positions,
-         "type_vocab_size": cfg.type_vocab_size, "layer_norm_eps": cfg.layer_norm_eps, "hidden_act": "gelu",
-         "hidden_dropout_prob": cfg.dropout, "attention_probs_dropout_prob": cfg.dropout, "pad_token_id": 0,
-         "initializer_range": cfg.initializer_range,
-         "architectures": ["BertModel" if cfg.model_type == "bert" else "ElectraModel"]}
+        return {hf: getattr(cfg, ours) for ours, hf in CLIP_KEYS.items()} | {
+            "model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"],
+            "hidden_act": "quick_gelu", "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1,
+            "pad_token_id": 0}
+    c = {hf: getattr(cfg, ours) for ours, hf in ENCODER_KEYS.items()} | {
+        "model_type": cfg.model_type, "hidden_act": "gelu", "attention_probs_dropout_prob": cfg.dropout,
+        "pad_token_id": 0, "architectures": ["BertModel" if cfg.model_type == "bert" else "ElectraModel"]}
     if cfg.model_type == "electra":
         c["embedding_size"] = cfg.embedding_size or cfg.hidden_size
     return c
 
 
 def save_hf(encoder, path):
-    """Write a LanguageEncoder (e.g. XDBERT after adaptation) or CLIPTextTransformer in the hub layout:
-    config.json + model.safetensors under the public names, so that transformers' from_pretrained loads it."""
+    """Write a LanguageEncoder (e.g. XDBERT after adaptation) or CLIPTextTransformer in the hub layout under the
+    public names (config.json + model.safetensors), so that transformers' from_pretrained loads it."""
     cfg = encoder.config
-    table = clip_names(cfg) if isinstance(cfg, CLIPTextConfig) else encoder_names(cfg)
-    state, tensors = encoder.state_dict(), {}
-    for ours, parts in table.items():
-        for hf, chunk in zip(parts, state[ours].chunk(len(parts))):
-            tensors[hf] = chunk.clone()
+    table = hf_names(cfg)
+    state = encoder.state_dict()
+    tensors = {hf: chunk.clone() for ours, parts in table.items()
+               for hf, chunk in zip(parts, state[ours].chunk(len(parts)))}
     os.makedirs(path, exist_ok=True)
     write_safetensors(tensors, os.path.join(path, "model.safetensors"), {"format": "pt"})
-    with atomic_file(os.path.join(path, "config.json")) as f:
-        f.write(json.dumps(_hf_config(cfg), indent=2).encode())
+    with atomic_file(os.path.join(path, "config.json"), "w") as f:
+        f.write(json.dumps(_hf_config(cfg), indent=2))
 
 
 def save_crossmodal(model, path):
@@ -721,7 +752,7 @@ def load_crossmodal(path):
     return model
 
 
-# ----------------------------------------------------------------------------- Table 6, and the speed benchmark
+# ----------------------------------------------------------------------------- Table 6
 
 PAPER_TABLE6 = {"BERT-b": 109_482_240, "XBERT-b": 202_059_009, "ELECTRA-l": 334_092_288, "XELECTRA-l": 442_671_617}
 
@@ -738,85 +769,19 @@ def table6():
     return rows
 
 
-def _bench_pair(preset, shape, directory):
-    """Our module and transformers' (sdpa attention) with identical random weights, and an input batch."""
-    import transformers
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    cfg = PRESETS[preset]
-    ours = LanguageEncoder(cfg) if preset != "clip" else CLIPTextTransformer(cfg)
-    save_hf(ours, directory)
-    if preset == "clip":
-        theirs = transformers.CLIPTextModelWithProjection.from_pretrained(directory, attn_implementation="sdpa")
-        run_theirs = lambda ids: theirs(ids).text_embeds
-    else:
-        theirs = transformers.BertModel.from_pretrained(directory, attn_implementation="sdpa")
-        run_theirs = lambda ids: theirs(ids).last_hidden_state
-    ours.train(), theirs.train()
-    ids = torch.randint(0, cfg.vocab_size - 1, shape)
-    return {"ours": lambda: ours(ids)[0], "transformers": lambda: run_theirs(ids)}
-
-
-def _step(run):
-    run().float().square().mean().backward()
-
-
-def _peak_step_memory(preset, shape, name):
-    """MB of resident memory one forward+backward adds at its peak, in this (fresh) process: Linux's peak-RSS
-    counter is reset after a warm-up step (/proc/self/clear_refs), then read (VmHWM) after a measured step."""
-    def status(field):
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith(field)) / 1024
-    with tempfile.TemporaryDirectory() as d:
-        run = _bench_pair(preset, shape, d)[name]
-    _step(run)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = status("VmRSS")
-    _step(run)
-    return status("VmHWM") - base
-
-
-def _bench(steps=5):
-    """Forward+backward time and peak memory of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers'
-    sdpa implementations on identical weights and inputs. Times alternate step by step in one process (the median
-    is printed); each memory figure comes from a fresh process with glibc's malloc returning freed memory at once."""
-    import subprocess
-    import time
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        sys.exit("the benchmark compares against transformers: `pip install -r requirements-test.txt` first")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, median of {steps} steps")
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
-    for preset, shape in (("bert-base", (8, 128)), ("clip", (72, 77))):
-        with tempfile.TemporaryDirectory() as d:
-            runs = _bench_pair(preset, shape, d)
-        times = {name: [] for name in runs}
-        for i in range(steps + 1):
-            for name, run in runs.items():
-                t = time.perf_counter()
-                _step(run)
-                times[name].append(time.perf_counter() - t)
-        t = {name: sorted(v[1:])[steps // 2] for name, v in times.items()}
-        mem = {name: float(subprocess.check_output(
-            [sys.executable, __file__, "bench-memory", preset, str(shape[0]), str(shape[1]), name], env=env))
-            for name in runs}
-        print(f"{preset:9s} {shape[0]:2d} x {shape[1]:3d}: fwd+bwd ours {t['ours'] * 1e3:6.0f} ms, transformers "
-              f"{t['transformers'] * 1e3:6.0f} ms, ratio {t['ours'] / t['transformers']:.2f} | peak step memory "
-              f"ours {mem['ours']:5.0f} MB, transformers {mem['transformers']:5.0f} MB, "
-              f"ratio {mem['ours'] / mem['transformers']:.2f}")
+def linear_warmup_decay(step, total, warmup_fraction):
+    """Learning-rate factor of App. C.1 and C.2's schedule: linear warm-up over the first ceil(fraction x total)
+    steps, then linear decay to 0 at `total` (transformers' get_linear_schedule_with_warmup with the warm-up steps
+    of its Trainer, math.ceil(total * warmup_ratio))."""
+    warmup = math.ceil(total * warmup_fraction)
+    if step < warmup:
+        return step / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["bench"]:
-        _bench()
-    elif sys.argv[1:2] == ["bench-memory"]:
-        preset, B, T, name = sys.argv[2:]
-        print(_peak_step_memory(preset, (int(B), int(T)), name))
-    else:
-        print("Table 6 parameter counts, computed from the presets on the meta device (task heads not counted)")
-        for name, ours in table6():
-            paper = PAPER_TABLE6[name]
-            note = "  (+1: CLIP's logit scale, counted but not kept)" if name.startswith("X") else ""
-            print(f"  {name:11s} ours {ours:>12,}  paper {paper:>12,}  {'match' if ours == paper else 'DIFFER'}{note}")
+    print("Table 6 parameter counts, computed from the presets on the meta device (task heads not counted)")
+    for name, ours in table6():
+        paper = PAPER_TABLE6[name]
+        note = "  (+1: CLIP's logit scale, counted but not kept)" if name.startswith("X") else ""
+        print(f"  {name:11s} ours {ours:>12,}  paper {paper:>12,}  {'match' if ours == paper else 'DIFFER'}{note}")

@@ -14,9 +14,7 @@ import csv
 import dataclasses
 import gzip
 import json
-import os
 import random
-import shutil
 import statistics
 import subprocess
 import sys
@@ -187,12 +185,12 @@ def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
     rng, out = random.Random(f"{seed}-pictures"), []
     for i in range(n):
         thing, scene = world[i % len(world)], rng.choice(SCENES)
-        captions = []
-        for _ in range(5):
+        def sentence():
             words = [getattr(thing, part) for part, _ in IMAGE_PARTS[::-1] if rng.random() < SAY_ATTRIBUTE]
             where = f" {rng.choice(PLACES)} the {rng.choice(OBJECTS)} in the {scene}" * (rng.random() < SAY_SCENE)
-            captions.append(f"{rng.choice(('A', 'The', 'One'))} {' '.join(words + [thing.name])}{where}.")
-        out.append(Picture(thing, scene, tuple(captions)))
+            return f"{rng.choice(('A', 'The', 'One'))} {' '.join(words + [thing.name])}{where}."
+        out.append(Picture(thing, scene, tuple(" ".join(sentence() for _ in range(rng.choice((1, 2))))
+                                                for _ in range(5))))
     return out
 
 
@@ -310,7 +308,7 @@ def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: fl
 
 def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, steps: int, lr: float,
                  seed: int) -> float:
-    """MLM (Devlin et al. 2019) on corpus windows with data.mlm_masking, through model.token_loss with a fresh
+    """MLM (Devlin et al. 2019) on corpus windows: AdaptationData's masking, model.token_loss through a fresh
     TokenPredictionHead tied to the word embeddings."""
     cfg = encoder.config
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
@@ -318,12 +316,10 @@ def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, s
     head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
 
     def loss_at(step):
-        rng = np.random.default_rng((seed, step))
-        picked = rng.choice(len(windows), MLM_BATCH, replace=False)
-        inputs, labels = zip(*(data.mlm_masking(windows.bert_ids[i].astype(np.int64), windows.special, 0.15, rng)
-                               for i in picked))
-        hidden, _ = encoder(torch.from_numpy(np.stack(inputs)))  # (B, T) -> (B, T, H)
-        return model.token_loss(head, hidden, torch.from_numpy(np.stack(labels)),
+        picked = np.random.default_rng((seed, step)).choice(len(windows), MLM_BATCH, replace=False)
+        b = windows.batch(picked, seed, step)
+        hidden, _ = encoder(b["input_ids"])  # (B, T) -> (B, T, H)
+        return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
                                 encoder.embeddings.word_embeddings.weight)
 
     return fit([*encoder.parameters(), *head.parameters()], loss_at, steps, lr)
@@ -337,8 +333,8 @@ def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: l
     tower = nn.Sequential(nn.Linear(IMAGE_DIM, 2 * P), nn.GELU(), nn.Linear(2 * P, P))  # pictures -> CLIP's space
     log_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's initial temperature
     captions = [(p, c) for p in album for c in p.captions]
-    ids = torch.from_numpy(np.stack([data.clip_blocks(clip_tok, c, 1)[0][0] for _, c in captions]))  # (N, 77)
-    ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # causal: positions after <|endoftext|> change nothing
+    ids = data.encode([data.Example(c) for _, c in captions], "sst2", None, clip_tok=clip_tok)["clip_ids"][:, 0]
+    ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # (N, 77) -> (N, L): causal, so the padding after changes nothing
 
     def loss_at(step):
         rng = np.random.default_rng((seed, step))
@@ -353,15 +349,12 @@ def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: l
 
 
 def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
-    """model.save_hf + tokenizer.json (+ vocab.txt) in a temporary folder, renamed into place when complete."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_hf(encoder, tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    if vocab_txt:
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        write_lines(tmp / "vocab.txt", [token for token, _ in vocab])
-    os.replace(tmp, folder)
+    """model.save_hf + tokenizer.json (+ vocab.txt), the folder appearing only when complete."""
+    with model.atomic_dir(folder) as tmp:
+        model.save_hf(encoder, tmp)
+        tok.save(str(Path(tmp, "tokenizer.json")))
+        if vocab_txt:
+            write_lines(Path(tmp, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
 
 
 def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
@@ -623,7 +616,6 @@ def build_toy(root: Path, seed: int = 0) -> None:
 # The controlled experiment (README, "The toy experiment"): adapt.py and finetune.py run as a user runs them
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
-ADAPT_SCHEDULE = ["--epochs", "40", "--max-steps", "1201"]
 ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy", "X-BERT": "x-bert-toy",
         "CLIP-T": "clip-toy"}  # Table 1's rows -> run names
 
@@ -648,7 +640,7 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
     out.mkdir(parents=True)
     log, ckpt = out / "log.txt", root / "ckpt"
     for name, flags in (("bert-toy-mlm", ["--no-clip"]), ("xdbert-toy", [])):
-        run(["adapt.py", "--toy", "--data", root, "--out", out, "--name", name, *flags, *ADAPT_SCHEDULE], log)
+        run(["adapt.py", "--toy", "--data", root, "--out", out, "--name", name, *flags], log)
     xdbert = out / "xdbert-toy" / "xdbert"
     encoders = {"BERT": [ckpt / "bert-toy"], "BERT + MLM": [out / "bert-toy-mlm" / "xdbert"], "XDBERT": [xdbert],
                 "X-BERT": [xdbert, "--full-model", "--clip", ckpt / "clip-toy"], "CLIP-T": [ckpt / "clip-toy"]}
@@ -663,6 +655,15 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
         row = next(row for row, name in ROWS.items() if name == result["model"])
         scores.setdefault(path.parent.parent.name, {}).setdefault(row, []).append(result["metrics"]["accuracy"])
     return scores
+
+
+def experiment_chart(scores: dict) -> str:
+    """Table 1 as bars: one cluster per task, one bar per model at its median, whiskers from the lowest seed to the
+    highest."""
+    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
+    medians = {t: {row: 100 * statistics.median(scores[t][row]) for row in ROWS} for t in tasks}
+    spread = {t: {row: (100 * min(scores[t][row]), 100 * max(scores[t][row])) for row in ROWS} for t in tasks}
+    return data.svg_bars(medians, "The toy experiment: dev accuracy, median over seeds", "accuracy (%)", spread)
 
 
 def experiment_table(scores: dict) -> str:
@@ -691,13 +692,22 @@ def main(argv=None) -> None:
     if args.command == "experiment":
         start = time.time()
         try:
-            table = experiment_table(experiment(Path(args.data), Path(args.out), args.seeds))
+            scores = experiment(Path(args.data), Path(args.out), args.seeds)
+            table = experiment_table(scores)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        with model.atomic_file(Path(args.out) / "table.md", "w") as f:
+        out = Path(args.out)
+        with model.atomic_file(out / "table.md", "w") as f:
             f.write(table + "\n")
+        with model.atomic_file(out / "experiment.svg", "w") as f:
+            f.write(experiment_chart(scores))
         print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
-              f"{time.time() - start:.0f} s; written to {args.out}/table.md")
+              f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
+        grounding = ["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
+                     "--base", *sorted((out / "colour").glob(f"*-{ROWS['BERT']}-seed*")),
+                     "--adapted", *sorted((out / "colour").glob(f"*-{ROWS['XDBERT']}-seed*"))]
+        print("$ python " + " ".join(map(str, grounding)), flush=True)
+        subprocess.run([sys.executable, *map(str, grounding)], cwd=Path(__file__).parent, check=True)
 
 
 if __name__ == "__main__":
