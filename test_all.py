@@ -558,7 +558,8 @@ DATA_TEXTS = [
     "Café naïve résumé Ångström über façade", "emoji 😀🐱👍🏽 and ♥ ✓", "tabs\tand\n\nnew lines   and     spaces \r\n",
     "x" * 300, "supercalifragilisticexpialidocious" * 4, "don't won't they're I'll we've she'd",
     "中文字符 日本語のテキスト 한국어", "Tower @-@ based , 1 @,@ 000 @.@ 5 = = Section = =", "ALL CAPS SHOUTING",
-    "numbers 1234567890 12,345.67 -3e10", "ﬁnancial ligature, ½ fraction, ２ fullwidth", "“curly” ‘quotes’ — dash … ellipsis",
+    "numbers 1234567890 12,345.67 -3e10", "ﬁnancial ligature, ½ fraction, ２ fullwidth",
+    "“curly” ‘quotes’ — dash … ellipsis",
 ]
 
 
@@ -575,7 +576,8 @@ def data_openai_clip_vocab(bpe_gz):
             n += 1
     vocab = [chr(c) for c in cs]
     merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     return {v: i for i, v in enumerate(vocab)}, merges
 
 
@@ -596,7 +598,7 @@ def data_hf_clip(tmp_path_factory):
     return CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
 
 
-# ------------------------------------------------------------------------------------------------------------ tokenizers
+# -------------------------------------------------------------------------------------------------------- tokenizers
 
 def test_data_clip_tokenizer_known_ids(data_clip_dir):
     tok = data.clip_tokenizer(data_clip_dir)
@@ -752,8 +754,9 @@ def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
 def test_data_wikitext_lines_follow_tan_and_bansal(tmp_path):
     """App. C.1 (vokenization's WikiText-103 rule): headings and lines of fewer than 5 words go, the rest stays; a flag
     keeps every non-blank line for other corpora; the manifest records the rule, so a change rebuilds the cache."""
-    sample = [" = Valkyria Chronicles III = ", " ", " = = Gameplay = = ", " Senjō no Valkyria 3 : Unrecorded Chronicles "
-              "( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . ", " Four words only here ",
+    sample = [" = Valkyria Chronicles III = ", " ", " = = Gameplay = = ",
+              " Senjō no Valkyria 3 : Unrecorded Chronicles ( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ "
+              "playing video game . ", " Four words only here ",
               " Five words are kept here ", " = = = Release = = = "]
     (tmp_path / "w.raw").write_text("\n".join(sample) + "\n", encoding="utf-8")
     kept = [line for chunk in data.line_chunks(tmp_path / "w.raw") for line in chunk]
@@ -954,7 +957,8 @@ def test_data_glue_readers(tmp_path, capsys):
     data_write(glue / "CoLA/test.tsv", "index\tsentence\n0\tA test sentence.\n")
     data_write(glue / "MRPC/dev.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n1\t1\t2\tA b.\tA  b !\r\n")
     data_write(glue / "STS-B/dev.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
-               "sentence2\tscore\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane.\tAn air plane.\t5.000\n")
+               "sentence2\tscore\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane.\tAn air plane.\t"
+               "5.000\n")
     data_write(glue / "QQP/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
                '7\t1\t2\tWhy "is it?\tWhy is it?\t1\n8\t3\t4\tbroken line without a second question\t0\n'
                "9\t5\t6\tq\tr\t0\n")
@@ -2082,7 +2086,8 @@ def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
     """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer) passes 90% within
     250 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
     run = adapt_run(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
-                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "250", "--ckpt-every", "0")
+                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "250",
+                    "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.9 and sum(r["match"] for r in last) / 50 < 0.3
 
@@ -3200,7 +3205,8 @@ def test_pwcca_settings_come_from_a_preset_and_the_flags_given_win():
     assert (toy.data, toy.names, toy.encoder) == ("data/toy", ("bert-toy", "electra-toy", "clip-toy"), "bert-toy")
     assert pwcca.parse_args(["--toy", "--data", "d", "bert-base", "clip", "--textbook", "--words", "0"]) == \
         dataclasses.replace(toy, data="d", names=("bert-base", "clip"), reading="textbook", words=0)
-    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"], for_grounding=True)
+    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"],
+                                 for_grounding=True)
     assert grounding == dataclasses.replace(toy, base=("a", "b"), adapted=("c",), threshold=1)
     with pytest.raises(SystemExit):                                      # a Table 2 flag is not a grounding flag
         pwcca.parse_args(["--base", "a", "--adapted", "c", "--words", "3"], for_grounding=True)
@@ -3246,7 +3252,8 @@ def test_pwcca_app_d_worked_examples_in_wordpieces(tmp_path):
     for name, (texts, total, grounded) in PWCCA_APP_D.items():
         pieces = sum(pwcca.wordpieces(tokenizer, texts), [])
         assert sum(not pwcca.is_stopword(p) for p in pieces) == total, name
-        assert pwcca.grounded_ratio(pieces, counts, pwcca.PRESETS["paper"].threshold) == pytest.approx(grounded / total), name
+        threshold = pwcca.PRESETS["paper"].threshold
+        assert pwcca.grounded_ratio(pieces, counts, threshold) == pytest.approx(grounded / total), name
     premise, hypothesis = pwcca.wordpieces(tokenizer, PWCCA_APP_D["D.3 example 1"][0])
     assert pwcca.mark_grounded(premise, Counter(), 100) == (   # App. D's rendering, brackets and "##" as printed
         "jean (-) claude tri ##chet (,) (the) european central bank president (,) made (it) clear (,) (on) wednesday "

@@ -649,11 +649,9 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
         for row, name in ROWS.items():
             print("  " + run(["finetune.py", "sst2", "--toy", "--data", root / "experiment" / task, "--encoder",
                               *encoders[row], "--name", name, "--seeds", seeds, "--epochs", EXPERIMENT_EPOCHS,
-                              "--out", out / task], log), flush=True)
-    for path in out.glob("*/*/results.json"):
-        result = json.loads(path.read_text())
-        row = next(row for row, name in ROWS.items() if name == result["model"])
-        scores.setdefault(path.parent.parent.name, {}).setdefault(row, []).append(result["metrics"]["accuracy"])
+                              "--out", out / task / name], log), flush=True)
+            scores.setdefault(task, {})[row] = [json.loads(p.read_text())["metrics"]["accuracy"]
+                                                for p in sorted((out / task / name).glob("*/results.json"))]
     return scores
 
 
@@ -704,8 +702,8 @@ def main(argv=None) -> None:
         print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
               f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
         grounding = ["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
-                     "--base", *sorted((out / "colour").glob(f"*-{ROWS['BERT']}-seed*")),
-                     "--adapted", *sorted((out / "colour").glob(f"*-{ROWS['XDBERT']}-seed*"))]
+                     "--base", *sorted((out / "colour" / ROWS["BERT"]).iterdir()),
+                     "--adapted", *sorted((out / "colour" / ROWS["XDBERT"]).iterdir())]
         print("$ python " + " ".join(map(str, grounding)), flush=True)
         subprocess.run([sys.executable, *map(str, grounding)], cwd=Path(__file__).parent, check=True)
 
