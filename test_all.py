@@ -2735,10 +2735,10 @@ def test_finetune_other_settings_never_overwrite_a_run(ft_toy, tmp_path, capsys,
               "--out", tmp_path]
     _ft_main(capsys, *common)
     first = (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text()
-    _ft_main(capsys, *common, "--lr", "1e-3")
+    _ft_main(capsys, *common, "--lr", "3e-3")
     assert (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text() == first
-    assert json.loads((tmp_path / "rte-bert-toy-lr0.001-ep1-n40-seed0" / "results.json").read_text())["config"][
-        "lr"] == 1e-3
+    assert json.loads((tmp_path / "rte-bert-toy-lr0.003-ep1-n40-seed0" / "results.json").read_text())["config"][
+        "lr"] == 3e-3
     _ft_main(capsys, *common, "--name", "mine")
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained into a foreign run"))
     with pytest.raises(SystemExit, match=r"mine-ep1-n40-seed0 holds a run with other settings \(encoder 'bert-toy' "
