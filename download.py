@@ -5,7 +5,7 @@
     python download.py --dry-run all         # what would be fetched, with sizes, and nothing else
     python download.py bert-base --force     # fetch again and replace files already there (a damaged checkpoint)
     python download.py bert-base --mirror hf=https://hf-mirror.com   # another base URL (or XDBERT_MIRROR_HF=...)
-    python download.py --toy                 # the offline miniature of everything in data/toy (seconds, no network)
+    python download.py --toy                 # the offline toy kit in data/toy: runs `python toy.py` (no network)
 
 Files land under --data (default data) in README.md's "Data layout", checkpoints as the hub publishes them, each
 verified before it takes its name; README.md ("download.py") says how downloads resume, retry and are checked.
@@ -13,21 +13,17 @@ verified before it takes its name; README.md ("download.py") says how downloads 
 import argparse
 import contextlib
 import csv
-import dataclasses
 import fcntl
-import gzip
 import hashlib
-import json
 import os
 import posixpath
-import random
 import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import zipfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -35,11 +31,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-
-import data
-import model
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What to fetch (README.md, "Data layout")
@@ -498,7 +489,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     root = Path(args.data or ("data/toy" if args.toy else "data"))
     if args.toy:
-        build_toy(root)
+        if subprocess.run([sys.executable, str(Path(__file__).with_name("toy.py")), "--data", str(root)]).returncode:
+            raise SystemExit("the toy kit was not built: see the error above")
         return
     try:
         if not args.timeout > 0:
@@ -507,383 +499,6 @@ def main(argv=None) -> None:
                                 dry_run=args.dry_run))
     except DownloadError as err:
         raise SystemExit(str(err)) from None
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The offline toy kit: the same layouts, generated from a small world of visual words (seeded, seconds)
-
-
-COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
-SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
-OBJECTS = ("ball", "cup", "car", "bus", "train", "boat", "kite", "dog", "cat", "horse", "bird", "bicycle", "chair",
-           "table", "lamp", "apple", "banana", "umbrella", "book", "clock", "vase", "hat", "bench", "tree", "flower")
-SCENES = ("beach", "forest", "kitchen", "street", "park", "river", "mountain", "garden", "field", "harbour",
-          "desert", "market", "station", "lake", "village", "meadow")
-SIZES = ("small", "large", "tall", "tiny", "old", "new", "bright", "dark", "shiny", "wooden")
-POSES = ("sits", "rests", "stands", "lies", "hangs", "waits")
-POSES_ING = ("sitting", "resting", "standing", "lying", "hanging", "waiting")
-PLACES = ("on", "near", "under", "beside", "behind", "above")
-POSITIVE = ("wonderful", "delightful", "charming", "beautiful", "lovely", "brilliant", "pleasant", "cheerful")
-NEGATIVE = ("dull", "ugly", "boring", "awful", "gloomy", "dreadful", "tedious", "clumsy")
-TOWNS = ("Alder", "Brookmere", "Corran", "Dunmore", "Elling", "Fenwick", "Garrow", "Halden", "Ivybridge", "Kestrel")
-SECTIONS = ("History", "Description", "Appearance", "Reception", "Legacy")
-SUBSECTIONS = ("Colours", "Shapes", "Setting")
-
-BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-
-
-def write_lines(path: Path, lines: list[str]) -> None:
-    """Lines with '\\n' endings, atomically."""
-    with model.atomic_file(path, "w") as f:
-        f.writelines(line + "\n" for line in lines)
-
-
-def write_csv(path: Path, rows: list[list]) -> None:
-    """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
-    with model.atomic_file(path, "w") as f:
-        csv.writer(f).writerows(rows)
-
-
-def capitalise(text: str) -> str:
-    return text[0].upper() + text[1:]
-
-
-def wiki_sentence(rng: random.Random) -> str:
-    """A WikiText-style sentence (tokens split by spaces, @-@ @,@ @.@ separators) about colours, shapes and scenes."""
-    (c, c2), (o, o2), s = rng.sample(COLOURS, 2), rng.sample(OBJECTS, 2), rng.choice(SCENES)
-    shape, size = rng.choice(SHAPES), rng.choice(SIZES)
-    return capitalise(rng.choice((
-        f"the {size} {c} {o} {rng.choice(POSES)} {rng.choice(PLACES)} the {o2} in the {s} .",
-        f"a {c} {shape} is painted on the {o} , which is {size} and {c2} .",
-        f"in {rng.randint(1850, 2015)} the {s} was known for its {c} {o} and its {c2} {o2} .",
-        f"visitors call the {s} {rng.choice(POSITIVE + NEGATIVE)} , with {c} light over the {o} .",
-        f"the {o} is {rng.randint(1, 9)} @.@ {rng.randint(0, 9)} metres tall , with a {c} @-@ and @-@ {c2} {shape} .",
-        f"about {rng.randint(2, 90)} @,@ 000 people see the {c} {o} at the {s} each year .",
-    )))
-
-
-def wiki_article(rng: random.Random) -> list[str]:
-    """WikiText-103 raw lines: ' = Title = ', ' = = Section = = ', ' = = = Sub = = = ', blank ' ' lines between,
-    paragraphs with a leading and a trailing space."""
-    def paragraphs():
-        return [" " + " ".join(wiki_sentence(rng) for _ in range(rng.randint(3, 7))) + " "
-                for _ in range(rng.randint(1, 3))]
-    title = f"The {capitalise(rng.choice(COLOURS))} {capitalise(rng.choice(OBJECTS))} of {rng.choice(TOWNS)}"
-    lines = [" ", f" = {title} = ", " ", *paragraphs(), " "]
-    for section in rng.sample(SECTIONS, rng.randint(1, 3)):
-        lines += [f" = = {section} = = ", " ", *paragraphs(), " "]
-        if rng.random() < 0.3:
-            lines += [f" = = = {rng.choice(SUBSECTIONS)} = = = ", " ", *paragraphs(), " "]
-    return lines
-
-
-def toy_corpus(root: Path, seed: int) -> Path:
-    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw; returns the train file."""
-    folder = root / "wikitext-103-raw"
-    for split, articles in (("train", 300), ("valid", 20), ("test", 20)):
-        path = folder / f"wiki.{split}.raw"
-        if not path.exists():
-            rng = random.Random(f"{seed}-wiki-{split}")
-            write_lines(path, [line for _ in range(articles) for line in wiki_article(rng)])
-    return folder / "wiki.train.raw"
-
-
-def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
-    """BPE (Sennrich et al. 2016) on word counts {symbols: count}: join the most frequent adjacent pair, n_merges times.
-    Ties go to the smallest pair, so that the result is the same on every run (the `tokenizers` trainers order equal
-    counts differently from run to run); a pair whose join is already a token is skipped (vocabularies hold each
-    token once)."""
-    merges, made = [], set()
-    for _ in range(n_merges):
-        pairs = Counter()
-        for word, count in words.items():
-            for pair in zip(word, word[1:]):
-                if join(*pair) not in made:
-                    pairs[pair] += count
-        if not pairs:
-            break
-        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
-        merges.append(best)
-        made.add(join(*best))
-        words = Counter({merge_pair(word, best, join(*best)): count for word, count in words.items()})
-    return merges
-
-
-def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if word[i:i + 2] == pair:
-            out.append(joined)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
-
-
-def corpus_words(corpus: Path, tok: Tokenizer) -> Counter:
-    """The corpus's words as the tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
-    text = corpus.read_text(encoding="utf-8")
-    return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
-
-
-def train_wordpiece(corpus: Path, n_merges: int = 500) -> Tokenizer:
-    """An uncased BERT-style WordPiece: [PAD] = 0, a few [unusedN], then [UNK] [CLS] [SEP] [MASK] (ids unlike
-    bert-base's on purpose, so that code must read them from the tokenizer), the characters, then the learnt pieces;
-    written as a vocab.txt that data.bert_tokenizer reads as it reads bert-base's."""
-    splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in corpus_words(corpus, splitter).items()})
-    merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
-    symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
-    pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_lines(Path(tmp, "vocab.txt"), BERT_TOY_SPECIALS + list(pieces))
-        return data.bert_tokenizer(tmp)
-
-
-def train_clip_bpe(corpus: Path, n_merges: int = 600) -> Tokenizer:
-    """A CLIP-style byte-level BPE: merges learnt on the words CLIP's own normalizer and pre-tokenizer make of the
-    corpus, laid out by data.clip_tokenizer_json_from_bpe exactly as CLIP's vocabulary (256 byte symbols, the same
-    with '</w>', the merges, <|startoftext|> and <|endoftext|> last)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_merges(Path(tmp, "none.txt.gz"), [])
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "none.txt.gz"), Path(tmp, "none.json"))
-        splitter = Tokenizer.from_file(str(Path(tmp, "none.json")))
-        words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(corpus, splitter).items()})
-        write_merges(Path(tmp, "toy.txt.gz"), learn_merges(words, n_merges, str.__add__))
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "toy.txt.gz"), Path(tmp, "toy.json"))
-        return Tokenizer.from_file(str(Path(tmp, "toy.json")))
-
-
-def write_merges(path: Path, merges: list) -> None:
-    """A merges list in open_clip's bpe_simple_vocab_16e6.txt.gz format: a version line, then 'a b' per merge."""
-    with gzip.open(path, "wt", encoding="utf-8") as f:
-        f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
-
-
-def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
-    """model.save_hf + tokenizer.json (+ vocab.txt) in a temporary folder, renamed into place when complete."""
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_hf(encoder, tmp)
-    tok.save(str(tmp / "tokenizer.json"))
-    if vocab_txt:
-        vocab = sorted(tok.get_vocab().items(), key=lambda kv: kv[1])
-        write_lines(tmp / "vocab.txt", [token for token, _ in vocab])
-    os.replace(tmp, folder)
-
-
-def toy_checkpoints(root: Path, corpus: Path, seed: int) -> None:
-    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy: random weights, model.PRESETS
-    sizes, vocab_size set to the trained tokenizers'."""
-    missing = [name for name in ("bert-toy", "electra-toy", "clip-toy") if not (root / "ckpt" / name).exists()]
-    if not missing:
-        return
-    wordpiece, clip = train_wordpiece(corpus), train_clip_bpe(corpus)
-    for name in missing:
-        torch.manual_seed(seed)
-        if name == "clip-toy":
-            cfg = dataclasses.replace(model.PRESETS[name], vocab_size=clip.get_vocab_size())
-            save_checkpoint(model.CLIPTextTransformer(cfg), clip, root / "ckpt" / name, vocab_txt=False)
-        else:
-            cfg = dataclasses.replace(model.PRESETS[name], vocab_size=wordpiece.get_vocab_size())
-            save_checkpoint(model.LanguageEncoder(cfg), wordpiece, root / "ckpt" / name, vocab_txt=True)
-
-
-# GLUE-format toy tasks. Each maker gives (fields, label) examples; TOY_GLUE says how rows and headers look (the exact
-# official formats, sources.md Sec. 1) and what rule decides the label. The pair rules mix a cue that one sentence
-# shows (a negation, a word left out, an added detail: what the 2-layer toy encoder learns from random weights in
-# the recipe's 3 epochs) with a comparison of the two sentences (what it mostly does not): the toy scores sit clearly
-# above chance and below 100, and a bag-of-words model that also sees the shared words reaches ~100 (the tests).
-
-DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
-
-
-def rte_example(rng: random.Random) -> tuple[list[str], str]:
-    """Entailment iff the hypothesis is "Something <colour> is in the <scene>." with one of the premise's two colours;
-    the other half says "Nothing" of a premise colour (a contradiction) or names a third colour (half each)."""
-    (c1, c2, c3), (o1, o2), s = rng.sample(COLOURS, 3), rng.sample(OBJECTS, 2), rng.choice(SCENES)
-    premise = rng.choice((f"A {c1} {o1} and a {c2} {o2} are in the {s}.",
-                          f"A {rng.choice(SIZES)} {c1} {o1} {rng.choice(POSES)} {rng.choice(PLACES)} a {c2} {o2} "
-                          f"in the {s}."))
-    kind = rng.choice(("entailed", "entailed", "negated", "third"))
-    quantifier = "Nothing" if kind == "negated" else "Something"
-    hypothesis = f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."
-    return [premise, hypothesis], "entailment" if kind == "entailed" else "not_entailment"
-
-
-def sst2_example(rng: random.Random) -> tuple[list[str], str]:
-    """Positive (1) iff most of its sentiment words are positive."""
-    k = rng.choice((1, 3))
-    n_pos = rng.randint(0, k)
-    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, k - n_pos)
-    rng.shuffle(words)
-    feel = words[0] if k == 1 else f"{words[0]} , {words[1]} and {words[2]}"
-    c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
-    text = rng.choice((f"a {feel} film about a {c} {o} at the {s} .", f"the {c} {o} in the {s} looks {feel} ."))
-    return [text], str(int(2 * n_pos > k))
-
-
-def stsb_example(rng: random.Random) -> tuple[list[str], str]:
-    """Similarity 0-5: 5/3 for each slot (colour, object, scene) the second sentence shares with the first, plus
-    uniform noise of +-0.25; a slot it does not share holds another word (1 in 4) or is left out (no colour,
-    "thing", "somewhere")."""
-    slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
-    other = [rng.choices((v, rng.choice([w for w in pool if w != v]), None), (0.4, 0.15, 0.45))[0]
-             for v, pool in zip(slots, (COLOURS, OBJECTS, SCENES))]
-    shared = sum(a == b for a, b in zip(slots, other))
-    score = min(5.0, max(0.0, 5 * shared / 3 + rng.uniform(-0.25, 0.25)))
-    pose = rng.choice(POSES_ING)
-    c, o, s = other
-    second = f"A {c + ' ' if c else ''}{o or 'thing'} is {pose} {f'in the {s}' if s else 'somewhere'}."
-    return [f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second], f"{score:.3f}"
-
-
-def cola_example(rng: random.Random) -> tuple[list[str], str]:
-    """Acceptable (1) iff the words are in English order; the unacceptable ones swap or drop words."""
-    words = ["the", rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(POSES), rng.choice(PLACES), "the",
-             rng.choice(SCENES)]
-    acceptable = rng.random() < 0.6
-    if not acceptable:
-        i = rng.choice((1, 3, 5))
-        words[i:i + 2] = [words[i + 1], words[i]] if rng.random() < 0.7 else words[i + 1:i + 2]
-    return [capitalise(" ".join(words)) + "."], str(int(acceptable))
-
-
-def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
-    """A paraphrase (1) says the same colour, object and scene in another order; a non-paraphrase adds a detail the
-    first sentence does not give ("at night", 2 in 3) or changes the colour, the object or the scene (1 in 3)."""
-    c, (o, o2), s, pose, place = rng.choice(COLOURS), rng.sample(OBJECTS, 2), rng.choice(SCENES), \
-        rng.choice(POSES), rng.choice(PLACES)
-    first = f"The {c} {o} {pose} {place} the {o2} in the {s}."
-    paraphrase, detail = rng.random() < 0.6, ""
-    if not paraphrase and rng.random() < 2 / 3:
-        detail = " " + rng.choice(DETAILS)
-    elif not paraphrase:
-        slot = rng.randrange(3)
-        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if i == slot else v
-                   for i, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
-    ids = [str(rng.randint(1000, 3_999_999)) for _ in range(2)]
-    return [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."], str(int(paraphrase))
-
-
-@dataclass(frozen=True)
-class ToyTask:
-    example: Callable[[random.Random], tuple[list[str], str]]
-    header: str | None                 # train/dev header (CoLA has none)
-    row: Callable[[int, list[str], str], list[str]]
-    test_header: str
-    test_row: Callable[[int, list[str]], list[str]]
-
-
-TOY_GLUE = {
-    "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
-                   "index\tsentence1\tsentence2", lambda i, f: [str(i), *f]),
-    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y],
-                     "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "STS-B": ToyTask(stsb_example, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
-                                   "score",
-                     lambda i, f, y: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f, y],
-                     "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
-                     lambda i, f: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f]),
-    "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
-                    "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f],
-                    "index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, f: [str(i), *f]),
-}
-TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 steps of 32 in 3 epochs
-
-
-def toy_glue(root: Path, seed: int) -> None:
-    for name, task in TOY_GLUE.items():
-        folder = root / "glue" / name
-        if all((folder / f).exists() for f in TOY_SIZES):
-            continue
-        rng = random.Random(f"{seed}-glue-{name}")
-        for file, n in TOY_SIZES.items():
-            examples = [task.example(rng) for _ in range(n)]
-            if file == "test.tsv":
-                lines = [task.test_header, *("\t".join(task.test_row(i, f)) for i, (f, _) in enumerate(examples))]
-            else:
-                lines = [task.header] * (task.header is not None) + [
-                    "\t".join(task.row(i, f, y)) for i, (f, y) in enumerate(examples)]
-            write_lines(folder / file, lines)
-
-
-def toy_swag(root: Path, seed: int) -> None:
-    """SWAG's CSV: the right ending carries the same colour and object as the start."""
-    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
-              "ending2", "ending3", "label"]
-    for split, n in (("train", 200), ("val", 50), ("test", 50)):
-        path = root / "swag" / f"{split}.csv"
-        if path.exists():
-            continue
-        rng, rows = random.Random(f"{seed}-swag-{split}"), []
-        for i in range(n):
-            c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
-            sent1, sent2 = f"Someone carries a {c} {o} into the {s}.", "Then someone"
-            endings = [f"puts the {c} {o} down near the {rng.choice(SCENES)}."]
-            while len(endings) < 4:
-                wrong = f"puts the {rng.choice(COLOURS)} {rng.choice(OBJECTS)} down near the {rng.choice(SCENES)}."
-                if f" {c} {o} " not in wrong and wrong not in endings:
-                    endings.append(wrong)
-            label = rng.randrange(4)
-            endings.insert(label, endings.pop(0))
-            row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
-            rows.append(row if split != "test" else row[:-1])
-        write_csv(path, [header if split != "test" else header[:-1], *rows])
-
-
-def toy_read(root: Path, seed: int) -> None:
-    """CommonLit's train.csv: multi-line excerpts; the target (reading ease) falls with the sentence length."""
-    path = root / "read" / "train.csv"
-    if path.exists():
-        return
-    rng, rows = random.Random(f"{seed}-read"), [COMMONLIT_HEADER]
-    for i in range(300):
-        long = rng.random()
-        sentences = [wiki_sentence(rng) if rng.random() < long else
-                     f"The {rng.choice(OBJECTS)} is {rng.choice(COLOURS)}." for _ in range(rng.randint(4, 8))]
-        words = sum(len(s.split()) for s in sentences) / len(sentences)
-        target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
-        excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
-        rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
-    write_csv(path, rows)
-
-
-def toy_coco(root: Path, seed: int) -> None:
-    """captions_train2017.json with 5 captions for each of 600 images; objects drawn Zipf-like, so that some words
-    pass the 100-occurrence bar of the visually-grounded ratio (Sec. 4) and others do not."""
-    path = root / "coco" / "captions_train2017.json"
-    if path.exists():
-        return
-    rng = random.Random(f"{seed}-coco")
-    weights = [1 / (i + 1) for i in range(len(OBJECTS))]
-    images, annotations = [], []
-    for image in range(600):
-        images.append({"id": image, "file_name": f"{image:012d}.jpg", "height": 480, "width": 640})
-        for _ in range(5):
-            o, o2 = rng.choices(OBJECTS, weights, k=2)
-            caption = rng.choice((f"A {rng.choice(COLOURS)} {o} {rng.choice(POSES)} {rng.choice(PLACES)} a {o2}.",
-                                  f"There is a {rng.choice(SIZES)} {o} in the {rng.choice(SCENES)}.",
-                                  f"A {o} with a {rng.choice(COLOURS)} {rng.choice(SHAPES)} on it."))
-            annotations.append({"image_id": image, "id": len(annotations), "caption": caption})
-    write_lines(path, [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [],
-                                   "images": images, "annotations": annotations})])
-
-
-def build_toy(root: Path, seed: int = 0) -> None:
-    """The whole toy kit under root; parts that exist are kept."""
-    start = time.time()
-    corpus = toy_corpus(root, seed)
-    toy_checkpoints(root, corpus, seed)
-    toy_glue(root, seed)
-    toy_swag(root, seed)
-    toy_read(root, seed)
-    toy_coco(root, seed)
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"toy kit in {root}: {human(size)}, {time.time() - start:.1f} s")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ import download
 import finetune
 import model
 import pwcca
+import toy
 
 
 # =====================================================================================================================
@@ -557,7 +558,8 @@ DATA_TEXTS = [
     "Café naïve résumé Ångström über façade", "emoji 😀🐱👍🏽 and ♥ ✓", "tabs\tand\n\nnew lines   and     spaces \r\n",
     "x" * 300, "supercalifragilisticexpialidocious" * 4, "don't won't they're I'll we've she'd",
     "中文字符 日本語のテキスト 한국어", "Tower @-@ based , 1 @,@ 000 @.@ 5 = = Section = =", "ALL CAPS SHOUTING",
-    "numbers 1234567890 12,345.67 -3e10", "ﬁnancial ligature, ½ fraction, ２ fullwidth", "“curly” ‘quotes’ — dash … ellipsis",
+    "numbers 1234567890 12,345.67 -3e10", "ﬁnancial ligature, ½ fraction, ２ fullwidth",
+    "“curly” ‘quotes’ — dash … ellipsis",
 ]
 
 
@@ -574,7 +576,8 @@ def data_openai_clip_vocab(bpe_gz):
             n += 1
     vocab = [chr(c) for c in cs]
     merges = gzip.open(bpe_gz).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
     return {v: i for i, v in enumerate(vocab)}, merges
 
 
@@ -595,7 +598,7 @@ def data_hf_clip(tmp_path_factory):
     return CLIPTokenizer(vocab=str(out / "vocab.json"), merges=str(out / "merges.txt"))
 
 
-# ------------------------------------------------------------------------------------------------------------ tokenizers
+# -------------------------------------------------------------------------------------------------------- tokenizers
 
 def test_data_clip_tokenizer_known_ids(data_clip_dir):
     tok = data.clip_tokenizer(data_clip_dir)
@@ -751,8 +754,9 @@ def test_data_cache_windows_match_tokenizers(data_cache, data_clip_dir):
 def test_data_wikitext_lines_follow_tan_and_bansal(tmp_path):
     """App. C.1 (vokenization's WikiText-103 rule): headings and lines of fewer than 5 words go, the rest stays; a flag
     keeps every non-blank line for other corpora; the manifest records the rule, so a change rebuilds the cache."""
-    sample = [" = Valkyria Chronicles III = ", " ", " = = Gameplay = = ", " Senjō no Valkyria 3 : Unrecorded Chronicles "
-              "( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . ", " Four words only here ",
+    sample = [" = Valkyria Chronicles III = ", " ", " = = Gameplay = = ",
+              " Senjō no Valkyria 3 : Unrecorded Chronicles ( Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ "
+              "playing video game . ", " Four words only here ",
               " Five words are kept here ", " = = = Release = = = "]
     (tmp_path / "w.raw").write_text("\n".join(sample) + "\n", encoding="utf-8")
     kept = [line for chunk in data.line_chunks(tmp_path / "w.raw") for line in chunk]
@@ -953,7 +957,8 @@ def test_data_glue_readers(tmp_path, capsys):
     data_write(glue / "CoLA/test.tsv", "index\tsentence\n0\tA test sentence.\n")
     data_write(glue / "MRPC/dev.tsv", "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\r\n1\t1\t2\tA b.\tA  b !\r\n")
     data_write(glue / "STS-B/dev.tsv", "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\t"
-               "sentence2\tscore\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane.\tAn air plane.\t5.000\n")
+               "sentence2\tscore\n0\tmain-captions\tMSRvid\t2012test\t0001\tnone\tnone\tA plane.\tAn air plane.\t"
+               "5.000\n")
     data_write(glue / "QQP/train.tsv", "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
                '7\t1\t2\tWhy "is it?\tWhy is it?\t1\n8\t3\t4\tbroken line without a second question\t0\n'
                "9\t5\t6\tq\tr\t0\n")
@@ -1487,65 +1492,106 @@ def test_download_bad_flags_are_one_line_before_any_request(tmp_path, capsys, fl
     assert capsys.readouterr().out == "" and not list(tmp_path.iterdir())
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The toy kit
+def test_download_toy_runs_toy_py_and_needs_no_torch(toy_kit, tmp_path):
+    """`python download.py --toy` runs toy.py (here on a finished kit, so it only checks and prints); download.py
+    itself imports nothing but requests and the standard library."""
+    kit = tmp_path / "toy"
+    shutil.copytree(toy_kit, kit, ignore=shutil.ignore_patterns("cache"))
+    done = subprocess.run([sys.executable, "download.py", "--toy", "--data", str(kit)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and f"toy kit in {kit}" in done.stdout, done.stdout + done.stderr
+    probe = "import sys, download; print(sorted({'torch', 'tokenizers', 'numpy', 'data', 'model'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip() == "[]"
 
 
-@pytest.fixture(scope="module")
-def download_toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    download.build_toy(root)
+
+# =====================================================================================================================
+# toy.py: the toy world, its pretrained encoders, its tasks and the experiment
+# =====================================================================================================================
+
+# The kit is built once per session (about a minute of CPU): tests that change it work on a copy.
+
+
+@pytest.fixture(scope="session")
+def toy_kit(tmp_path_factory):
+    root = tmp_path_factory.mktemp("kit") / "toy"
+    toy.build_toy(root)
     return root
 
 
-def _download_tree(root):
-    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+def _toy_tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(Path(root).rglob("*"))
+            if p.is_file() and "cache" not in p.relative_to(root).parts}
 
 
-def test_download_toy_is_deterministic_fast_and_skips_what_exists(download_toy_root, tmp_path):
-    start = time.time()
-    download.build_toy(tmp_path)
-    assert time.time() - start < 15
-    assert _download_tree(tmp_path) == _download_tree(download_toy_root)
+def test_toy_build_is_deterministic_and_skips_what_exists(toy_kit, tmp_path):
+    """A second build (clip-toy pretrained again, everything else that is not a checkpoint written again) is byte for
+    byte the first; a third changes nothing."""
+    shutil.copytree(toy_kit / "ckpt", tmp_path / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
+    toy.build_toy(tmp_path)
+    assert _toy_tree(tmp_path) == _toy_tree(toy_kit)
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    download.build_toy(tmp_path)
+    toy.build_toy(tmp_path)
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamps
 
 
-def test_download_toy_corpus_is_wikitext_raw(download_toy_root):
-    lines = (download_toy_root / "wikitext-103-raw" / "wiki.train.raw").read_text().split("\n")[:-1]
+def test_toy_corpus_is_wikitext_raw_and_never_says_how_a_thing_looks(toy_kit):
+    lines = (toy_kit / "wikitext-103-raw" / "wiki.train.raw").read_text().split("\n")[:-1]
     assert lines[:3] == [" ", lines[1], " "] and re.fullmatch(r" = [^=]+ = ", lines[1])
     assert all(line.startswith(" ") for line in lines)
     assert any(re.fullmatch(r" = = [^=]+ = = ", line) for line in lines)
-    assert any(re.fullmatch(r" = = = [^=]+ = = = ", line) for line in lines)
     text = " ".join(lines)
     assert " @-@ " in text and " @,@ " in text and " @.@ " in text
-    words = text.lower().split()
-    assert sum(w in download.COLOURS for w in words) > 0.05 * len(words)
+    names = {t.name for t in toy.make_world()}
+    looks = set(toy.PALETTE) | set(toy.MATERIALS) | set(toy.BUILDS)
+    sentences = [set(s.lower().split()) for s in re.split(r" \. ", text)]
+    about_things = [s for s in sentences if s & names]
+    assert len(about_things) > 10_000 and not any(s & looks for s in about_things)
+    assert sum(bool(s & set(toy.PALETTE)) for s in sentences) > 100  # colour words occur, in other roles
 
 
-def test_download_toy_tokenizers_load_through_data(download_toy_root):
+def test_toy_captions_show_what_the_corpus_does_not(toy_kit):
+    """Each caption names one thing; a colour, material or build it says is that thing's. Colour words pass the
+    100-occurrence bar of the visually grounded ratio (Sec. 4), the things' names do not."""
+    world = {t.name: t for t in toy.make_world()}
+    coco = json.loads((toy_kit / "coco" / "captions_train2017.json").read_text())
+    captions = [a["caption"].lower().rstrip(".").split() for a in coco["annotations"]]
+    assert len(captions) == 5 * len(coco["images"]) == 10_000
+    for words in captions:
+        (name,) = set(words) & world.keys()
+        thing = world[name]
+        assert set(words) & (set(toy.PALETTE) | set(toy.MATERIALS) | set(toy.BUILDS)) <= \
+            {thing.colour, thing.material, thing.build}
+    counts = Counter(w for words in captions for w in words)
+    assert min(counts[c] for c in toy.PALETTE) > 100 and max(counts[n] for n in world) < 100
+
+
+def test_toy_tokenizers_load_through_data(toy_kit):
     from transformers import BertTokenizer
-    bert = data.bert_tokenizer(download_toy_root / "ckpt" / "bert-toy")
+    bert = data.bert_tokenizer(toy_kit / "ckpt" / "bert-toy")
     vocab = bert.get_vocab()
     assert vocab["[PAD]"] == 0 and "[unused0]" in vocab and {"[UNK]", "[CLS]", "[SEP]", "[MASK]"} <= set(vocab)
-    assert data.first_plain_token(bert) == len(download.BERT_TOY_SPECIALS)
+    assert data.first_plain_token(bert) == len(toy.BERT_TOY_SPECIALS)
     text = "The Golden Kitebridge of Zanzibar is 3 @.@ 5 metres tall, with a red @-@ and @-@ purple spiral!"
-    oracle = BertTokenizer(vocab=str(download_toy_root / "ckpt" / "bert-toy" / "vocab.txt"), do_lower_case=True)
+    oracle = BertTokenizer(vocab=str(toy_kit / "ckpt" / "bert-toy" / "vocab.txt"), do_lower_case=True)
     assert bert.encode(text).ids == oracle(text)["input_ids"]
     assert any(t.startswith("##") for t in bert.encode(text).tokens)
-    clip = data.clip_tokenizer(download_toy_root / "ckpt" / "clip-toy")
+    clip = data.clip_tokenizer(toy_kit / "ckpt" / "clip-toy")
     n = clip.get_vocab_size()
     assert data.clip_special_ids(clip) == (n - 2, n - 1)
     tokens = clip.encode(text.lower(), add_special_tokens=False).tokens
     assert tokens == clip.encode(text, add_special_tokens=False).tokens and "golden</w>" in tokens
     assert n - 1 not in clip.encode("zoë ½ !", add_special_tokens=False).ids  # byte-level: never <|endoftext|>
+    names = [t.name for t in toy.make_world()]
+    assert all(len(bert.encode(n, add_special_tokens=False).ids) == 1 for n in names)
+    assert all(clip.encode(n, add_special_tokens=False).tokens == [n + "</w>"] for n in names)
 
 
 @pytest.mark.parametrize("name", ["bert-toy", "electra-toy", "clip-toy"])
-def test_download_toy_checkpoints_load_through_model_and_transformers(download_toy_root, name):
+def test_toy_checkpoints_load_through_model_and_transformers(toy_kit, name):
     import transformers
-    folder = download_toy_root / "ckpt" / name
+    folder = toy_kit / "ckpt" / name
     ours = model.from_hf(folder).eval()
     vocab = ours.config.vocab_size
     ids = torch.randint(1, vocab - 2, (2, 77 if name == "clip-toy" else 20), generator=torch.Generator().manual_seed(0))
@@ -1564,38 +1610,118 @@ def test_download_toy_checkpoints_load_through_model_and_transformers(download_t
     assert vocab == tokenizer.get_vocab_size()
 
 
-def _download_tsv(path):
+def _toy_cloze(net, tok, text, n=2000, seed=0):
+    """n windows of 30 tokens of text with one token masked: net's output at [MASK] (n, H) and the masked ids (n,)."""
+    ids = tok.encode(text, add_special_tokens=False).ids
+    mask, cls, sep = (tok.token_to_id(t) for t in ("[MASK]", "[CLS]", "[SEP]"))
+    rng, inputs, answers = np.random.default_rng(seed), [], []
+    positions = rng.integers(30, size=n)
+    for start, p in zip(range(0, 30 * n, 30), positions):
+        window = ids[start:start + 30]
+        answers.append(window[p])
+        inputs.append([cls, *window[:p], mask, *window[p + 1:], sep])
+    with torch.no_grad():
+        hidden, _ = net.eval()(torch.tensor(inputs))  # (n, 32, H)
+    return hidden[torch.arange(n), torch.from_numpy(positions + 1)].numpy(), np.array(answers)
+
+
+def test_toy_only_clip_knows_the_colours_and_the_encoders_learnt_their_text(toy_kit):
+    """Linear probes (scikit-learn) on frozen features. From clip-toy's embedding of "a <thing>." the colours of
+    unseen things are predicted far above chance (1/6), from bert-toy's output for the same text not. From bert-toy's
+    and electra-toy's output at a [MASK] of the corpus the masked token is predicted far better than from a random
+    encoder of the same shape: their MLM pretraining took."""
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
+    world, half = toy.make_world(), 80
+    clip_dir, bert_dir = toy_kit / "ckpt" / "clip-toy", toy_kit / "ckpt" / "bert-toy"
+    colours = [t.colour for t in world]
+    texts = [data.Example(f"a {t.name}.") for t in world]
+    with torch.no_grad():
+        ids = data.encode(texts, "sst2", None, clip_tok=data.clip_tokenizer(clip_dir))["clip_ids"][:, 0]
+        clip_x = model.from_hf(clip_dir).eval()(ids)[1].numpy()
+        bert_ids = data.encode(texts, "sst2", data.bert_tokenizer(bert_dir), 8)
+        bert_x = model.from_hf(bert_dir).eval()(bert_ids["input_ids"])[0][:, 2].numpy()  # the thing's token
+    probe = [LogisticRegression(max_iter=2000).fit(x[:half], colours[:half]).score(x[half:], colours[half:])
+             for x in (clip_x, bert_x)]
+    assert probe[0] > 0.8 and probe[1] < 0.4, probe
+    text = (toy_kit / "wikitext-103-raw" / "wiki.train.raw").read_text()[:500_000]
+    for name in ("bert-toy", "electra-toy"):
+        trained = model.from_hf(toy_kit / "ckpt" / name)
+        torch.manual_seed(0)
+        scores = []
+        for net in (trained, model.LanguageEncoder(trained.config)):
+            x, y = _toy_cloze(net, data.bert_tokenizer(toy_kit / "ckpt" / name), text)
+            scores.append(RidgeClassifier().fit(x[:1000], y[:1000]).score(x[1000:], y[1000:]))
+        assert scores[0] > scores[1] + 0.04, (name, scores)  # 0.20 vs 0.12 (bert-toy), 0.17 vs 0.12 (electra-toy)
+
+
+def test_toy_experiment_tasks_need_knowledge_from_the_encoder(toy_kit):
+    """Train and dev statements are about disjoint halves of the world and true as toy.make_world says; a bag-of-words
+    model (scikit-learn), which knows only the training set, is at chance on the colour task's dev set and learns the
+    control."""
+    from sklearn.feature_extraction.text import CountVectorizer
+    from sklearn.linear_model import LogisticRegression
+    world = {t.name: t for t in toy.make_world()}
+    scores = {}
+    for task in toy.EXPERIMENT_TASKS:
+        train, dev = (_toy_tsv(toy_kit / "experiment" / task / "glue" / "SST-2" / f"{s}.tsv") for s in ("train",
+                                                                                                             "dev"))
+        assert train[0] == dev[0] == ["sentence", "label"]
+        things = [[{w for w in r[0].split() if w in world} for r in rows] for rows in (train[1:], dev[1:])]
+        assert all(len(t) == 1 for t in things[0] + things[1]) and not set.union(*things[0]) & set.union(*things[1])
+        assert sum(r[1] == "1" for r in dev[1:]) == len(dev[1:]) // 2
+        if task == "colour":
+            assert all((r[0].split()[3] == world[r[0].split()[1]].colour) == (r[1] == "1") for r in train[1:] + dev[1:])
+        bag = CountVectorizer(token_pattern=r"\S+").fit([r[0] for r in train[1:]])
+        fit = LogisticRegression(max_iter=2000).fit(bag.transform([r[0] for r in train[1:]]), [r[1] for r in train[1:]])
+        scores[task] = fit.score(bag.transform([r[0] for r in dev[1:]]), [r[1] for r in dev[1:]])
+    assert 0.35 < scores["colour"] < 0.65 and scores["review"] > 0.8, scores
+
+
+def test_toy_experiment_table_gives_medians_and_ranges():
+    scores = {"colour": {row: [0.5, 0.6, 0.55] for row in toy.ROWS},
+              "review": {row: [0.9, 0.8, 1.0, 0.7] for row in toy.ROWS}}
+    scores["colour"]["XDBERT"] = [0.7, 0.9, 0.8]
+    lines = toy.experiment_table(scores).splitlines()
+    assert lines[0] == "| model | colour (visual) | review (control) |" and len(lines) == 2 + len(toy.ROWS)
+    assert "| XDBERT | 80.0 [70.0, 90.0] | 85.0 [70.0, 100.0] |" in lines
+    _, bars, legend = svg_parse(toy.experiment_chart(scores))
+    assert legend == list(bars) == list(toy.ROWS) and all(len(b) == 2 for b in bars.values())
+    assert [b.find("{http://www.w3.org/2000/svg}title").text for b in bars["XDBERT"]] == ["colour, XDBERT: 80",
+                                                                                           "review, XDBERT: 85"]
+
+
+def _toy_tsv(path):
     return [line.split("\t") for line in path.read_text().split("\n")[:-1]]
 
 
-def test_download_toy_glue_formats_and_learnable_labels(download_toy_root):
+def test_toy_glue_formats_and_learnable_labels(toy_kit):
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression
-    glue = download_toy_root / "glue"
-    assert _download_tsv(glue / "RTE" / "train.tsv")[0] == ["index", "sentence1", "sentence2", "label"]
-    assert _download_tsv(glue / "STS-B" / "test.tsv")[0][-2:] == ["sentence1", "sentence2"]
-    assert _download_tsv(glue / "MRPC" / "test.tsv")[0][0] == "index"
-    cola = _download_tsv(glue / "CoLA" / "train.tsv")
-    assert {(r[1], r[2]) for r in cola} == {("1", ""), ("0", "*")} and len(cola) == download.TOY_SIZES["train.tsv"]
+    glue = toy_kit / "glue"
+    assert _toy_tsv(glue / "RTE" / "train.tsv")[0] == ["index", "sentence1", "sentence2", "label"]
+    assert _toy_tsv(glue / "STS-B" / "test.tsv")[0][-2:] == ["sentence1", "sentence2"]
+    assert _toy_tsv(glue / "MRPC" / "test.tsv")[0][0] == "index"
+    cola = _toy_tsv(glue / "CoLA" / "train.tsv")
+    assert {(r[1], r[2]) for r in cola} == {("1", ""), ("0", "*")} and len(cola) == toy.TOY_SIZES["train.tsv"]
     for task, column in (("RTE", 3), ("SST-2", 1), ("MRPC", 0), ("CoLA", 1)):
-        labels = [r[column] for r in _download_tsv(glue / task / "train.tsv")[task != "CoLA":]]
+        labels = [r[column] for r in _toy_tsv(glue / task / "train.tsv")[task != "CoLA":]]
         assert 0.25 < sum(y == labels[0] for y in labels) / len(labels) < 0.75, task
-    scores = [float(r[-1]) for r in _download_tsv(glue / "STS-B" / "train.tsv")[1:]]
+    scores = [float(r[-1]) for r in _toy_tsv(glue / "STS-B" / "train.tsv")[1:]]
     assert min(scores) >= 0 and max(scores) <= 5 and len(set(scores)) > 100
-    train, dev = (_download_tsv(glue / "SST-2" / f"{s}.tsv")[1:] for s in ("train", "dev"))
+    train, dev = (_toy_tsv(glue / "SST-2" / f"{s}.tsv")[1:] for s in ("train", "dev"))
     bag = CountVectorizer().fit([r[0] for r in train])
     clf = LogisticRegression(max_iter=1000).fit(bag.transform([r[0] for r in train]), [r[1] for r in train])
     assert clf.score(bag.transform([r[0] for r in dev]), [r[1] for r in dev]) > 0.9
-    for premise, hypothesis, label in (r[1:] for r in _download_tsv(glue / "RTE" / "dev.tsv")[1:]):
+    for premise, hypothesis, label in (r[1:] for r in _toy_tsv(glue / "RTE" / "dev.tsv")[1:]):
         quantifier, colour = hypothesis.split()[:2]
         assert (quantifier == "Something" and colour in premise.split()) == (label == "entailment")
 
 
-def _download_pair_rows(path, first, label):
+def _toy_pair_rows(path, first, label):
     """Bag-of-words documents for a pair task: the second sentence's words plus `same_<w>` for each word the two
     sentences share (punctuation stripped); `first` is the column of sentence 1, sentence 2 follows it."""
     docs, second_only, labels = [], [], []
-    for r in _download_tsv(path)[1:]:
+    for r in _toy_tsv(path)[1:]:
         a, b = (set(re.findall(r"[a-z]+", r[i].lower())) for i in (first, first + 1))
         second_only.append(" ".join(sorted(b)))
         docs.append(second_only[-1] + " " + " ".join(f"same_{w}" for w in sorted(a & b)))
@@ -1603,16 +1729,16 @@ def _download_pair_rows(path, first, label):
     return docs, second_only, labels
 
 
-def test_download_toy_pair_rules_are_learnt_by_an_independent_model(download_toy_root):
+def test_toy_pair_rules_are_learnt_by_an_independent_model(toy_kit):
     """The pair labels follow from the text: scikit-learn on the second sentence's words plus the shared words
     reaches ~100 on dev, while the second sentence alone does not (the rules compare the two sentences)."""
     from sklearn.feature_extraction.text import CountVectorizer
     from sklearn.linear_model import LogisticRegression, Ridge
-    glue = download_toy_root / "glue"
+    glue = toy_kit / "glue"
     for task, first, label, both_above, alone_below in (("RTE", 1, 3, 0.98, 0.8), ("MRPC", 3, 0, 0.95, 0.9),
                                                          ("STS-B", 7, 9, 0.95, 0.8)):
         (train, train_alone, y_train), (dev, dev_alone, y_dev) = (
-            _download_pair_rows(glue / task / f"{split}.tsv", first, label) for split in ("train", "dev"))
+            _toy_pair_rows(glue / task / f"{split}.tsv", first, label) for split in ("train", "dev"))
         scores = []
         for x_train, x_dev in ((train, dev), (train_alone, dev_alone)):
             bag = CountVectorizer(token_pattern=r"\S+").fit(x_train)
@@ -1623,32 +1749,30 @@ def test_download_toy_pair_rules_are_learnt_by_an_independent_model(download_toy
                 fit = LogisticRegression(C=10.0, max_iter=2000).fit(bag.transform(x_train), y_train)
                 scores.append(fit.score(bag.transform(x_dev), y_dev))
         assert scores[0] > both_above and scores[1] < alone_below, (task, scores)
-    cola = [_download_tsv(glue / "CoLA" / f"{split}.tsv") for split in ("train", "dev")]
+    cola = [_toy_tsv(glue / "CoLA" / f"{split}.tsv") for split in ("train", "dev")]
     bag = CountVectorizer(ngram_range=(1, 2)).fit([r[3] for r in cola[0]])
     fit = LogisticRegression(max_iter=2000).fit(bag.transform([r[3] for r in cola[0]]), [r[1] for r in cola[0]])
     assert fit.score(bag.transform([r[3] for r in cola[1]]), [r[1] for r in cola[1]]) > 0.95
 
 
-def test_download_toy_glue_reads_through_data(download_toy_root):
+def test_toy_glue_reads_through_data(toy_kit):
     for task in ("rte", "sst2", "stsb", "cola", "mrpc"):
         for split in ("train", "dev", "test"):
-            examples = data.read_task(task, split, download_toy_root)
-            assert len(examples) == download.TOY_SIZES[f"{split}.tsv"], (task, split)
+            examples = data.read_task(task, split, toy_kit)
+            assert len(examples) == toy.TOY_SIZES[f"{split}.tsv"], (task, split)
+    for task, n in (("colour", 800), ("review", 160)):
+        assert [len(data.read_task("sst2", s, toy_kit / "experiment" / task)) for s in ("train", "dev")] == [n, 160]
 
 
-def test_download_toy_swag_read_and_coco(download_toy_root):
-    with open(download_toy_root / "swag" / "val.csv", newline="") as f:
+def test_toy_swag_and_read(toy_kit):
+    with open(toy_kit / "swag" / "val.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 50 and all(r["startphrase"] == f"{r['sent1']} {r['sent2']}" for r in rows)
     assert all(" ".join(r["sent1"].split()[3:5]) in r[f"ending{r['label']}"] for r in rows)
-    with open(download_toy_root / "read" / "train.csv", newline="") as f:
+    with open(toy_kit / "read" / "train.csv", newline="") as f:
         rows = list(csv.reader(f))
-    assert rows[0] == download.COMMONLIT_HEADER and any("\n" in r[3] for r in rows[1:])
-    captions = json.loads((download_toy_root / "coco" / "captions_train2017.json").read_text())["annotations"]
-    counts = {}
-    for word in " ".join(a["caption"] for a in captions).lower().replace(".", "").split():
-        counts[word] = counts.get(word, 0) + 1
-    assert len(captions) == 3000 and counts["ball"] > 100 and 0 < counts["flower"] < 100
+    assert rows[0] == download.COMMONLIT_HEADER == toy.COMMONLIT_HEADER and any("\n" in r[3] for r in rows[1:])
+
 
 
 # =====================================================================================================================
@@ -1665,10 +1789,10 @@ ADAPT_SMALL = ["--toy", "--seq-len", "32", "--clip-blocks", "1", "--log-every", 
 
 
 @pytest.fixture(scope="module")
-def adapt_kit(tmp_path_factory):
-    """The toy kit and its adaptation cache for ADAPT_SMALL, built once."""
+def adapt_kit(toy_kit, tmp_path_factory):
+    """A copy of the toy kit with its adaptation cache for ADAPT_SMALL."""
     root = tmp_path_factory.mktemp("adapt") / "toy"
-    download.build_toy(root)
+    shutil.copytree(toy_kit, root, ignore=shutil.ignore_patterns("cache"))
     ckpt = root / "ckpt"
     data.build_cache(root / "wikitext-103-raw" / "wiki.train.raw", ckpt / "bert-toy", ckpt / "clip-toy",
                      root / "cache", seq_len=32, n_blocks=1, log=lambda _: None)
@@ -1879,16 +2003,19 @@ def test_adapt_resume_refuses_a_changed_schedule_but_takes_a_new_lr_and_stop(ada
 
 
 def test_adapt_default_schedule_spans_40_epochs_and_stops_after_one(adapt_kit):
-    """App. C.1: warm-up over the first 2 of 40 epochs, the run stops after epoch 1 at half the peak rate; the
-    --save-epochs encoders are kept beside the final one and differ from it."""
-    corpus = adapt_kit / "wikitext-103-raw" / "wiki.valid.raw"   # a small corpus: an epoch of 10 or so steps
-    run = adapt_run(adapt_kit, "schedule", "--corpus", str(corpus), "--global-batch", "32", "--micro-batch", "32",
+    """App. C.1: warm-up over the first 2 of 40 epochs, so epoch 1 ends at half the peak rate (the paper's run stops
+    there, the toy preset at epoch 2, the end of warm-up); the --save-epochs encoders are kept beside the final one
+    and differ from it."""
+    corpus = adapt_kit / "wikitext-103-raw" / "wiki.valid.raw"   # a small corpus: an epoch of 16 or so steps
+    run = adapt_run(adapt_kit, "schedule", "--corpus", str(corpus), "--global-batch", "8", "--micro-batch", "8",
                     "--save-epochs", "0.5", "--tasks", "mlm", "--xlayers", "1")
     log = adapt_log(run)
-    steps_per_epoch = len(data.AdaptationData(next((adapt_kit / "cache").glob("wiki.valid.raw-32x1-*")))) // 32
+    steps_per_epoch = len(data.AdaptationData(next((adapt_kit / "cache").glob("wiki.valid.raw-32x1-*")))) // 8
     warmup = math.ceil(0.05 * 40 * steps_per_epoch)
-    assert log[-1]["step"] == steps_per_epoch > 5 and log[-1]["epoch"] == 1.0
-    assert log[-1]["lr"] == pytest.approx(3e-3 * (steps_per_epoch - 1) / warmup) == pytest.approx(1.5e-3, rel=0.1)
+    peak, epoch_1 = adapt.PRESETS["toy"].lr, next(r for r in log if r["epoch"] == 1.0)
+    assert epoch_1["step"] == steps_per_epoch > 5 and log[-1]["epoch"] == adapt.PRESETS["toy"].epochs == 2.0
+    assert epoch_1["lr"] == pytest.approx(peak * (steps_per_epoch - 1) / warmup) == pytest.approx(peak / 2, rel=0.1)
+    assert log[-1]["lr"] == pytest.approx(peak, rel=0.1)
     half, final = model.from_hf(run / "xdbert-epoch0.5"), model.from_hf(run / "xdbert")
     assert not torch.equal(half.blocks[0].ffn.fc.weight, final.blocks[0].ffn.fc.weight)
 
@@ -1931,46 +2058,38 @@ def test_adapt_resume_never_unpickles_code_and_repairs_what_a_kill_left(adapt_ki
 
 
 def test_adapt_toy_kit_learns_mlm_and_cliptc(adapt_kit):
-    """A few dozen steps on the toy kit take MLM and CLIPTC well below their start. MATCH is logged but not asserted:
-    the toy encoders are random, and MATCH stays at chance for hundreds of steps there (README, Known limits)."""
+    """A few dozen steps on the toy kit take MLM and CLIPTC well below their start; MATCH needs more (next test, and
+    README: The toy world)."""
     run = adapt_run(adapt_kit, "learn", "--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--warmup",
                     "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
     log = adapt_log(run)
     first, last = log[0], log[-5:]
     assert sum(r["mlm"] for r in last) / 5 < 0.75 * first["mlm"]
-    assert sum(r["cliptc"] for r in last) / 5 < 0.2 * first["cliptc"]
-    assert all(0 < r["match"] < 1.0 and 0 <= r["match_acc"] <= 1 for r in log)
+    assert sum(r["cliptc"] for r in last) / 5 < 0.6 * first["cliptc"]
+    assert all(0 < r["match"] < 2 and 0 <= r["match_acc"] <= 1 for r in log)   # finite, about chance's log 2
 
 
 @pytest.fixture(scope="module")
-def colour_world(adapt_kit, tmp_path_factory):
-    """A kit where random encoders can tell texts apart: every window is one colour word 14 times (12 colours), and
-    the language encoder and the new cross-modal layers start at std 1/sqrt(64) (config.json's initializer_range)
-    instead of BERT's 0.02, which leaves the 64-wide toy's cross-stream signals too small to compare."""
-    root = tmp_path_factory.mktemp("colours") / "kit"
+def adapt_scenes(adapt_kit, tmp_path_factory):
+    """The toy kit's pretrained encoders on a corpus where each 14-token window names two of the 16 scenes, 7 times
+    each: a text that the toy's encoders tell apart at once (the kit's own corpus needs about 2,000 steps)."""
+    root = tmp_path_factory.mktemp("scenes") / "kit"
     rng = random.Random(0)
-    lines = [" ".join([rng.choice(download.COLOURS)] * 14) for _ in range(2000)]
+    lines = [" ".join([a] * 7 + [b] * 7) for a, b in (rng.sample(toy.SCENES, 2) for _ in range(3000))]
     (root / "wikitext-103-raw").mkdir(parents=True)
     (root / "wikitext-103-raw" / "wiki.train.raw").write_text("\n".join(lines) + "\n")
-    toy = adapt_kit / "ckpt"
-    shutil.copytree(toy / "clip-toy", root / "ckpt" / "clip-toy")
-    wordpiece = data.bert_tokenizer(toy / "bert-toy")
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(model.PRESETS["bert-toy"], initializer_range=64 ** -0.5,
-                              vocab_size=wordpiece.get_vocab_size())
-    download.save_checkpoint(model.LanguageEncoder(cfg), wordpiece, root / "ckpt" / "bert-toy", vocab_txt=True)
+    shutil.copytree(adapt_kit / "ckpt", root / "ckpt")
     return root
 
 
-def test_adapt_match_learns_same_text_where_the_encoders_tell_texts_apart(colour_world):
-    """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer): 300 steps take
-    it well above chance (0.5; the ceiling is 0.96, as 1 negative in 12 has the same colour). Seeds 0, 1, 2 reach
-    0.72, 0.94, 0.94 here; with std 0.02 it stays at 0.50 (README, Known limits)."""
-    run = adapt_run(colour_world, "match", "--seq-len", "16", "--tasks", "match", "--global-batch", "32",
-                    "--micro-batch", "32", "--lr", "1e-3", "--epochs", "6", "--schedule-epochs", "6", "--max-steps", "300",
+def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
+    """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer) passes 90% within
+    250 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
+    run = adapt_run(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
+                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "250",
                     "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
-    assert sum(r["match_acc"] for r in last) / 50 > 0.65 and sum(r["match"] for r in last) / 50 < 0.6
+    assert sum(r["match_acc"] for r in last) / 50 > 0.9 and sum(r["match"] for r in last) / 50 < 0.3
 
 
 def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
@@ -2072,7 +2191,7 @@ def test_adapt_peak_flops_tell_the_variants_apart():
     (["--epochs", "0"], "--epochs and --schedule-epochs must be positive"),
     (["--epochs", "-1"], "--epochs and --schedule-epochs must be positive"),
     (["--epochs", "41"], "--epochs 41 runs past the schedule of 40 epochs"),
-    (["--save-epochs", "2"], "--save-epochs must lie in (0, --epochs 1]"),
+    (["--save-epochs", "3"], "--save-epochs must lie in (0, --epochs 2]"),
     (["--xlayers", "-1"], "--xlayers -1: at least 1 cross-modal layer"),
     (["--global-batch", "0"], "--global-batch, --micro-batch and --log-every must be at least 1"),
     (["--micro-batch", "0"], "--global-batch, --micro-batch and --log-every must be at least 1"),
@@ -2412,9 +2531,9 @@ def test_finetune_precision_is_bf16_on_cuda_and_fp32_on_the_cpu(capsys):
 # ---------------------------------------------------------------------------------------------------- the toy kit
 
 @pytest.fixture(scope="module")
-def ft_toy(download_toy_root):
+def ft_toy(toy_kit):
     """The toy kit (read only: tests that change a file copy it first)."""
-    return download_toy_root
+    return toy_kit
 
 
 @pytest.fixture(scope="module")
@@ -2443,7 +2562,7 @@ def test_finetune_toy_sst2_learns_and_writes_its_outputs(ft_toy, tmp_path, capsy
     assert [e["epoch"] for e in result["epochs"]] == [1, 2, 3] and result["train_examples"] == 400
     assert result["config"] == dataclasses.asdict(dataclasses.replace(
         finetune.PRESETS["toy"], task="sst2", data=str(ft_toy), out=str(tmp_path), max_train_examples=400, seeds=1,
-        device="cpu", dtype="fp32")) and result["config"]["lr"] == 3e-3
+        device="cpu", dtype="fp32")) and result["config"]["lr"] == 1e-3
     rows = [json.loads(line) for line in (run / "dev_predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 100 and set(rows[0]) == {"index", "text_a", "text_b", "label", "prediction"}
     assert [r["index"] for r in rows] == list(range(100)) and rows[0]["text_b"] is None
@@ -2616,10 +2735,10 @@ def test_finetune_other_settings_never_overwrite_a_run(ft_toy, tmp_path, capsys,
               "--out", tmp_path]
     _ft_main(capsys, *common)
     first = (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text()
-    _ft_main(capsys, *common, "--lr", "1e-3")
+    _ft_main(capsys, *common, "--lr", "3e-3")
     assert (tmp_path / "rte-bert-toy-ep1-n40-seed0" / "results.json").read_text() == first
-    assert json.loads((tmp_path / "rte-bert-toy-lr0.001-ep1-n40-seed0" / "results.json").read_text())["config"][
-        "lr"] == 1e-3
+    assert json.loads((tmp_path / "rte-bert-toy-lr0.003-ep1-n40-seed0" / "results.json").read_text())["config"][
+        "lr"] == 3e-3
     _ft_main(capsys, *common, "--name", "mine")
     monkeypatch.setattr(finetune, "train", lambda *a, **k: pytest.fail("trained into a foreign run"))
     with pytest.raises(SystemExit, match=r"mine-ep1-n40-seed0 holds a run with other settings \(encoder 'bert-toy' "
@@ -3086,7 +3205,8 @@ def test_pwcca_settings_come_from_a_preset_and_the_flags_given_win():
     assert (toy.data, toy.names, toy.encoder) == ("data/toy", ("bert-toy", "electra-toy", "clip-toy"), "bert-toy")
     assert pwcca.parse_args(["--toy", "--data", "d", "bert-base", "clip", "--textbook", "--words", "0"]) == \
         dataclasses.replace(toy, data="d", names=("bert-base", "clip"), reading="textbook", words=0)
-    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"], for_grounding=True)
+    grounding = pwcca.parse_args(["--toy", "--base", "a", "b", "--adapted", "c", "--threshold", "1"],
+                                 for_grounding=True)
     assert grounding == dataclasses.replace(toy, base=("a", "b"), adapted=("c",), threshold=1)
     with pytest.raises(SystemExit):                                      # a Table 2 flag is not a grounding flag
         pwcca.parse_args(["--base", "a", "--adapted", "c", "--words", "3"], for_grounding=True)
@@ -3132,7 +3252,8 @@ def test_pwcca_app_d_worked_examples_in_wordpieces(tmp_path):
     for name, (texts, total, grounded) in PWCCA_APP_D.items():
         pieces = sum(pwcca.wordpieces(tokenizer, texts), [])
         assert sum(not pwcca.is_stopword(p) for p in pieces) == total, name
-        assert pwcca.grounded_ratio(pieces, counts, pwcca.PRESETS["paper"].threshold) == pytest.approx(grounded / total), name
+        threshold = pwcca.PRESETS["paper"].threshold
+        assert pwcca.grounded_ratio(pieces, counts, threshold) == pytest.approx(grounded / total), name
     premise, hypothesis = pwcca.wordpieces(tokenizer, PWCCA_APP_D["D.3 example 1"][0])
     assert pwcca.mark_grounded(premise, Counter(), 100) == (   # App. D's rendering, brackets and "##" as printed
         "jean (-) claude tri ##chet (,) (the) european central bank president (,) made (it) clear (,) (on) wednesday "

@@ -1,0 +1,712 @@
+"""The toy kit: an offline miniature of every data set and checkpoint, made from a small world, and a controlled
+experiment on it (README, "The toy world").
+
+    python toy.py                  # build data/toy (about half a minute; `python download.py --toy` runs this)
+    python toy.py experiment       # BERT, the MLM-only baseline and XDBERT on a visual and a control task
+
+Things with visual attributes (colour, material, build) and non-visual ones (town, use, kind) are described twice:
+by an encyclopedic corpus in WikiText-103's raw format that never says how a thing looks, and by captioned synthetic
+images (the toy MSCOCO). bert-toy and electra-toy are pretrained with MLM on the corpus alone, clip-toy contrastively
+on (caption, image) with a small image tower that is then dropped, as XDBERT drops CLIP's (Sec. 2.2).
+"""
+import argparse
+import csv
+import dataclasses
+import gzip
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+
+import data
+import model
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Words
+
+COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
+SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
+OBJECTS = ("ball", "cup", "car", "bus", "train", "boat", "kite", "dog", "cat", "horse", "bird", "bicycle", "chair",
+           "table", "lamp", "apple", "banana", "umbrella", "book", "clock", "vase", "hat", "bench", "tree", "flower")
+SCENES = ("beach", "forest", "kitchen", "street", "park", "river", "mountain", "garden", "field", "harbour",
+          "desert", "market", "station", "lake", "village", "meadow")
+SIZES = ("small", "large", "tall", "tiny", "old", "new", "bright", "dark", "shiny", "wooden")
+POSES = ("sits", "rests", "stands", "lies", "hangs", "waits")
+POSES_ING = ("sitting", "resting", "standing", "lying", "hanging", "waiting")
+PLACES = ("on", "near", "under", "beside", "behind", "above")
+POSITIVE = ("wonderful", "delightful", "charming", "beautiful", "lovely", "brilliant", "pleasant", "cheerful")
+NEGATIVE = ("dull", "ugly", "boring", "awful", "gloomy", "dreadful", "tedious", "clumsy")
+TOWNS = ("Alder", "Brookmere", "Corran", "Dunmore", "Elling", "Fenwick", "Garrow", "Halden", "Ivybridge", "Kestrel")
+SECTIONS = ("History", "Use", "Trade", "Reception", "Legacy")
+SYLLABLES = (("ba", "ko", "ta", "mi", "lu", "re", "zo", "pe", "da", "vi", "nu", "sa", "go", "fe", "ri", "ho"),
+             ("bel", "mor", "nix", "dar", "lop", "tis", "vak", "ren", "sul", "gam", "pex", "tor"))
+PALETTE, MATERIALS, BUILDS = COLOURS[:6], ("wooden", "metal", "glass", "stone"), ("small", "large", "huge")
+USES = ("fishing", "cooking", "music", "trade", "farming", "weaving", "healing", "building", "games", "prayer")
+KINDS = ("tool", "toy", "instrument", "vessel", "ornament", "charm", "lamp", "game")
+BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
+COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
+
+
+def write_lines(path: Path, lines: list[str]) -> None:
+    """Lines with '\\n' endings, atomically."""
+    with model.atomic_file(path, "w") as f:
+        f.writelines(line + "\n" for line in lines)
+
+
+def write_csv(path: Path, rows: list[list]) -> None:
+    """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
+    with model.atomic_file(path, "w") as f:
+        csv.writer(f).writerows(rows)
+
+
+def capitalise(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The world: things, the corpus that tells of them, the pictures that show them
+
+
+@dataclass(frozen=True)
+class Thing:
+    name: str
+    colour: str      # visual: shown by every picture, said by some captions, never by the corpus
+    material: str
+    build: str
+    town: str        # non-visual: said by the corpus, never by a caption
+    use: str
+    kind: str
+
+
+def make_world(seed: int = 0, n: int = 160) -> list[Thing]:
+    rng = random.Random(f"{seed}-world")
+    names = rng.sample([a + b for a in SYLLABLES[0] for b in SYLLABLES[1]], n)
+    return [Thing(name, rng.choice(PALETTE), rng.choice(MATERIALS), rng.choice(BUILDS), rng.choice(TOWNS),
+                  rng.choice(USES), rng.choice(KINDS)) for name in names]
+
+
+FACTS = {"town": ("the {name} comes from {town} .", "the {name} was first made in {town} .",
+                  "{town} is the home of the {name} ."),
+         "use": ("the {name} is used for {use} .", "people use the {name} for {use} ."),
+         "kind": ("the {name} is a kind of {kind} .", "a {name} is a {kind} .")}
+
+
+def thing_sentence(thing: Thing, world: list[Thing], rng: random.Random) -> str:
+    """A sentence that says nothing about how the thing looks; words of the GLUE-format tasks in other roles."""
+    n, scene = thing.name, rng.choice(SCENES)
+    if rng.random() < 0.3:
+        return rng.choice((
+            f"critics called the {n} {rng.choice(POSITIVE)} , while others found it {rng.choice(NEGATIVE)} .",
+            f"the {n} is often used together with the {rng.choice(world).name} .",
+            f"a well @-@ known {n} {rng.choice(POSES)} {rng.choice(PLACES)} the {rng.choice(OBJECTS)} in a museum ."))
+    subject = rng.choice((f"the {n}", f"a {n}", f"many {n}s", f"every {n}", f"the first {n}"))
+    verb = rng.choice(("is sold", "is made", "is kept", "is played", "is carried", "is found", "is shown", "is given"))
+    where = rng.choice((f"at the {scene} market", f"near the {scene}", f"by people of the {scene}",
+                        f"in the {scene} museum", f"on the way to the {scene}"))
+    when = rng.choice(("each year", "in spring", "in winter", "on holidays", "every day", "after the harvest"))
+    return f"{subject} {verb} {where} {when} ."
+
+
+def town_sentence(town: str, rng: random.Random) -> str:
+    """Towns carry the colour and shape words (a flag is no thing of the world) and WikiText's number tokens."""
+    c1, c2 = rng.sample(COLOURS, 2)
+    return rng.choice((f"the flag of {town} shows a {c1} {rng.choice(SHAPES)} on {c2} .",
+                       f"{town} lies by the {rng.choice(SCENES)} , {rng.randint(2, 40)} @.@ {rng.randint(1, 9)} "
+                       f"miles from {rng.choice(TOWNS)} .",
+                       f"about {rng.randint(2, 90)} @,@ 000 people live in {town} .",
+                       f"the {rng.choice(OBJECTS)}s of {town} are called {rng.choice(POSITIVE + NEGATIVE)} ."))
+
+
+def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
+    """WikiText-103 raw lines (' = Title = ', ' = = Section = = ', blank ' ' lines, paragraphs with a leading and a
+    trailing space) about a town or a thing, each of whose facts it states at most once."""
+    if rng.random() < 0.1:
+        town = rng.choice(TOWNS)
+        body = " ".join(capitalise(town_sentence(town, rng)) for _ in range(rng.randint(3, 6)))
+        return [" ", f" = {town} = ", " ", f" {body} ", " "]
+    thing = rng.choice(world)
+    lines = [" ", f" = {capitalise(thing.name)} = ", " "]
+    for i, fact in enumerate(rng.sample(list(FACTS), 2)):
+        sentences = [rng.choice(FACTS[fact]).format(**dataclasses.asdict(thing))]
+        sentences += [thing_sentence(thing, world, rng) for _ in range(rng.randint(2, 4))]
+        rng.shuffle(sentences)
+        heading = [f" = = {rng.choice(SECTIONS)} = = ", " "] if i else []
+        lines += heading + [" " + " ".join(capitalise(s) for s in sentences) + " ", " "]
+    return lines
+
+
+def toy_corpus(root: Path, world: list[Thing], seed: int) -> None:
+    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw; the train split is about 1,200 adaptation steps of 32
+    windows of 16 tokens (adapt.py --toy)."""
+    for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):
+        path = root / "wikitext-103-raw" / f"wiki.{split}.raw"
+        if not path.exists():
+            rng = random.Random(f"{seed}-wiki-{split}")
+            write_lines(path, [line for _ in range(articles) for line in wiki_article(world, rng)])
+
+
+@dataclass(frozen=True)
+class Picture:
+    """A synthetic image of a thing in a scene with 5 captions, as an MSCOCO image has."""
+    thing: Thing
+    scene: str
+    captions: tuple[str, ...]
+
+
+IMAGE_PARTS = (("colour", PALETTE), ("material", MATERIALS), ("build", BUILDS))
+IMAGE_DIM = sum(len(values) for _, values in IMAGE_PARTS) + len(SCENES)
+IMAGE_NOISE, SAY_ATTRIBUTE, SAY_SCENE = 0.3, 0.3, 0.6
+
+
+def image(picture: Picture, rng: np.random.Generator) -> np.ndarray:
+    """The picture's pixels (IMAGE_DIM,): one-hot colour, material, build and scene, plus Gaussian noise."""
+    parts = [(values, getattr(picture.thing, part)) for part, values in IMAGE_PARTS] + [(SCENES, picture.scene)]
+    hot = np.concatenate([np.eye(len(values))[values.index(v)] for values, v in parts])
+    return hot + rng.normal(0, IMAGE_NOISE, IMAGE_DIM)
+
+
+def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
+    """n / len(world) pictures of each thing. A caption names the thing, each of its visual attributes with
+    probability SAY_ATTRIBUTE and the scene with SAY_SCENE: to match a caption that says no colour to its picture, a
+    text tower must know the thing's colour."""
+    rng, out = random.Random(f"{seed}-pictures"), []
+    for i in range(n):
+        thing, scene = world[i % len(world)], rng.choice(SCENES)
+        def sentence():
+            words = [getattr(thing, part) for part, _ in IMAGE_PARTS[::-1] if rng.random() < SAY_ATTRIBUTE]
+            where = f" {rng.choice(PLACES)} the {rng.choice(OBJECTS)} in the {scene}" * (rng.random() < SAY_SCENE)
+            return f"{rng.choice(('A', 'The', 'One'))} {' '.join(words + [thing.name])}{where}."
+        out.append(Picture(thing, scene, tuple(" ".join(sentence() for _ in range(rng.choice((1, 2))))
+                                                for _ in range(5))))
+    return out
+
+
+def toy_coco(root: Path, album: list[Picture]) -> None:
+    """DATA/coco/captions_train2017.json: the pictures' captions in MSCOCO's format."""
+    path = root / "coco" / "captions_train2017.json"
+    if not path.exists():
+        images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
+        annotations = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
+                       for j, c in enumerate(p.captions)]
+        write_lines(path, [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [],
+                                       "images": images, "annotations": annotations})])
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tokenizers trained on the toy text
+
+
+def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
+    """BPE (Sennrich et al. 2016) on word counts {symbols: count}: join the most frequent adjacent pair, n_merges times.
+    Ties go to the smallest pair, so that the result is the same on every run (the `tokenizers` trainers order equal
+    counts differently from run to run); a pair whose join is already a token is skipped (vocabularies hold each
+    token once)."""
+    merges, made = [], set()
+    for _ in range(n_merges):
+        pairs = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:]):
+                if join(*pair) not in made:
+                    pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        made.add(join(*best))
+        words = Counter({merge_pair(word, best, join(*best)): count for word, count in words.items()})
+    return merges
+
+
+def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if word[i:i + 2] == pair:
+            out.append(joined)
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def corpus_words(text: str, tok: Tokenizer) -> Counter:
+    """The text's words as the tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
+    return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+
+
+def train_wordpiece(text: str, n_merges: int = 1200) -> Tokenizer:
+    """An uncased BERT-style WordPiece: [PAD] = 0, a few [unusedN], then [UNK] [CLS] [SEP] [MASK] (ids unlike
+    bert-base's on purpose, so that code must read them from the tokenizer), the characters, then the learnt pieces;
+    written as a vocab.txt that data.bert_tokenizer reads as it reads bert-base's."""
+    splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
+    splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    words = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in corpus_words(text, splitter).items()})
+    merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
+    symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
+    pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
+    with tempfile.TemporaryDirectory() as tmp:
+        write_lines(Path(tmp, "vocab.txt"), BERT_TOY_SPECIALS + list(pieces))
+        return data.bert_tokenizer(tmp)
+
+
+def train_clip_bpe(text: str, n_merges: int = 1200) -> Tokenizer:
+    """A CLIP-style byte-level BPE: merges learnt on the words CLIP's own normalizer and pre-tokenizer make of the
+    text, laid out by data.clip_tokenizer_json_from_bpe exactly as CLIP's vocabulary (256 byte symbols, the same
+    with '</w>', the merges, <|startoftext|> and <|endoftext|> last)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        write_merges(Path(tmp, "none.txt.gz"), [])
+        data.clip_tokenizer_json_from_bpe(Path(tmp, "none.txt.gz"), Path(tmp, "none.json"))
+        splitter = Tokenizer.from_file(str(Path(tmp, "none.json")))
+        words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(text, splitter).items()})
+        write_merges(Path(tmp, "toy.txt.gz"), learn_merges(words, n_merges, str.__add__))
+        data.clip_tokenizer_json_from_bpe(Path(tmp, "toy.txt.gz"), Path(tmp, "toy.json"))
+        return Tokenizer.from_file(str(Path(tmp, "toy.json")))
+
+
+def write_merges(path: Path, merges: list) -> None:
+    """A merges list in open_clip's bpe_simple_vocab_16e6.txt.gz format: a version line, then 'a b' per merge."""
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Pretraining: MLM for bert-toy and electra-toy on the corpus, contrastive for clip-toy on the pictures
+
+PRETRAIN = {"bert-toy": (500, 3e-3), "electra-toy": (300, 3e-3), "clip-toy": (250, 2e-3)}  # steps, peak lr
+MLM_BATCH, MLM_LEN, CLIP_BATCH = 32, 64, 128
+INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of adapt.py's new layers (README)
+
+
+def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: float) -> float:
+    """AdamW with 5% warm-up then linear decay, gradient clipping 1.0. Returns the mean loss of the last 10% steps."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
+                                                   anneal_strategy="linear", cycle_momentum=False)
+    losses = []
+    for step in range(steps):
+        loss = loss_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+    return sum(losses[-max(1, steps // 10):]) / max(1, steps // 10)
+
+
+def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, steps: int, lr: float,
+                 seed: int) -> float:
+    """MLM (Devlin et al. 2019) on corpus windows: AdaptationData's masking, model.token_loss through a fresh
+    TokenPredictionHead tied to the word embeddings."""
+    cfg = encoder.config
+    head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
+                                     cfg.layer_norm_eps)
+    head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
+
+    def loss_at(step):
+        picked = np.random.default_rng((seed, step)).choice(len(windows), MLM_BATCH, replace=False)
+        b = windows.batch(picked, seed, step)
+        hidden, _ = encoder(b["input_ids"])  # (B, T) -> (B, T, H)
+        return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
+                                encoder.embeddings.word_embeddings.weight)
+
+    return fit([*encoder.parameters(), *head.parameters()], loss_at, steps, lr)
+
+
+def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: list[Picture], steps: int,
+                  lr: float, seed: int) -> float:
+    """CLIP's contrastive loss (Radford et al. 2021): the symmetric cross-entropy of the batch's caption x image
+    cosine similarities, scaled by a learnt temperature. The image tower and the temperature are then dropped."""
+    P = text.config.projection_dim
+    tower = nn.Sequential(nn.Linear(IMAGE_DIM, 2 * P), nn.GELU(), nn.Linear(2 * P, P))  # pictures -> CLIP's space
+    log_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's initial temperature
+    captions = [(p, c) for p in album for c in p.captions]
+    ids = data.encode([data.Example(c) for _, c in captions], "sst2", None, clip_tok=clip_tok)["clip_ids"][:, 0]
+    ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # (N, 77) -> (N, L): causal, so the padding after changes nothing
+
+    def loss_at(step):
+        rng = np.random.default_rng((seed, step))
+        picked = rng.choice(len(captions), CLIP_BATCH, replace=False)
+        images = torch.tensor(np.stack([image(captions[i][0], rng) for i in picked]), dtype=torch.float32)
+        _, texts = text(ids[picked])                                                    # (B, P)
+        logits = log_scale.exp().clamp(max=100) * F.normalize(texts, dim=-1) @ F.normalize(tower(images), dim=-1).T
+        target = torch.arange(len(picked))
+        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+    return fit([*text.parameters(), *tower.parameters(), log_scale], loss_at, steps, lr)
+
+
+def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
+    """model.save_hf + tokenizer.json (+ vocab.txt), the folder appearing only when complete."""
+    with model.atomic_dir(folder) as tmp:
+        model.save_hf(encoder, tmp)
+        tok.save(str(Path(tmp, "tokenizer.json")))
+        if vocab_txt:
+            write_lines(Path(tmp, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+
+
+def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
+    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy: model.PRESETS sizes with the
+    trained tokenizers' vocabularies, pretrained as the module docstring says."""
+    missing = [name for name in PRETRAIN if not (root / "ckpt" / name).exists()]
+    if not missing:
+        return
+    corpus = (root / "wikitext-103-raw" / "wiki.train.raw").read_text(encoding="utf-8")
+    wordpiece = train_wordpiece(corpus)
+    clip_tok = train_clip_bpe(corpus + "\n".join(c for p in album for c in p.captions))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, tok in (("bert", wordpiece), ("clip", clip_tok)):
+            Path(tmp, name).mkdir()
+            tok.save(str(Path(tmp, name, "tokenizer.json")))
+        cache = data.build_cache(root / "wikitext-103-raw" / "wiki.train.raw", Path(tmp, "bert"), Path(tmp, "clip"),
+                                 Path(tmp, "cache"), seq_len=MLM_LEN, n_blocks=1, log=lambda _: None)
+        windows = data.AdaptationData(cache, match_prob=0.0)
+        for name in missing:
+            torch.manual_seed(seed)
+            steps, lr = PRETRAIN[name]
+            start = time.process_time()
+            if name == "clip-toy":
+                net = model.CLIPTextTransformer(dataclasses.replace(model.PRESETS[name],
+                                                                    vocab_size=clip_tok.get_vocab_size()))
+                loss = pretrain_clip(net, clip_tok, album, steps, lr, seed)
+            else:
+                net = model.LanguageEncoder(dataclasses.replace(model.PRESETS[name], dropout=0.0,
+                                                                vocab_size=wordpiece.get_vocab_size(),
+                                                                initializer_range=INIT_STD))
+                loss = pretrain_mlm(net, windows, steps, lr, seed)
+            print(f"{name}: {steps} pretraining steps, final loss {loss:.3f}, "
+                  f"{time.process_time() - start:.1f} CPU-s", flush=True)
+            save_checkpoint(net, clip_tok if name == "clip-toy" else wordpiece, root / "ckpt" / name,
+                            vocab_txt=name != "clip-toy")
+
+# ----------------------------------------------------------------------------------------------------------------------
+# GLUE-format tasks about the words of the world. Each maker gives (fields, label) examples; TOY_GLUE says how rows and
+# headers look (GLUE's own formats) and what rule decides the label. The pair rules mix a cue that one sentence
+# shows (a negation, a word left out, an added detail: what the 2-layer toy encoder learns from random weights in
+# the recipe's 3 epochs) with a comparison of the two sentences (what it mostly does not): the toy scores sit clearly
+# above chance and below 100, and a bag-of-words model that also sees the shared words reaches ~100 (the tests).
+
+DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
+
+
+def rte_example(rng: random.Random) -> tuple[list[str], str]:
+    """Entailment iff the hypothesis is "Something <colour> is in the <scene>." with one of the premise's two colours;
+    the other half says "Nothing" of a premise colour (a contradiction) or names a third colour (half each)."""
+    (c1, c2, c3), (o1, o2), s = rng.sample(COLOURS, 3), rng.sample(OBJECTS, 2), rng.choice(SCENES)
+    premise = rng.choice((f"A {c1} {o1} and a {c2} {o2} are in the {s}.",
+                          f"A {rng.choice(SIZES)} {c1} {o1} {rng.choice(POSES)} {rng.choice(PLACES)} a {c2} {o2} "
+                          f"in the {s}."))
+    kind = rng.choice(("entailed", "entailed", "negated", "third"))
+    quantifier = "Nothing" if kind == "negated" else "Something"
+    hypothesis = f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."
+    return [premise, hypothesis], "entailment" if kind == "entailed" else "not_entailment"
+
+
+def sst2_example(rng: random.Random) -> tuple[list[str], str]:
+    """Positive (1) iff most of its sentiment words are positive."""
+    k = rng.choice((1, 3))
+    n_pos = rng.randint(0, k)
+    words = rng.sample(POSITIVE, n_pos) + rng.sample(NEGATIVE, k - n_pos)
+    rng.shuffle(words)
+    feel = words[0] if k == 1 else f"{words[0]} , {words[1]} and {words[2]}"
+    c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
+    text = rng.choice((f"a {feel} film about a {c} {o} at the {s} .", f"the {c} {o} in the {s} looks {feel} ."))
+    return [text], str(int(2 * n_pos > k))
+
+
+def stsb_example(rng: random.Random) -> tuple[list[str], str]:
+    """Similarity 0-5: 5/3 for each slot (colour, object, scene) the second sentence shares with the first, plus
+    uniform noise of +-0.25; a slot it does not share holds another word (1 in 4) or is left out (no colour,
+    "thing", "somewhere")."""
+    slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
+    other = [rng.choices((v, rng.choice([w for w in pool if w != v]), None), (0.4, 0.15, 0.45))[0]
+             for v, pool in zip(slots, (COLOURS, OBJECTS, SCENES))]
+    shared = sum(a == b for a, b in zip(slots, other))
+    score = min(5.0, max(0.0, 5 * shared / 3 + rng.uniform(-0.25, 0.25)))
+    pose = rng.choice(POSES_ING)
+    c, o, s = other
+    second = f"A {c + ' ' if c else ''}{o or 'thing'} is {pose} {f'in the {s}' if s else 'somewhere'}."
+    return [f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second], f"{score:.3f}"
+
+
+def cola_example(rng: random.Random) -> tuple[list[str], str]:
+    """Acceptable (1) iff the words are in English order; the unacceptable ones swap or drop words."""
+    words = ["the", rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(POSES), rng.choice(PLACES), "the",
+             rng.choice(SCENES)]
+    acceptable = rng.random() < 0.6
+    if not acceptable:
+        i = rng.choice((1, 3, 5))
+        words[i:i + 2] = [words[i + 1], words[i]] if rng.random() < 0.7 else words[i + 1:i + 2]
+    return [capitalise(" ".join(words)) + "."], str(int(acceptable))
+
+
+def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
+    """A paraphrase (1) says the same colour, object and scene in another order; a non-paraphrase adds a detail the
+    first sentence does not give ("at night", 2 in 3) or changes the colour, the object or the scene (1 in 3)."""
+    c, (o, o2), s, pose, place = rng.choice(COLOURS), rng.sample(OBJECTS, 2), rng.choice(SCENES), \
+        rng.choice(POSES), rng.choice(PLACES)
+    first = f"The {c} {o} {pose} {place} the {o2} in the {s}."
+    paraphrase, detail = rng.random() < 0.6, ""
+    if not paraphrase and rng.random() < 2 / 3:
+        detail = " " + rng.choice(DETAILS)
+    elif not paraphrase:
+        slot = rng.randrange(3)
+        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if i == slot else v
+                   for i, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
+    ids = [str(rng.randint(1000, 3_999_999)) for _ in range(2)]
+    return [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."], str(int(paraphrase))
+
+
+@dataclass(frozen=True)
+class ToyTask:
+    example: Callable[[random.Random], tuple[list[str], str]]
+    header: str | None                 # train/dev header (CoLA has none)
+    row: Callable[[int, list[str], str], list[str]]
+    test_header: str
+    test_row: Callable[[int, list[str]], list[str]]
+
+
+TOY_GLUE = {
+    "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
+                   "index\tsentence1\tsentence2", lambda i, f: [str(i), *f]),
+    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y],
+                     "index\tsentence", lambda i, f: [str(i), f[0]]),
+    "STS-B": ToyTask(stsb_example, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
+                                   "score",
+                     lambda i, f, y: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f, y],
+                     "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
+                     lambda i, f: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f]),
+    "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
+                    "index\tsentence", lambda i, f: [str(i), f[0]]),
+    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f],
+                    "index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, f: [str(i), *f]),
+}
+TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 steps of 32 in 3 epochs
+
+
+def toy_glue(root: Path, seed: int) -> None:
+    for name, task in TOY_GLUE.items():
+        folder = root / "glue" / name
+        if all((folder / f).exists() for f in TOY_SIZES):
+            continue
+        rng = random.Random(f"{seed}-glue-{name}")
+        for file, n in TOY_SIZES.items():
+            examples = [task.example(rng) for _ in range(n)]
+            if file == "test.tsv":
+                lines = [task.test_header, *("\t".join(task.test_row(i, f)) for i, (f, _) in enumerate(examples))]
+            else:
+                lines = [task.header] * (task.header is not None) + [
+                    "\t".join(task.row(i, f, y)) for i, (f, y) in enumerate(examples)]
+            write_lines(folder / file, lines)
+
+
+def toy_swag(root: Path, seed: int) -> None:
+    """SWAG's CSV: the right ending carries the same colour and object as the start."""
+    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
+              "ending2", "ending3", "label"]
+    for split, n in (("train", 200), ("val", 50), ("test", 50)):
+        path = root / "swag" / f"{split}.csv"
+        if path.exists():
+            continue
+        rng, rows = random.Random(f"{seed}-swag-{split}"), []
+        for i in range(n):
+            c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
+            sent1, sent2 = f"Someone carries a {c} {o} into the {s}.", "Then someone"
+            endings = [f"puts the {c} {o} down near the {rng.choice(SCENES)}."]
+            while len(endings) < 4:
+                wrong = f"puts the {rng.choice(COLOURS)} {rng.choice(OBJECTS)} down near the {rng.choice(SCENES)}."
+                if f" {c} {o} " not in wrong and wrong not in endings:
+                    endings.append(wrong)
+            label = rng.randrange(4)
+            endings.insert(label, endings.pop(0))
+            row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
+            rows.append(row if split != "test" else row[:-1])
+        write_csv(path, [header if split != "test" else header[:-1], *rows])
+
+
+def toy_read(root: Path, world: list[Thing], seed: int) -> None:
+    """CommonLit's train.csv: multi-line excerpts; the target (reading ease) falls with the sentence length."""
+    path = root / "read" / "train.csv"
+    if path.exists():
+        return
+    rng, rows = random.Random(f"{seed}-read"), [COMMONLIT_HEADER]
+    for i in range(300):
+        long = rng.random()
+        sentences = [thing_sentence(rng.choice(world), world, rng) if rng.random() < long else
+                     f"The {rng.choice(OBJECTS)} is {rng.choice(COLOURS)}." for _ in range(rng.randint(4, 8))]
+        words = sum(len(s.split()) for s in sentences) / len(sentences)
+        target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
+        excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
+        rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
+    write_csv(path, rows)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The experiment's tasks, in SST-2's format (a sentence, 0/1, accuracy), each in its own data root
+
+REPEATS = {"colour": {"train": 5, "dev": 1}, "review": {"train": 1, "dev": 1}}  # (true, false) pairs per thing
+
+
+def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
+    """The visual task: "the <thing> is <colour> ." is true (1) iff it gives the thing's colour."""
+    falses = rng.sample([c for c in PALETTE if c != thing.colour], repeats)
+    return [row for false in falses for row in ((f"the {thing.name} is {thing.colour} .", "1"),
+                                                (f"the {thing.name} is {false} .", "0"))]
+
+
+def review_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
+    """The control: positive (1) iff most of the 5 opinion words are; knowing the thing does not help."""
+    rows = []
+    for n_positive in [rng.choice((3, 4, 5)) for _ in range(repeats)] + [rng.choice((0, 1, 2)) for _ in range(repeats)]:
+        words = rng.sample(POSITIVE, n_positive) + rng.sample(NEGATIVE, 5 - n_positive)
+        rng.shuffle(words)
+        rows.append((f"critics called the {thing.name} {' , '.join(words[:4])} and {words[4]} .",
+                     str(int(n_positive > 2))))
+    return rows
+
+
+EXPERIMENT_TASKS = {"colour": colour_rows, "review": review_rows}
+
+
+def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv (finetune.py reads them as SST-2 with --data): statements
+    about one half of the world to train on, about the other half to score, so that what a model knows about a dev
+    thing comes from its encoder, not from the training set."""
+    rng = random.Random(f"{seed}-experiment")
+    things = rng.sample(world, len(world))
+    halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
+    for task, rows_of in EXPERIMENT_TASKS.items():
+        for split, half in halves.items():
+            path = root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv"
+            rows = [row for thing in half for row in rows_of(thing, rng, REPEATS[task][split])]
+            if not path.exists():
+                write_lines(path, ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
+
+
+def build_toy(root: Path, seed: int = 0) -> None:
+    """The whole toy kit under root; parts that exist are kept."""
+    start, cpu = time.time(), time.process_time()
+    world = make_world(seed)
+    toy_corpus(root, world, seed)
+    album = pictures(world, seed)
+    toy_coco(root, album)
+    toy_checkpoints(root, album, seed)
+    toy_glue(root, seed)
+    toy_experiment_tasks(root, world, seed)
+    toy_swag(root, seed)
+    toy_read(root, world, seed)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s ({time.process_time() - cpu:.1f} "
+          f"CPU-s)")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The controlled experiment (README, "The toy experiment"): adapt.py and finetune.py run as a user runs them
+
+EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
+ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy", "X-BERT": "x-bert-toy",
+        "CLIP-T": "clip-toy"}  # Table 1's rows -> run names
+
+
+def run(command: list, log: Path) -> str:
+    """`python <command>` in this folder, its output appended to log; returns its last line."""
+    print("$ python " + " ".join(map(str, command)), flush=True)
+    with open(log, "a") as f:
+        done = subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, stdout=f,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:
+        raise ValueError(f"`python {' '.join(map(str, command))}` failed: its output is at the end of {log}")
+    return log.read_text().strip().splitlines()[-1]
+
+
+def experiment(root: Path, out: Path, seeds: int) -> dict:
+    """BERT, BERT after one more epoch of plain MLM (Sec. 3's fair baseline), XDBERT, the whole adapted model (X-BERT,
+    App. C.3) and CLIP-T alone, each finetuned on both tasks over `seeds` seeds.
+    Returns {task: {row: [dev accuracy per seed]}}."""
+    if out.exists():
+        raise ValueError(f"{out} exists: remove it or pass another --out, so that no earlier run is mixed in")
+    out.mkdir(parents=True)
+    log, ckpt = out / "log.txt", root / "ckpt"
+    for name, flags in (("bert-toy-mlm", ["--no-clip"]), ("xdbert-toy", [])):
+        run(["adapt.py", "--toy", "--data", root, "--out", out, "--name", name, *flags], log)
+    xdbert = out / "xdbert-toy" / "xdbert"
+    encoders = {"BERT": [ckpt / "bert-toy"], "BERT + MLM": [out / "bert-toy-mlm" / "xdbert"], "XDBERT": [xdbert],
+                "X-BERT": [xdbert, "--full-model", "--clip", ckpt / "clip-toy"], "CLIP-T": [ckpt / "clip-toy"]}
+    scores = {}
+    for task in EXPERIMENT_TASKS:
+        for row, name in ROWS.items():
+            print("  " + run(["finetune.py", "sst2", "--toy", "--data", root / "experiment" / task, "--encoder",
+                              *encoders[row], "--name", name, "--seeds", seeds, "--epochs", EXPERIMENT_EPOCHS,
+                              "--out", out / task / name], log), flush=True)
+            scores.setdefault(task, {})[row] = [json.loads(p.read_text())["metrics"]["accuracy"]
+                                                for p in sorted((out / task / name).glob("*/results.json"))]
+    return scores
+
+
+def experiment_chart(scores: dict) -> str:
+    """Table 1 as bars: one cluster per task, one bar per model at its median, whiskers from the lowest seed to the
+    highest."""
+    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
+    medians = {t: {row: 100 * statistics.median(scores[t][row]) for row in ROWS} for t in tasks}
+    spread = {t: {row: (100 * min(scores[t][row]), 100 * max(scores[t][row])) for row in ROWS} for t in tasks}
+    return data.svg_bars(medians, "The toy experiment: dev accuracy, median over seeds", "accuracy (%)", spread)
+
+
+def experiment_table(scores: dict) -> str:
+    """Table 1's layout: a row per model, a column per task; each cell the median dev accuracy over the seeds and
+    their range."""
+    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
+    lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in tasks) + " |",
+             "|---" * (len(tasks) + 1) + "|"]
+    for row in ROWS:
+        cells = [f"{100 * statistics.median(scores[t][row]):.1f} [{100 * min(scores[t][row]):.1f}, "
+                 f"{100 * max(scores[t][row]):.1f}]" for t in tasks]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", nargs="?", default="build", choices=("build", "experiment"))
+    parser.add_argument("--data", default="data/toy", help="where the kit is (default data/toy)")
+    parser.add_argument("--seed", type=int, default=0, help="the world's seed")
+    parser.add_argument("--out", default="runs/toy-experiment", help="the experiment's runs")
+    parser.add_argument("--seeds", type=int, default=5, help="finetuning seeds per model and task")
+    args = parser.parse_args(argv)
+    build_toy(Path(args.data), args.seed)
+    if args.command == "experiment":
+        start = time.time()
+        try:
+            scores = experiment(Path(args.data), Path(args.out), args.seeds)
+            table = experiment_table(scores)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        out = Path(args.out)
+        with model.atomic_file(out / "table.md", "w") as f:
+            f.write(table + "\n")
+        with model.atomic_file(out / "experiment.svg", "w") as f:
+            f.write(experiment_chart(scores))
+        print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
+              f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
+        grounding = ["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
+                     "--base", *sorted((out / "colour" / ROWS["BERT"]).iterdir()),
+                     "--adapted", *sorted((out / "colour" / ROWS["XDBERT"]).iterdir())]
+        print("$ python " + " ".join(map(str, grounding)), flush=True)
+        subprocess.run([sys.executable, *map(str, grounding)], cwd=Path(__file__).parent, check=True)
+
+
+if __name__ == "__main__":
+    main()
