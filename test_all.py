@@ -1677,6 +1677,34 @@ def test_toy_experiment_tasks_need_knowledge_from_the_encoder(toy_kit):
     assert 0.35 < scores["colour"] < 0.65 and scores["review"] > 0.8, scores
 
 
+def test_toy_experiment_runs_each_row_and_reads_back_its_seeds(tmp_path, monkeypatch):
+    """The experiment's orchestration with the commands faked: two adaptations (one --no-clip), then one finetune.py
+    run per task and row into its own folder, whose per-seed results.json files become that row's scores."""
+    commands = []
+
+    def fake_run(command, log):
+        commands.append([str(c) for c in command])
+        if command[0] == "finetune.py":
+            out, seeds = Path(command[command.index("--out") + 1]), int(command[command.index("--seeds") + 1])
+            for seed in range(seeds):  # what finetune.py leaves: a folder per seed, the run name carrying settings
+                result = {"metrics": {"accuracy": 0.1 * len(commands) + 0.01 * seed}}
+                (out / f"sst2-whatever-ep10-seed{seed}").mkdir(parents=True)
+                (out / f"sst2-whatever-ep10-seed{seed}" / "results.json").write_text(json.dumps(result))
+        return "done"
+
+    monkeypatch.setattr(toy, "run", fake_run)
+    scores = toy.experiment(tmp_path / "kit", tmp_path / "exp", 3)
+    assert [c[0] for c in commands] == ["adapt.py"] * 2 + ["finetune.py"] * 2 * len(toy.ROWS)
+    assert "--no-clip" in commands[0] and "--no-clip" not in commands[1]
+    assert list(scores) == list(toy.EXPERIMENT_TASKS) and all(list(r) == list(toy.ROWS) for r in scores.values())
+    assert scores["colour"]["BERT"] == pytest.approx([0.3, 0.31, 0.32])
+    x_bert = commands[2 + list(toy.ROWS).index("X-BERT")]
+    assert x_bert[x_bert.index("--encoder") + 1] == str(tmp_path / "exp" / "xdbert-toy" / "xdbert")
+    assert "--full-model" in x_bert
+    with pytest.raises(ValueError, match="exists: remove it or pass another --out"):
+        toy.experiment(tmp_path / "kit", tmp_path / "exp", 3)
+
+
 def test_toy_experiment_table_gives_medians_and_ranges():
     scores = {"colour": {row: [0.5, 0.6, 0.55] for row in toy.ROWS},
               "review": {row: [0.9, 0.8, 1.0, 0.7] for row in toy.ROWS}}
