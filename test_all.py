@@ -1992,6 +1992,19 @@ def test_adapt_torchrun_two_ranks_match_one_process(adapt_kit, adapt_reference):
     assert moved > 1e-3, "the runs barely left the checkpoint: the comparison could not fail"
 
 
+def test_adapt_log_records_average_the_steps_since_the_last_one(adapt_kit, adapt_reference):
+    """With --log-every 3 the records at steps 3 and 6 hold the means of steps 1-3 and 4-6 of the reference run,
+    which logged every step."""
+    every = {r["step"]: r for r in adapt_log(adapt_reference)}
+    run = adapt_run(adapt_kit, "every3", *ADAPT_STEPS, "--ckpt-every", "0", "--log-every", "3")
+    records = adapt_log(run)
+    assert [r["step"] for r in records] == [3, 6]
+    for r in records:
+        for key in ("loss", "mlm", "match", "cliptc", "match_acc"):
+            assert r[key] == pytest.approx(sum(every[s][key] for s in range(r["step"] - 2, r["step"] + 1)) / 3,
+                                           rel=1e-5), (r["step"], key)
+
+
 def test_adapt_sigkill_then_resume_is_bitwise_equal(adapt_kit, adapt_reference):
     run_dir = adapt_kit.parent / "runs" / "killed"
     proc = subprocess.Popen(adapt_cmd(adapt_kit, "killed", *ADAPT_STEPS, "--ckpt-every", "2"), env=adapt_env(),
