@@ -613,7 +613,7 @@ def build_toy(root: Path, seed: int = 0) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The controlled experiment (README, "The toy experiment"): adapt.py and finetune.py run as a user runs them
+# The controlled experiment (README, "The toy world"): adapt.py and finetune.py run as a user runs them
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
 ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy", "X-BERT": "x-bert-toy",
