@@ -1992,6 +1992,24 @@ def test_adapt_torchrun_two_ranks_match_one_process(adapt_kit, adapt_reference):
     assert moved > 1e-3, "the runs barely left the checkpoint: the comparison could not fail"
 
 
+def test_adapt_prefetched_builds_ahead_in_a_thread_only_when_asked():
+    import threading
+    main, built = threading.get_ident(), []
+
+    def load(s):
+        built.append((s, threading.get_ident() == main))
+        return s * 10
+
+    for background in (True, False):
+        built.clear()
+        seen = []
+        for item in adapt.prefetched(load, range(2, 6), background):
+            seen.append((item, len(built)))
+        assert [item for item, _ in seen] == [20, 30, 40, 50]
+        assert [s for s, _ in built] == [2, 3, 4, 5] and all(in_main != background for _, in_main in built)
+    assert [n for _, n in seen] == [1, 2, 3, 4]   # in turn: step s + 1 is built only after the caller had step s
+
+
 def test_adapt_log_records_average_the_steps_since_the_last_one(adapt_kit, adapt_reference):
     """With --log-every 3 the records at steps 3 and 6 hold the means of steps 1-3 and 4-6 of the reference run,
     which logged every step."""
