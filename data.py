@@ -153,9 +153,10 @@ def _pack_blocks(bpe: Sequence[int], n_blocks: int, start: int, end: int) -> tup
     return ids, lengths, len(bpe) > len(kept)
 
 
-def _block_mask(lengths: np.ndarray) -> np.ndarray:
-    """(..., n) real lengths -> (..., n, 77) int64 mask (CLIP's id 0 is a real token, so padding is known by length)."""
-    return (np.arange(CLIP_CONTEXT) < lengths[..., None]).astype(np.int64)
+def _block_mask(lengths: np.ndarray, width: int = CLIP_CONTEXT) -> np.ndarray:
+    """(..., n) real lengths -> (..., n, width) int64 mask (CLIP's id 0 is a real token, so padding is known by
+    length)."""
+    return (np.arange(width) < lengths[..., None]).astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -378,6 +379,10 @@ class AdaptationData:
         self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
         self.clip_ids = np.memmap(cache / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
         self.clip_lengths = np.memmap(cache / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
+        # Batches keep the first clip_width positions of each block, as many as the cache's longest block fills (77
+        # on WikiText-103, about 20 for the toy's 16-token windows): the rest is padding in every window, and
+        # CLIP-T is causal and the cross-modal attention masks padding, so no loss changes.
+        self.clip_width = max(1, int(self.clip_lengths.max(initial=0)))
         self.mask_prob, self.match_prob, self.cliptc_prob = mask_prob, match_prob, cliptc_prob
         # at most seq_len - 2 real tokens ([CLS] and [SEP] frame a window) and 75 real CLIP tokens per block
         self.mlm_slots = prediction_slots(seq_len - 2, mask_prob)
@@ -404,18 +409,20 @@ class AdaptationData:
         swap = chosen[(action >= 0.8) & (action < 0.9)]
         input_ids[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
         # CLIPTC (2.3.3): cliptc_prob of the real CLIP tokens (not start, end, padding) are targets; the input stays
-        clip_ids, lengths = self.clip_ids[partner].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
-        real = _block_mask(lengths).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, 77)
+        W = self.clip_width
+        clip_ids, lengths = self.clip_ids[partner, :, :W].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
+        real = _block_mask(lengths, W).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, W)
         _, cliptc_positions, cliptc_targets = _predict(np.flatnonzero(real), clip_ids.reshape(-1), self.cliptc_prob,
                                                        rng, self.cliptc_slots)
         return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
-                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths),
+                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths, W),
                 "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask (B, n, 77);
-        clip_blocks (N,); cliptc_positions, cliptc_targets (B, cliptc_slots); match_labels (B,) (1 = same text); all
-        int64. No attention_mask: windows are cut from the running text and never padded."""
+        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask
+        (B, n, clip_width); clip_blocks (N,); cliptc_positions, cliptc_targets (B, cliptc_slots) (positions among the
+        n x clip_width); match_labels (B,) (1 = same text); all int64. No attention_mask: windows are cut from the
+        running text and never padded."""
         examples = [self.example(int(i), seed, epoch) for i in indices]
         out = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
         return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}

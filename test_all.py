@@ -375,6 +375,27 @@ def test_model_clip_t_skips_blocks_of_padding_only():
     assert all(torch.allclose(skip_grads[k], every_grads[k], rtol=1e-5, atol=1e-7) for k in every_grads)
 
 
+def test_model_clip_blocks_cut_after_their_longest_text_change_nothing():
+    """data.AdaptationData cuts every block after the cache's longest one (clip_width): with the CLIPTC positions
+    renumbered, the losses and gradients equal those of the full 77-wide blocks (CLIP-T is causal, the cross-modal
+    attention masks padding)."""
+    full = _model_batch(n=2)
+    W = int(full["clip_mask"].sum(-1).max())  # 21
+    cut = full | {"clip_ids": full["clip_ids"][..., :W], "clip_mask": full["clip_mask"][..., :W],
+                  "cliptc_positions": full["cliptc_positions"] // 77 * W + full["cliptc_positions"] % 77}
+    results = []
+    for batch in (cut, full):
+        net = _model_toy().eval()
+        out = net(**batch)
+        out["loss"].backward()
+        results.append((out, {k: p.grad for k, p in net.named_parameters() if p.grad is not None}))
+    (short, short_grads), (every, every_grads) = results
+    assert W < 77 and short_grads.keys() == every_grads.keys()
+    for k in ("mlm", "match", "cliptc"):
+        assert torch.allclose(short[k], every[k], rtol=1e-5, atol=0), k
+    assert all(torch.allclose(short_grads[k], every_grads[k], rtol=1e-4, atol=1e-6) for k in every_grads)
+
+
 def test_model_no_mask_means_no_padding():
     """attention_mask None (decided on the CPU) is the same model as a mask of ones."""
     net, batch = _model_toy().eval(), _model_batch()
@@ -923,6 +944,22 @@ def test_data_batches_skip_clip_blocks_of_padding_only(data_clip_dir, tmp_path):
     assert len(b["clip_blocks"]) % len(ds) == 0
     assert used[b["clip_blocks"]].sum() == used.sum() and len(b["clip_blocks"].unique()) == len(b["clip_blocks"])
     assert (b["cliptc_positions"] < b["clip_ids"][0].numel()).all() and ds.cliptc_slots == round(0.15 * 3 * 75)
+
+
+def test_data_batches_cut_clip_blocks_after_the_longest_text(data_clip_dir, tmp_path):
+    """16-token windows fill about 20 of a block's 77 positions: batches keep clip_width = the cache's longest block,
+    with the same ids, and CLIPTC's positions still point at their targets."""
+    data_write_corpus(tmp_path / "wiki.train.raw", 40)
+    ds = data.AdaptationData(data.build_cache(tmp_path / "wiki.train.raw", DATA_BERT_DIR, data_clip_dir,
+                                              tmp_path / "cache", seq_len=16, n_blocks=2, log=lambda s: None))
+    b = ds.batch(range(len(ds)), seed=0, epoch=0)
+    assert ds.clip_width == int(ds.clip_lengths.max()) < 77 and b["clip_ids"].shape == (len(ds), 2, ds.clip_width)
+    assert (ds.clip_ids[:, :, ds.clip_width:] == 0).all()
+    partners = [int(i) if m else None for i, m in enumerate(b["match_labels"])]
+    for i in (i for i in partners if i is not None):
+        assert torch.equal(b["clip_ids"][i], torch.from_numpy(ds.clip_ids[i, :, :ds.clip_width].astype(np.int64)))
+    kept = b["cliptc_targets"] != -100
+    assert torch.equal(b["clip_ids"].flatten(1).gather(1, b["cliptc_positions"])[kept], b["cliptc_targets"][kept])
 
 
 def test_data_batches_are_deterministic(data_cache):
