@@ -220,13 +220,14 @@ def unread_streams(m):
     return not {"mlm", "match"} & set(m.tasks), "cliptc" not in m.tasks
 
 
-def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
+def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None, clip_width=None):
     """Training FLOPs of one sequence, for MFU (as nanoGPT / PaLM App. B): 6 x the multiply-accumulates (MACs) of
     every weight matrix on the tokens it acts on, plus the attention scores and mixing (2 x width x queries x keys),
-    over the language encoder, CLIP-T (attention within each block of 77), the cross-modal layers (both streams,
-    both directions) and the heads on their prediction slots; the last cross-modal layer's stream that no chosen
-    task reads counts its forward (2 x MACs) only. clip_tokens replaces the clip_blocks x 77 CLIP positions by the
-    real tokens (MFU over real tokens: padding is not useful work)."""
+    over the language encoder, CLIP-T (attention within each block), the cross-modal layers (both streams, both
+    directions) and the heads on their prediction slots; the last cross-modal layer's stream that no chosen task
+    reads counts its forward (2 x MACs) only. A block has clip_width positions (data.AdaptationData.clip_width;
+    default 77); clip_tokens replaces the clip_blocks x clip_width CLIP positions by the real tokens (MFU over real
+    tokens: padding is not useful work)."""
     lc = m.language.config
     T, H, E, F = seq_len, lc.hidden_size, lc.embedding_size or lc.hidden_size, lc.ffn_size
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
@@ -235,10 +236,10 @@ def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None):
     if "mlm" in m.tasks:                   # the MLM head runs on the prediction slots only (model.token_loss)
         train_macs += data.prediction_slots(T - 2, data.MASK_PROB) * (H * E + E * lc.vocab_size)
     if m.clip is not None:
-        cc, C = m.clip.config, m.clip.config.context_length
+        cc, C = m.clip.config, clip_width or m.clip.config.context_length
         W, P, V = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens
         train_macs += V * (cc.num_layers * (4 * W * W + 2 * W * cc.ffn_size) + W * P)
-        train_macs += V * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of 77
+        train_macs += V * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of C
         lang_unread, vis_unread = unread_streams(m)
         for i in range(len(m.xlayers)):   # per stream: cross-attention (Q, out on its tokens; K, V on the other's)
             lang = T * (2 * H * H + 4 * H * H + 2 * H * F) + V * 2 * P * H + 2 * H * T * V + 2 * H * T * T
@@ -565,16 +566,16 @@ def keep_log_until(path, step):
 def log(run, step, lr, means, grad_norm, dt, clip_real):
     """One log.jsonl record and printed line: LOGGED's means over the steps since the last record, the last step's
     gradient norm, speed, MFU over all positions and over real tokens."""
-    cfg, m = run.cfg, run.raw
+    cfg, m, width = run.cfg, run.raw, run.dataset.clip_width
     peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None)
     per_flop = cfg.global_batch / dt / world_size() / peak if peak else None
     record = {"step": step, "epoch": step / run.steps_per_epoch, "lr": lr,
               **{k: v for k, v in zip(LOGGED, means) if k in ("loss", *m.tasks) or k == "match_acc" and "match" in
                  m.tasks}, "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
-              "mfu": per_flop and flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks) * per_flop}
+              "mfu": per_flop and flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, clip_width=width) * per_flop}
     if per_flop and m.clip is not None:  # over the real CLIP tokens per sequence of the steps since the last log
-        record["mfu_real"] = flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, clip_real / cfg.global_batch) * \
-            per_flop
+        real = clip_real / cfg.global_batch
+        record["mfu_real"] = flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, real, width) * per_flop
     mfu = [f"MFU {100 * record['mfu']:.1f}%"] if record["mfu"] else []
     if "mfu_real" in record:
         mfu = [f"{mfu[0]} ({100 * record['mfu_real']:.1f}% of real tokens)"]

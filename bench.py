@@ -123,8 +123,10 @@ def bench_adapt(cfg, steps, profile=False):
     step = lambda: adapt.train_step(model, optimizer, scaler, ctx, next(queue), cfg.clip_grad, device)
     dt = median_seconds(step, steps, sync=sync)
     peak = cfg.peak_flops or (adapt.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks) * cfg.global_batch / dt / world
-    real_flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, real if clip else None) * \
+    width = dataset.clip_width
+    flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, clip_width=width) * \
+        cfg.global_batch / dt / world
+    real_flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, real if clip else None, width) * \
         cfg.global_batch / dt / world
     out = {"model": cfg.encoder if cfg.no_clip else f"{cfg.encoder} + {cfg.clip} x{cfg.xlayers}",
            "seq_len": cfg.seq_len, "clip_blocks": cfg.clip_blocks, "micro_batch": micro,
@@ -135,7 +137,7 @@ def bench_adapt(cfg, steps, profile=False):
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
     if profile:
         out |= busy_share(lambda: step(), device) if device.type == "cuda" else {}
-    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x77, micro-batch {micro}, {dtype_name} on "
+    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, {dtype_name} on "
           f"{device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, "
           f"{out['tflops']:.2f} TFLOP/s" + (f", MFU {100 * out['mfu']:.1f}% ({100 * out['mfu_real']:.1f}% of real "
                                              f"tokens)" if peak else ""), flush=True)

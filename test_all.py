@@ -1927,6 +1927,13 @@ def test_adapt_flop_formula_matches_torch_flop_counter(encoder, clip, tasks):
     if clip:   # the real-token count replaces the 2 x 77 CLIP positions
         assert adapt.flops_per_sequence(m, 32, 2, 154) == adapt.flops_per_sequence(m, 32, 2)
         assert adapt.flops_per_sequence(m, 32, 2, 40) < adapt.flops_per_sequence(m, 32, 2)
+        cut = batch | {"clip_ids": batch["clip_ids"][..., :20], "clip_mask": batch["clip_mask"][..., :20],
+                       "cliptc_positions": batch["cliptc_positions"] % 40}   # blocks cut to 20 positions (data.py)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            m(**cut)["loss"].backward()
+        assert adapt.flops_per_sequence(m, 32, 2, clip_width=20) == pytest.approx(counter.get_total_flops() / 8,
+                                                                                    rel=0.01)
 
 
 def test_adapt_step_is_one_graph_and_other_masks_do_not_recompile(adapt_kit):
