@@ -621,14 +621,15 @@ ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy"
 
 
 def run(command: list, log: Path) -> str:
-    """`python <command>` in this folder, its output appended to log; returns its last line."""
+    """`python <command>` in this folder; its output is appended to log and returned."""
     print("$ python " + " ".join(map(str, command)), flush=True)
+    done = subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
     with open(log, "a") as f:
-        done = subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, stdout=f,
-                              stderr=subprocess.STDOUT)
+        f.write(done.stdout)
     if done.returncode:
         raise ValueError(f"`python {' '.join(map(str, command))}` failed: its output is at the end of {log}")
-    return log.read_text().strip().splitlines()[-1]
+    return done.stdout
 
 
 def experiment(root: Path, out: Path, seeds: int) -> dict:
@@ -647,9 +648,10 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
     scores = {}
     for task in EXPERIMENT_TASKS:
         for row, name in ROWS.items():
-            print("  " + run(["finetune.py", "sst2", "--toy", "--data", root / "experiment" / task, "--encoder",
-                              *encoders[row], "--name", name, "--seeds", seeds, "--epochs", EXPERIMENT_EPOCHS,
-                              "--out", out / task / name], log), flush=True)
+            output = run(["finetune.py", "sst2", "--toy", "--data", root / "experiment" / task, "--encoder",
+                          *encoders[row], "--name", name, "--seeds", seeds, "--epochs", EXPERIMENT_EPOCHS,
+                          "--out", out / task / name], log)
+            print("  " + output.strip().splitlines()[-1], flush=True)
             scores.setdefault(task, {})[row] = [json.loads(p.read_text())["metrics"]["accuracy"]
                                                 for p in sorted((out / task / name).glob("*/results.json"))]
     return scores
@@ -688,24 +690,21 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     build_toy(Path(args.data), args.seed)
     if args.command == "experiment":
-        start = time.time()
+        start, out = time.time(), Path(args.out)
         try:
-            scores = experiment(Path(args.data), Path(args.out), args.seeds)
+            scores = experiment(Path(args.data), out, args.seeds)
             table = experiment_table(scores)
+            with model.atomic_file(out / "table.md", "w") as f:
+                f.write(table + "\n")
+            with model.atomic_file(out / "experiment.svg", "w") as f:
+                f.write(experiment_chart(scores))
+            print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
+                  f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
+            print(run(["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
+                       "--base", *sorted((out / "colour" / ROWS["BERT"]).iterdir()),
+                       "--adapted", *sorted((out / "colour" / ROWS["XDBERT"]).iterdir())], out / "log.txt"))
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        out = Path(args.out)
-        with model.atomic_file(out / "table.md", "w") as f:
-            f.write(table + "\n")
-        with model.atomic_file(out / "experiment.svg", "w") as f:
-            f.write(experiment_chart(scores))
-        print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
-              f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
-        grounding = ["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
-                     "--base", *sorted((out / "colour" / ROWS["BERT"]).iterdir()),
-                     "--adapted", *sorted((out / "colour" / ROWS["XDBERT"]).iterdir())]
-        print("$ python " + " ".join(map(str, grounding)), flush=True)
-        subprocess.run([sys.executable, *map(str, grounding)], cwd=Path(__file__).parent, check=True)
 
 
 if __name__ == "__main__":
