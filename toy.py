@@ -632,6 +632,11 @@ def run(command: list, log: Path) -> str:
     return done.stdout
 
 
+def seed_runs(folder: Path) -> list[Path]:
+    """The finetuning runs (one per seed) that finetune.py wrote into folder."""
+    return sorted(p.parent for p in folder.glob("*/results.json"))
+
+
 def experiment(root: Path, out: Path, seeds: int) -> dict:
     """BERT, BERT after one more epoch of plain MLM (Sec. 3's fair baseline), XDBERT, the whole adapted model (X-BERT,
     App. C.3) and CLIP-T alone, each finetuned on both tasks over `seeds` seeds.
@@ -652,8 +657,8 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
                           *encoders[row], "--name", name, "--seeds", seeds, "--epochs", EXPERIMENT_EPOCHS,
                           "--out", out / task / name], log)
             print("  " + output.strip().splitlines()[-1], flush=True)
-            scores.setdefault(task, {})[row] = [json.loads(p.read_text())["metrics"]["accuracy"]
-                                                for p in sorted((out / task / name).glob("*/results.json"))]
+            scores.setdefault(task, {})[row] = [json.loads((d / "results.json").read_text())["metrics"]["accuracy"]
+                                                for d in seed_runs(out / task / name)]
     return scores
 
 
@@ -701,8 +706,8 @@ def main(argv=None) -> None:
             print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
                   f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
             print(run(["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
-                       "--base", *sorted((out / "colour" / ROWS["BERT"]).iterdir()),
-                       "--adapted", *sorted((out / "colour" / ROWS["XDBERT"]).iterdir())], out / "log.txt"))
+                       "--base", *seed_runs(out / "colour" / ROWS["BERT"]),
+                       "--adapted", *seed_runs(out / "colour" / ROWS["XDBERT"])], out / "log.txt"))
         except ValueError as e:
             raise SystemExit(str(e)) from None
 
