@@ -1,11 +1,6 @@
-"""XDBERT data: tokenizers, CLIP blocks (App. B), the adaptation cache and batches (Sec. 2.3), task readers (Sec. 3).
-
-Tokenizers come from the checkpoints' own files; CLIP reads a text as blocks of 77 ids (App. B). A raw corpus is
-streamed once into uint16 memmaps of [CLS] + 510 + [SEP] windows and their CLIP blocks, from which AdaptationData
-draws the MLM, MATCH and CLIPTC examples (Sec. 2.3). GLUE, SWAG and READ files become Examples and [CLS] a [SEP] b
-[SEP] features (Sec. 2.4). svg_lines and svg_bars draw standalone SVG charts. More in the README's data.py section.
-"""
-import copy
+"""XDBERT data: tokenizers, CLIP blocks (App. B), the adaptation cache and its batches (Sec. 2.3), task readers and
+features (Sec. 3, 2.4), and standalone SVG charts. The README's data.py section gives the details."""
+import contextlib
 import csv
 import gzip
 import hashlib
@@ -24,17 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import BPE, WordPiece
+from tokenizers.implementations import BertWordPieceTokenizer
+from tokenizers.models import BPE
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers
+# ----------------------------------------------------------------------------- tokenizers
 
 CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 list (48,894); vocabulary 512 + merges + 2 = 49,408
-# OpenAI CLIP's text cleaning (basic_clean: ftfy.fix_text, then html.unescape twice) as one table of what ftfy changes
-# in ordinary text: curly quotes, full-width ASCII, Latin ligatures, control characters; mojibake stays unrepaired.
+# What OpenAI CLIP's ftfy.fix_text changes in ordinary text (curly quotes, full-width ASCII, Latin ligatures, control
+# characters) as one table; mojibake stays unrepaired.
 CLIP_FIXES = str.maketrans({
     **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
     **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
@@ -60,8 +55,7 @@ def checkpoint_dir(name, data_root="data") -> Path:
 
 
 def _plain(tok: Tokenizer) -> Tokenizer:
-    """Padding and truncation off (a shipped tokenizer.json may pad to 128); a "[SEP]" or "<|endoftext|>" in text
-    stays text, never a control id."""
+    """Padding and truncation off (a shipped tokenizer.json may pad to 128); a "[SEP]" in a text stays text."""
     tok.no_padding()
     tok.no_truncation()
     tok.encode_special_tokens = True
@@ -75,15 +69,7 @@ def bert_tokenizer(ckpt_dir) -> Tokenizer:
         return _plain(Tokenizer.from_file(str(ckpt / "tokenizer.json")))
     if not (ckpt / "vocab.txt").is_file():
         raise FileNotFoundError(f"no tokenizer.json or vocab.txt in {ckpt}: {download_hint(ckpt, ckpt.name)}")
-    vocab = WordPiece.read_file(str(ckpt / "vocab.txt"))
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
-    tok.decoder = decoders.WordPiece(prefix="##")
-    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    return _plain(tok)
+    return _plain(Tokenizer.from_str(BertWordPieceTokenizer(str(ckpt / "vocab.txt"), lowercase=True).to_str()))
 
 
 def clip_tokenizer(ckpt_dir) -> Tokenizer:
@@ -95,8 +81,8 @@ def clip_tokenizer(ckpt_dir) -> Tokenizer:
 
 
 def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
-    """Write CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz: the 256 byte symbols (GPT-2's map
-    to printable characters), the same with "</w>", the 48,894 merges joined, <|startoftext|>, <|endoftext|>."""
+    """CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz: the 256 byte symbols (GPT-2's printable
+    map), the same with "</w>", the 48,894 merges joined, <|startoftext|>, <|endoftext|>."""
     with gzip.open(bpe_txt_gz, "rt", encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:CLIP_MERGES + 1]]
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -123,8 +109,7 @@ def clip_encode(clip_tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in clip_tok.encode_batch_fast(cleaned, add_special_tokens=False)]
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# CLIP blocks (App. B)
+# ----------------------------------------------------------------------------- CLIP blocks (App. B)
 
 CLIP_CONTEXT = 77                     # CLIP's maximum sequence length
 CLIP_BLOCK_TOKENS = CLIP_CONTEXT - 2  # BPE tokens between <|startoftext|> and <|endoftext|>
@@ -154,13 +139,11 @@ def _pack_blocks(bpe: Sequence[int], n_blocks: int, start: int, end: int) -> tup
 
 
 def _block_mask(lengths: np.ndarray, width: int = CLIP_CONTEXT) -> np.ndarray:
-    """(..., n) real lengths -> (..., n, width) int64 mask (CLIP's id 0 is a real token, so padding is known by
-    length)."""
+    """(..., n) real lengths -> (..., n, width) int64 mask (CLIP's id 0 is a real token: padding is known by length)."""
     return (np.arange(width) < lengths[..., None]).astype(np.int64)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The adaptation cache (App. B, C.1): windows of [CLS] + 510 WordPiece + [SEP] and their text in 9 CLIP blocks
+# ----------------------------------------------------------------------------- the adaptation cache (App. B, C.1)
 
 CACHE_VERSION = 2  # 2: WikiText line rule, CLIP text cleaning
 CHUNK_CHARS = 1 << 20  # text tokenized per batch: bounds the builder's memory whatever the corpus size
@@ -185,8 +168,7 @@ def first_plain_token(bert_tok: Tokenizer) -> int:
 
 
 def _utf8_lines(path, fix: str) -> Iterator[str]:
-    """A file's lines (ends kept, split at \\n only, a leading BOM dropped); a byte that is not UTF-8 raises
-    ValueError naming the file, the line and `fix`."""
+    """A file's lines (ends kept, split at \\n only, no leading BOM); a byte that is not UTF-8 names its line, `fix`."""
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             try:
@@ -196,13 +178,12 @@ def _utf8_lines(path, fix: str) -> Iterator[str]:
 
 
 def wikitext_line(line: str) -> bool:
-    """App. C.1, preprocessing "similar to Tan and Bansal (2020)": their WikiText-103 preparation (vokenization's
-    tokenize_dataset.py) drops heading lines (" = Title = ", " = = Section = = ") and lines of fewer than 5 words."""
+    """App. C.1, "similar to Tan and Bansal (2020)": their WikiText-103 preparation drops headings (" = Title = ",
+    " = = Section = = ") and lines of fewer than 5 words."""
     return not line.startswith(" = ") and len(line.strip().split(" ")) >= 5
 
 
-def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool] = wikitext_line
-                ) -> Iterator[list[str]]:
+def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool] = wikitext_line):
     """Stream a raw-text corpus as lists of the non-blank lines that `keep` accepts, about chunk_chars characters."""
     lines, size = [], 0
     for line in _utf8_lines(path, "convert the corpus to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"):
@@ -216,10 +197,9 @@ def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool
         yield lines
 
 
-def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict
-                 ) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """App. B: the running WordPiece stream cut into windows, chunk by chunk -> ids (w, body_len) and each window's
-    text; a chunk's tail is carried into the next, the last incomplete window dropped (stats["dropped_tail_tokens"])."""
+def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict):
+    """App. B: the running WordPiece stream cut into windows -> ids (w, body_len) and each window's text, chunk by
+    chunk; the last incomplete window is dropped (stats["dropped_tail_tokens"])."""
     text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     for lines in chunks:
         encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
@@ -237,12 +217,6 @@ def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int
     stats["dropped_tail_tokens"] = len(ids)
 
 
-def _built_key(cache_dir: Path) -> dict | None:
-    """The key of the cache published in cache_dir (what it was built from), None when there is none."""
-    manifest = cache_dir / "manifest.json"
-    return json.loads(manifest.read_text())["key"] if manifest.is_file() else None
-
-
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
                 chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print, all_lines: bool = False) -> str:
     """App. B: a raw corpus (without WikiText's headings and short lines unless all_lines) streamed into bert_ids (N,
@@ -253,82 +227,70 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
     bert_tok, clip_tok = bert_tokenizer(bert_dir), clip_tokenizer(clip_dir)
     if max(bert_tok.get_vocab_size(), clip_tok.get_vocab_size()) > 1 << 16:
         raise ValueError("the cache stores uint16 ids: a vocabulary has more than 65,536 entries")
-    with open(corpus, "rb") as f:
-        source_sha256 = hashlib.file_digest(f, "sha256").hexdigest()
     sha256 = lambda text: hashlib.sha256(text.encode()).hexdigest()
-    key = {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size, "source_sha256": source_sha256,
-           "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok.to_str()),
-           "clip_tokenizer_sha256": sha256(clip_tok.to_str()), "seq_len": seq_len, "n_blocks": n_blocks}
+    with open(corpus, "rb") as f:
+        key = {"version": CACHE_VERSION, "source_bytes": corpus.stat().st_size,
+               "source_sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+               "lines": "all" if all_lines else "wikitext", "bert_tokenizer_sha256": sha256(bert_tok.to_str()),
+               "clip_tokenizer_sha256": sha256(clip_tok.to_str()), "seq_len": seq_len, "n_blocks": n_blocks}
     tokenizers_id = sha256(key["bert_tokenizer_sha256"] + key["clip_tokenizer_sha256"])[:10]
     cache_dir = Path(cache_root) / f"{corpus.name}-{seq_len}x{n_blocks}-{tokenizers_id}{'-all' * all_lines}"
-    old = _built_key(cache_dir)
+    manifest = cache_dir / "manifest.json"
+    built_key = lambda: json.loads(manifest.read_text())["key"] if manifest.is_file() else None  # of the published one
+    old = built_key()
     if old == key:
         log(f"reusing the adaptation cache {cache_dir}")
         return str(cache_dir)
     log(f"rebuilding the adaptation cache {cache_dir}: {', '.join(k for k in key if old.get(k) != key[k])} changed"
         if old else f"building the adaptation cache {cache_dir} from {corpus}")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
-    # one temporary folder per process, <name>.<pid>.XXXX.tmp: removed on any error, swept after a kill (adapt.py)
-    tmp_dir = Path(tempfile.mkdtemp(dir=cache_dir.parent, prefix=f"{cache_dir.name}.{os.getpid()}.", suffix=".tmp"))
     start = time.time()
-    try:
+    # each job builds in its own <name>.<pid>.XXXX.tmp folder, removed in the end; the first to finish publishes it
+    with tempfile.TemporaryDirectory(".tmp", f"{cache_dir.name}.{os.getpid()}.", cache_dir.parent) as tmp:
         chunks = line_chunks(corpus, chunk_chars, (lambda line: True) if all_lines else wikitext_line)
-        counts = _write_windows(corpus, tmp_dir, bert_tok, clip_tok, seq_len, n_blocks, chunks)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    manifest = {"key": key, **counts, "build_seconds": round(time.time() - start, 1)}
-    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _publish(tmp_dir, cache_dir, key)
-    log(f"{manifest['windows']} windows, {100 * manifest['clip_truncated_fraction']:.2f}% truncated in CLIP blocks")
+        built = {"key": key, **_write_windows(corpus, Path(tmp), bert_tok, clip_tok, seq_len, n_blocks, chunks),
+                 "build_seconds": round(time.time() - start, 1)}
+        Path(tmp, "manifest.json").write_text(json.dumps(built, indent=1))
+        if built_key() != key:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+            try:
+                os.replace(tmp, cache_dir)
+            except OSError:  # a concurrent job published the same cache between the two lines above
+                if built_key() != key:
+                    raise
+    log(f"{built['windows']} windows, {100 * built['clip_truncated_fraction']:.2f}% truncated in CLIP blocks")
     return str(cache_dir)
-
-
-def _publish(tmp_dir: Path, cache_dir: Path, key: dict) -> None:
-    """Move a finished build into place, unless another process building the same cache won the race (ours dropped)."""
-    if _built_key(cache_dir) != key:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-        try:
-            os.replace(tmp_dir, cache_dir)
-            return
-        except OSError:  # a concurrent build put its directory there between the two lines above
-            if _built_key(cache_dir) != key:
-                raise
-    shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
                    chunks: Iterator[list[str]]) -> dict:
-    """Append each chunk's windows to the memmap files; return the manifest's counts and special ids."""
+    """Append each chunk's windows to the memmap files -> the manifest's counts and special ids."""
     ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
     if None in ids.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
     start, end = clip_special_ids(clip_tok)
     sp = SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
                     clip_start=start, clip_end=end)
-    stats = {"dropped_tail_tokens": 0}
-    windows = truncated = clip_tokens = clip_max = 0
+    stats, clip_tokens = {"dropped_tail_tokens": 0}, []  # clip_tokens: each window's BPE length
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
             open(out / "clip_lengths", "wb") as f_len:
         for body, texts in bert_windows(chunks, bert_tok, seq_len - 2, stats):
-            edge = np.ones((len(body), 1), np.int64)
-            f_bert.write(np.hstack([sp.cls * edge, body, sp.sep * edge]).astype(np.uint16).tobytes())  # (w, 512)
+            f_bert.write(np.pad(body, ((0, 0), (1, 1)), constant_values=(sp.cls, sp.sep)).astype(np.uint16).tobytes())
             for bpe in clip_encode(clip_tok, texts):
-                blocks, lengths, cut = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
+                blocks, lengths, _ = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
                 f_clip.write(blocks.astype(np.uint16).tobytes())
                 f_len.write(lengths.astype(np.uint8).tobytes())
-                truncated, clip_tokens, clip_max = truncated + cut, clip_tokens + len(bpe), max(clip_max, len(bpe))
-            windows += len(texts)
-    if windows == 0:
+                clip_tokens.append(len(bpe))
+    if not clip_tokens:
         raise ValueError(f"{corpus} has fewer than {seq_len - 2} WordPiece tokens: no adaptation window fits")
+    windows, truncated = len(clip_tokens), sum(n > n_blocks * CLIP_BLOCK_TOKENS for n in clip_tokens)
     return {"windows": windows, "bert_tokens": windows * (seq_len - 2) + stats["dropped_tail_tokens"], **stats,
-            "clip_tokens_mean": round(clip_tokens / windows, 2), "clip_tokens_max": clip_max,
+            "clip_tokens_mean": round(sum(clip_tokens) / windows, 2), "clip_tokens_max": max(clip_tokens),
             "clip_truncated_windows": truncated, "clip_truncated_fraction": truncated / windows,
             "special_ids": asdict(sp)}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Adaptation batches (Sec. 2.3): joint MLM, MATCH, CLIPTC
+# ----------------------------------------------------------------------------- adaptation batches (Sec. 2.3)
 
 IGNORE = -100     # target of an unused prediction slot: no loss is computed there
 MASK_PROB = 0.15  # Sec. 2.3.1, 2.3.3: the share of real tokens that MLM masks and CLIPTC predicts (BERT's rate)
@@ -336,18 +298,16 @@ MATCH_PROB = 0.5  # Sec. 2.3.2: the share of MATCH pairs whose CLIP text comes f
 
 
 def prediction_slots(n: int, prob: float) -> int:
-    """round(prob * n), at least 1: how many of n candidates are predicted; for the most candidates a sequence can
-    have, its fixed number of MLM / CLIPTC prediction slots (every shape stays static)."""
+    """How many of n candidates are predicted: round(prob * n), at least 1 (of the most: the fixed slot count)."""
     return max(1, round(prob * n))
 
 
-def _predict(candidates: np.ndarray, ids: np.ndarray, prob: float, rng: np.random.Generator, slots: int
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """prediction_slots(n, prob) of the n candidate positions of ids (flat), drawn without replacement (Devlin et al.
-    2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
-    chosen = candidates
+def _predict(real: np.ndarray, ids: np.ndarray, rng: np.random.Generator, slots: int):
+    """prediction_slots(n, MASK_PROB) of the n real positions of ids (both flat), drawn without replacement (Devlin et
+    al. 2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
+    chosen = candidates = np.flatnonzero(real)
     if len(candidates):
-        chosen = rng.choice(candidates, prediction_slots(len(candidates), prob), replace=False)
+        chosen = rng.choice(candidates, prediction_slots(len(candidates), MASK_PROB), replace=False)
     positions, pad = np.sort(chosen), (0, slots - len(chosen))
     return chosen, np.pad(positions, pad), np.pad(ids[positions], pad, constant_values=IGNORE)
 
@@ -361,11 +321,10 @@ def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
 
 
 class AdaptationData:
-    """The memmapped adaptation cache and its Sec. 2.3 batches, deterministic from (seed, epoch, window index) so
-    that every distributed rank and every resumed run draws the same masks and MATCH partners."""
+    """The memmapped adaptation cache and its Sec. 2.3 batches, drawn from (seed, epoch, window index) alone: every
+    rank and every resumed run draws the same masks and MATCH partners."""
 
-    def __init__(self, cache_dir, mask_prob: float = MASK_PROB, match_prob: float = MATCH_PROB,
-                 cliptc_prob: float = MASK_PROB):
+    def __init__(self, cache_dir, match_prob: float = MATCH_PROB):
         cache = Path(cache_dir)
         if not (cache / "manifest.json").is_file():
             raise FileNotFoundError(f"no adaptation cache at {cache}: build it with data.build_cache "
@@ -379,14 +338,11 @@ class AdaptationData:
         self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
         self.clip_ids = np.memmap(cache / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
         self.clip_lengths = np.memmap(cache / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
-        # Batches keep the first clip_width positions of each block, as many as the cache's longest block fills (77
-        # on WikiText-103, about 20 for the toy's 16-token windows): the rest is padding in every window, and
-        # CLIP-T is causal and the cross-modal attention masks padding, so no loss changes.
-        self.clip_width = max(1, int(self.clip_lengths.max(initial=0)))
-        self.mask_prob, self.match_prob, self.cliptc_prob = mask_prob, match_prob, cliptc_prob
-        # at most seq_len - 2 real tokens ([CLS] and [SEP] frame a window) and 75 real CLIP tokens per block
-        self.mlm_slots = prediction_slots(seq_len - 2, mask_prob)
-        self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, cliptc_prob)
+        # batches keep the positions the longest block fills: the rest is padding everywhere, which no loss sees
+        self.clip_width, self.match_prob = max(1, int(self.clip_lengths.max(initial=0))), match_prob
+        # slots for the most real tokens: seq_len - 2 WordPieces, 75 CLIP tokens per block
+        self.mlm_slots = prediction_slots(seq_len - 2, MASK_PROB)
+        self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, MASK_PROB)
 
     def __len__(self) -> int:
         return len(self.bert_ids)
@@ -399,37 +355,32 @@ class AdaptationData:
         if rng.random() < self.match_prob:
             other = int(rng.integers(len(self) - 1))
             partner, match = other + (other >= index), 0
-        # MLM (2.3.1): mask_prob of the real tokens (not [CLS], [SEP], padding): 80% [MASK], 10% a random plain token
-        # (never a special or [unused] id), 10% kept
+        # MLM (2.3.1): 15% of the real tokens: 80% [MASK], 10% a random plain (not [..]) token, 10% kept
         ids = self.bert_ids[index].astype(np.int64)  # (T,)
-        chosen, mlm_positions, mlm_targets = _predict(np.flatnonzero(~np.isin(ids, (sp.cls, sp.sep, sp.pad))), ids,
-                                                      self.mask_prob, rng, self.mlm_slots)
+        chosen, mlm_positions, mlm_targets = _predict(~np.isin(ids, (sp.cls, sp.sep, sp.pad)), ids, rng, self.mlm_slots)
         input_ids, action = ids.copy(), rng.random(len(chosen))
         input_ids[chosen[action < 0.8]] = sp.mask
         swap = chosen[(action >= 0.8) & (action < 0.9)]
         input_ids[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
-        # CLIPTC (2.3.3): cliptc_prob of the real CLIP tokens (not start, end, padding) are targets; the input stays
+        # CLIPTC (2.3.3): 15% of the real CLIP tokens (not start, end, padding) are targets; the input stays
         W = self.clip_width
         clip_ids, lengths = self.clip_ids[partner, :, :W].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
         real = _block_mask(lengths, W).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, W)
-        _, cliptc_positions, cliptc_targets = _predict(np.flatnonzero(real), clip_ids.reshape(-1), self.cliptc_prob,
-                                                       rng, self.cliptc_slots)
+        _, cliptc_positions, cliptc_targets = _predict(real.reshape(-1), clip_ids.reshape(-1), rng, self.cliptc_slots)
         return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
                 "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths, W),
                 "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask
-        (B, n, clip_width); clip_blocks (N,); cliptc_positions, cliptc_targets (B, cliptc_slots) (positions among the
-        n x clip_width); match_labels (B,) (1 = same text); all int64. No attention_mask: windows are cut from the
-        running text and never padded."""
+        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask (B, n,
+        clip_width); clip_blocks (N,); cliptc_positions (among the n x clip_width), cliptc_targets (B, cliptc_slots);
+        match_labels (B,) (1 = same text); all int64. Windows are never padded: no attention_mask."""
         examples = [self.example(int(i), seed, epoch) for i in indices]
         out = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
         return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Finetuning tasks (Sec. 3): GLUE, SWAG, READ
+# ----------------------------------------------------------------------------- finetuning tasks (Sec. 3)
 
 GLUE_SPLITS = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
@@ -452,8 +403,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Task:
-    """A finetuning task. label_names are the labels as the official files (and GLUE submissions) write them,
-    in class-index order; num_labels is the number of classes (1 for regression, 4 choices for SWAG)."""
+    """A finetuning task; label_names as the official files (and GLUE submissions) write them, in class order."""
     name: str
     kind: str                       # "classification" | "regression" | "choice"
     label_names: tuple[str, ...]
@@ -504,17 +454,14 @@ def get_task(name: str) -> Task:
 
 def _label(task: Task, raw: str, where: str) -> int | float:
     """A class index by label name (classification, choice) or a finite score (regression)."""
-    if task.kind != "regression":
-        if raw not in task.label_names:
-            raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
-        return task.label_names.index(raw)
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    if task.kind == "regression":
+        with contextlib.suppress(ValueError):
+            if math.isfinite(value := float(raw)):
+                return value
         raise ValueError(f"{where}: score {raw!r} is not a number, as every {task.name} label must be")
-    return value
+    if raw not in task.label_names:
+        raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
+    return task.label_names.index(raw)
 
 
 def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
@@ -534,14 +481,11 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         rows = [row for i, row in enumerate(rows) if (i in dev) == (split == "dev")]
     text_a, text_b, label = task.columns
     examples = []
-    for n, row in rows:
+    for i, (n, row) in enumerate(rows):
         y = None if split.startswith("test") else _label(task, row[label], f"{path}:{n}")
-        guid = next((row[k] for k in ("index", "id", "") if k in row), str(len(examples)))
-        if task.kind == "choice":
-            examples.append(Example(row[text_a], label=y, guid=guid,
-                                    endings=tuple(f"{row[text_b]} {row[ending]}" for ending in SWAG_ENDINGS)))
-        else:
-            examples.append(Example(row[text_a], row[text_b] if text_b else None, y, guid=guid))
+        guid = next((row[k] for k in ("index", "id", "") if k in row), str(i))
+        endings = tuple(f"{row[text_b]} {row[e]}" for e in SWAG_ENDINGS) if task.kind == "choice" else ()
+        examples.append(Example(row[text_a], row[text_b] if text_b and not endings else None, y, endings, guid))
     if not examples:
         raise ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): "
                          f"{download_hint(path, task.fetch)}")
@@ -549,9 +493,8 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
 
 
 def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a task file. GLUE's TSVs are read without quoting (their text holds stray quotes), rows
-    with the wrong number of fields (a few in QQP and MNLI) skipped; in a quoted CSV (SWAG, CommonLit: fields may
-    hold commas and newlines) such a row is an error, as are bytes that are not UTF-8 and a missing column."""
+    """(line number, row) of a task file: GLUE's TSVs unquoted (stray quotes), rows of the wrong length (a few in QQP,
+    MNLI) skipped; in a quoted CSV (SWAG, CommonLit) such a row is an error, as is a missing column."""
     lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
     if task.glue_dir:
         table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
@@ -580,37 +523,31 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
     return rows
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Finetuning features (Sec. 2.4, App. B)
+# ----------------------------------------------------------------------------- finetuning features (Sec. 2.4, App. B)
 
 def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
-    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), a pair cut longest
-    first; labels (N,) (float32 for regression; absent where hidden); with clip_tok clip_ids, clip_mask (N, 2 per
-    sentence, 77) (App. B, C.3), without bert_tok those alone. SWAG: (N, 4, ...), one context-ending pair a choice."""
+    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]) cut longest first;
+    labels (N,) where known; with clip_tok clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3), without bert_tok
+    those alone. SWAG: (N, 4, ...), one context-ending pair a choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
     task = get_task(name)
-    if task.kind == "choice":
-        pairs = [(ex.text_a, ending) for ex in examples for ending in ex.endings]
-    else:
-        pairs = [(ex.text_a, ex.text_b) for ex in examples]
+    pairs = [(ex.text_a, b) for ex in examples for b in ex.endings or [ex.text_b]]  # SWAG: one pair per ending
     features = {}
     if bert_tok is not None:
-        tok = _plain(copy.deepcopy(bert_tok))
+        tok = _plain(Tokenizer.from_str(bert_tok.to_str()))  # a copy
         tok.enable_truncation(max_len)
         tok.enable_padding(length=max_len, pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
         encodings = tok.encode_batch_fast([a if b is None else (a, b) for a, b in pairs])
-        matrix = lambda rows: np.array(rows, np.int64).reshape(-1, max_len)  # (M, max_len)
-        features["input_ids"] = matrix([e.ids for e in encodings])
-        features["attention_mask"] = matrix([e.attention_mask for e in encodings])
-        features["token_type_ids"] = matrix([e.type_ids for e in encodings])
+        for key, attr in ("input_ids", "ids"), ("attention_mask", "attention_mask"), ("token_type_ids", "type_ids"):
+            features[key] = np.array([getattr(e, attr) for e in encodings], np.int64).reshape(-1, max_len)  # (M, T)
     if clip_tok is not None:  # App. B: 2 CLIP blocks per sentence, a pair's sentences never sharing one
         start, end = clip_special_ids(clip_tok)
         texts = [t for pair in pairs for t in pair if t is not None]
-        packed = [_pack_blocks(ids, SENTENCE_BLOCKS, start, end) for ids in clip_encode(clip_tok, texts)]
-        features["clip_ids"] = np.stack([p[0] for p in packed]).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M, 2*s, 77)
-        features["clip_mask"] = _block_mask(np.stack([p[1] for p in packed]).reshape(len(pairs), -1))
+        ids, lengths, _ = zip(*[_pack_blocks(bpe, SENTENCE_BLOCKS, start, end) for bpe in clip_encode(clip_tok, texts)])
+        features["clip_ids"] = np.stack(ids).reshape(len(pairs), -1, CLIP_CONTEXT)  # (M, 2 per sentence, 77)
+        features["clip_mask"] = _block_mask(np.stack(lengths).reshape(len(pairs), -1))
     shape = (len(examples), -1) if task.kind == "choice" else (len(examples),)
     out = {k: torch.from_numpy(v.reshape(*shape, *v.shape[1:])) for k, v in features.items()}
     labels = [ex.label for ex in examples]
@@ -621,8 +558,7 @@ def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_l
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pictures: standalone SVG charts (loss curves, Table 1-style bars, Fig. 4) written as text, no plotting library
+# ----------------------------------------------------------------------------- SVG charts (loss curves, Fig. 4)
 
 SVG_WIDTH, SVG_HEIGHT = 640, 400
 SVG_LEFT, SVG_RIGHT, SVG_TOP, SVG_BOTTOM = 70, 490, 40, 350   # the plot area in pixels; the legend sits to its right
@@ -652,7 +588,7 @@ def _svg(title: str, x_label: str, y_label: str, y_ticks: np.ndarray, x_ticks: l
     """The frame both charts share: title, axes with their ticks and labels, the plotted body, a legend."""
     sy, mid, y_mid = _axis(y_ticks, SVG_BOTTOM, SVG_TOP), (SVG_LEFT + SVG_RIGHT) / 2, (SVG_TOP + SVG_BOTTOM) / 2
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{SVG_WIDTH}" height="{SVG_HEIGHT}" '
-             f'font-family="sans-serif" font-size="12">', f'<rect width="100%" height="100%" fill="white"/>',
+             f'font-family="sans-serif" font-size="12">', '<rect width="100%" height="100%" fill="white"/>',
              _text(mid, 22, title, more=' font-size="15"'), _text(mid, SVG_BOTTOM + 36, x_label),
              _text(18, y_mid, y_label, more=f' transform="rotate(-90 18 {y_mid})"'),
              f'<path class="axes" d="M{SVG_LEFT},{SVG_TOP}V{SVG_BOTTOM}H{SVG_RIGHT}" fill="none" stroke="black"/>']
