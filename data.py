@@ -12,8 +12,9 @@ import re
 import shutil
 import tempfile
 import time
+from collections import namedtuple
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -149,17 +150,9 @@ CACHE_VERSION = 2  # 2: WikiText line rule, CLIP text cleaning
 CHUNK_CHARS = 1 << 20  # text tokenized per batch: bounds the builder's memory whatever the corpus size
 
 
-@dataclass(frozen=True)
-class SpecialIds:
-    """The ids the adaptation batches need, read from the tokenizers when the cache is built."""
-    cls: int
-    sep: int
-    pad: int
-    mask: int
-    random_low: int   # lowest id a random MLM replacement may take: after the last [..] token (999 for BERT)
-    vocab_size: int
-    clip_start: int
-    clip_end: int
+# The ids the adaptation batches need, read from the tokenizers when the cache is built; random_low is the lowest id a
+# random MLM replacement may take: after the last [..] token (999 for BERT)
+SpecialIds = namedtuple("SpecialIds", "cls sep pad mask random_low vocab_size clip_start clip_end")
 
 
 def first_plain_token(bert_tok: Tokenizer) -> int:
@@ -195,26 +188,6 @@ def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool
             lines, size = [], 0
     if lines:
         yield lines
-
-
-def bert_windows(chunks: Iterator[list[str]], bert_tok: Tokenizer, body_len: int, stats: dict):
-    """App. B: the running WordPiece stream cut into windows -> ids (w, body_len) and each window's text, chunk by
-    chunk; the last incomplete window is dropped (stats["dropped_tail_tokens"])."""
-    text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
-    for lines in chunks:
-        encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
-        counts = [len(e.ids) for e in encodings]
-        starts = len(text) + 1 + np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # each line in the text
-        new_spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
-        text += "\n" + "\n".join(lines)
-        ids = np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int64)])
-        spans = np.concatenate([spans, new_spans + np.repeat(starts, counts)[:, None]])  # (tokens, 2) into text
-        n = len(ids) // body_len * body_len
-        yield ids[:n].reshape(-1, body_len), [text[s:e] for s, e in zip(spans[0:n:body_len, 0],
-                                                                       spans[body_len - 1:n:body_len, 1])]
-        cut = spans[n, 0] if len(ids) > n else len(text)
-        text, ids, spans = text[cut:], ids[n:], spans[n:] - cut
-    stats["dropped_tail_tokens"] = len(ids)
 
 
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
@@ -264,30 +237,44 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
                    chunks: Iterator[list[str]]) -> dict:
-    """Append each chunk's windows to the memmap files -> the manifest's counts and special ids."""
-    ids = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
-    if None in ids.values():
+    """App. B: the running WordPiece stream cut into [CLS] + seq_len - 2 + [SEP] windows (an incomplete last one
+    dropped), each with its text's CLIP blocks, appended to the memmap files -> the manifest's counts and special ids."""
+    named = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
+    if None in named.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
     start, end = clip_special_ids(clip_tok)
-    sp = SpecialIds(**ids, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
+    sp = SpecialIds(**named, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
                     clip_start=start, clip_end=end)
-    stats, clip_tokens = {"dropped_tail_tokens": 0}, []  # clip_tokens: each window's BPE length
+    body_len, clip_tokens = seq_len - 2, []  # clip_tokens: each window's BPE length
+    text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
             open(out / "clip_lengths", "wb") as f_len:
-        for body, texts in bert_windows(chunks, bert_tok, seq_len - 2, stats):
+        for lines in chunks:
+            encodings = bert_tok.encode_batch(lines, add_special_tokens=False)  # parallel over all cores
+            counts = [len(e.ids) for e in encodings]
+            starts = len(text) + 1 + np.cumsum([0] + [len(line) + 1 for line in lines[:-1]])  # each line in the text
+            new_spans = np.array([s for e in encodings for s in e.offsets], np.int64).reshape(-1, 2)
+            text += "\n" + "\n".join(lines)
+            ids = np.concatenate([ids, np.array([i for e in encodings for i in e.ids], np.int64)])
+            spans = np.concatenate([spans, new_spans + np.repeat(starts, counts)[:, None]])  # (tokens, 2) into text
+            n = len(ids) // body_len * body_len
+            body = ids[:n].reshape(-1, body_len)
             f_bert.write(np.pad(body, ((0, 0), (1, 1)), constant_values=(sp.cls, sp.sep)).astype(np.uint16).tobytes())
+            texts = [text[s:e] for s, e in zip(spans[0:n:body_len, 0], spans[body_len - 1:n:body_len, 1])]
             for bpe in clip_encode(clip_tok, texts):
                 blocks, lengths, _ = _pack_blocks(bpe, n_blocks, start, end)  # (n_blocks, 77), (n_blocks,)
                 f_clip.write(blocks.astype(np.uint16).tobytes())
                 f_len.write(lengths.astype(np.uint8).tobytes())
                 clip_tokens.append(len(bpe))
+            cut = spans[n, 0] if len(ids) > n else len(text)
+            text, ids, spans = text[cut:], ids[n:], spans[n:] - cut
     if not clip_tokens:
-        raise ValueError(f"{corpus} has fewer than {seq_len - 2} WordPiece tokens: no adaptation window fits")
+        raise ValueError(f"{corpus} has fewer than {body_len} WordPiece tokens: no adaptation window fits")
     windows, truncated = len(clip_tokens), sum(n > n_blocks * CLIP_BLOCK_TOKENS for n in clip_tokens)
-    return {"windows": windows, "bert_tokens": windows * (seq_len - 2) + stats["dropped_tail_tokens"], **stats,
+    return {"windows": windows, "bert_tokens": windows * body_len + len(ids), "dropped_tail_tokens": len(ids),
             "clip_tokens_mean": round(sum(clip_tokens) / windows, 2), "clip_tokens_max": max(clip_tokens),
             "clip_truncated_windows": truncated, "clip_truncated_fraction": truncated / windows,
-            "special_ids": asdict(sp)}
+            "special_ids": sp._asdict()}
 
 
 # ----------------------------------------------------------------------------- adaptation batches (Sec. 2.3)
@@ -452,18 +439,6 @@ def get_task(name: str) -> Task:
     return TASKS[name]
 
 
-def _label(task: Task, raw: str, where: str) -> int | float:
-    """A class index by label name (classification, choice) or a finite score (regression)."""
-    if task.kind == "regression":
-        with contextlib.suppress(ValueError):
-            if math.isfinite(value := float(raw)):
-                return value
-        raise ValueError(f"{where}: score {raw!r} is not a number, as every {task.name} label must be")
-    if raw not in task.label_names:
-        raise ValueError(f"{where}: label {raw!r} is not one of {', '.join(task.label_names)} for {task.name}")
-    return task.label_names.index(raw)
-
-
 def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
     """The examples of one split; test splits have no labels (None). SWAG's choice k is sent2 + " " + ending_k (as
     Hugging Face's run_swag); READ's dev split is a seeded READ_DEV_FRACTION of CommonLit's train.csv."""
@@ -480,9 +455,16 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         dev = set(order[:round(READ_DEV_FRACTION * len(rows))])
         rows = [row for i, row in enumerate(rows) if (i in dev) == (split == "dev")]
     text_a, text_b, label = task.columns
-    examples = []
+    regression, examples = task.kind == "regression", []
     for i, (n, row) in enumerate(rows):
-        y = None if split.startswith("test") else _label(task, row[label], f"{path}:{n}")
+        y = None
+        if not split.startswith("test"):  # a finite score, or a class index by label name
+            with contextlib.suppress(ValueError):
+                y = float(row[label]) if regression else task.label_names.index(row[label])
+            if y is None or not math.isfinite(y):
+                want = "a number" if regression else f"one of {', '.join(task.label_names)}"
+                raise ValueError(f"{path}:{n}: {'score' if regression else 'label'} {row[label]!r} is not {want} "
+                                 f"for {task.name}")
         guid = next((row[k] for k in ("index", "id", "") if k in row), str(i))
         endings = tuple(f"{row[text_b]} {row[e]}" for e in SWAG_ENDINGS) if task.kind == "choice" else ()
         examples.append(Example(row[text_a], row[text_b] if text_b and not endings else None, y, endings, guid))
