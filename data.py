@@ -1,5 +1,4 @@
-"""XDBERT data: tokenizers, CLIP blocks (App. B), the adaptation cache and its batches (Sec. 2.3), task readers and
-features (Sec. 3, 2.4), and standalone SVG charts. The README's data.py section gives the details."""
+"""Tokenizers, CLIP blocks (App. B), the adaptation cache and batches (Sec. 2.3), task data (Sec. 3), SVG charts."""
 import contextlib
 import csv
 import gzip
@@ -29,8 +28,7 @@ CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 list (48,894); vocabulary 512 + merges + 2 = 49,408
-# What OpenAI CLIP's ftfy.fix_text changes in ordinary text (curly quotes, full-width ASCII, Latin ligatures, control
-# characters) as one table; mojibake stays unrepaired.
+# what OpenAI CLIP's ftfy.fix_text changes in ordinary text, as one table (the README's data.py section)
 CLIP_FIXES = str.maketrans({
     **dict.fromkeys("\u02bc\u2018\u2019\u201a\u201b", "'"), **dict.fromkeys("\u201c\u201d\u201e\u201f", '"'),
     **{chr(c): chr(c - 0xFEE0) for c in range(0xFF01, 0xFF5F)}, "\u3000": " ",
@@ -82,8 +80,7 @@ def clip_tokenizer(ckpt_dir) -> Tokenizer:
 
 
 def clip_tokenizer_json_from_bpe(bpe_txt_gz, out_json) -> None:
-    """CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz: the 256 byte symbols (GPT-2's printable
-    map), the same with "</w>", the 48,894 merges joined, <|startoftext|>, <|endoftext|>."""
+    """CLIP's tokenizer.json from open_clip's bpe_simple_vocab_16e6.txt.gz, as OpenAI's simple_tokenizer builds it."""
     with gzip.open(bpe_txt_gz, "rt", encoding="utf-8") as f:
         merges = [tuple(line.split()) for line in f.read().split("\n")[1:CLIP_MERGES + 1]]
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
@@ -150,8 +147,7 @@ CACHE_VERSION = 2  # 2: WikiText line rule, CLIP text cleaning
 CHUNK_CHARS = 1 << 20  # text tokenized per batch: bounds the builder's memory whatever the corpus size
 
 
-# The ids the adaptation batches need, read from the tokenizers when the cache is built; random_low is the lowest id a
-# random MLM replacement may take: after the last [..] token (999 for BERT)
+# the ids the adaptation batches need; random_low: the lowest id a random MLM replacement may take (999 for BERT)
 SpecialIds = namedtuple("SpecialIds", "cls sep pad mask random_low vocab_size clip_start clip_end")
 
 
@@ -171,8 +167,7 @@ def _utf8_lines(path, fix: str) -> Iterator[str]:
 
 
 def wikitext_line(line: str) -> bool:
-    """App. C.1, "similar to Tan and Bansal (2020)": their WikiText-103 preparation drops headings (" = Title = ",
-    " = = Section = = ") and lines of fewer than 5 words."""
+    """App. C.1 (as Tan and Bansal 2020): not a heading (" = Title = ") and at least 5 words."""
     return not line.startswith(" = ") and len(line.strip().split(" ")) >= 5
 
 
@@ -237,8 +232,8 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
                    chunks: Iterator[list[str]]) -> dict:
-    """App. B: the running WordPiece stream cut into [CLS] + seq_len - 2 + [SEP] windows (an incomplete last one
-    dropped), each with its text's CLIP blocks, appended to the memmap files -> the manifest's counts and special ids."""
+    """App. B: the WordPiece stream cut into [CLS] + seq_len - 2 + [SEP] windows (the incomplete last one dropped), each
+    with its text's CLIP blocks, appended to the memmap files -> the manifest's counts and special ids."""
     named = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
     if None in named.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
@@ -290,8 +285,8 @@ def prediction_slots(n: int, prob: float) -> int:
 
 
 def _predict(real: np.ndarray, ids: np.ndarray, rng: np.random.Generator, slots: int):
-    """prediction_slots(n, MASK_PROB) of the n real positions of ids (both flat), drawn without replacement (Devlin et
-    al. 2019) -> them, and as slots: positions (slots,) in increasing order, their ids as targets, the rest IGNORE."""
+    """MASK_PROB of the real positions of the flat ids, drawn without replacement (Devlin et al. 2019) -> them, their
+    sorted positions and ids as targets, both padded to (slots,) (targets with IGNORE)."""
     chosen = candidates = np.flatnonzero(real)
     if len(candidates):
         chosen = rng.choice(candidates, prediction_slots(len(candidates), MASK_PROB), replace=False)
@@ -300,16 +295,14 @@ def _predict(real: np.ndarray, ids: np.ndarray, rng: np.random.Generator, slots:
 
 
 def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
-    """Indices (N,) of the blocks of a (B, n, 77) CLIP mask that CLIP-T runs on: all that hold text, topped up with
-    empty ones to N = B x ceil(mean blocks per window), so N takes at most n values (English fills about 7 of 9)."""
+    """Indices (N,) of the (B, n, 77) mask's blocks CLIP-T runs on: those with text, topped up to a multiple of B."""
     used = clip_mask[..., 0].flatten().bool()  # (B*n,): a block's <|startoftext|> is real unless it is all padding
     B = clip_mask.shape[0]
     return torch.argsort((~used).byte(), stable=True)[:B * -(-int(used.sum()) // B)]
 
 
 class AdaptationData:
-    """The memmapped adaptation cache and its Sec. 2.3 batches, drawn from (seed, epoch, window index) alone: every
-    rank and every resumed run draws the same masks and MATCH partners."""
+    """The memmapped adaptation cache; its Sec. 2.3 batches depend on (seed, epoch, window index) alone."""
 
     def __init__(self, cache_dir, match_prob: float = MATCH_PROB):
         cache = Path(cache_dir)
@@ -327,7 +320,6 @@ class AdaptationData:
         self.clip_lengths = np.memmap(cache / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
         # batches keep the positions the longest block fills: the rest is padding everywhere, which no loss sees
         self.clip_width, self.match_prob = max(1, int(self.clip_lengths.max(initial=0))), match_prob
-        # slots for the most real tokens: seq_len - 2 WordPieces, 75 CLIP tokens per block
         self.mlm_slots = prediction_slots(seq_len - 2, MASK_PROB)
         self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, MASK_PROB)
 
@@ -359,9 +351,7 @@ class AdaptationData:
                 "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
-        """input_ids, token_type_ids (B, T); mlm_positions, mlm_targets (B, mlm_slots); clip_ids, clip_mask (B, n,
-        clip_width); clip_blocks (N,); cliptc_positions (among the n x clip_width), cliptc_targets (B, cliptc_slots);
-        match_labels (B,) (1 = same text); all int64. Windows are never padded: no attention_mask."""
+        """The examples stacked (B, ...), int64, and clip_blocks (N,); windows are never padded: no attention_mask."""
         examples = [self.example(int(i), seed, epoch) for i in indices]
         out = {k: torch.from_numpy(np.stack([e[k] for e in examples])) for k in examples[0]}
         return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}
@@ -440,8 +430,7 @@ def get_task(name: str) -> Task:
 
 
 def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
-    """The examples of one split; test splits have no labels (None). SWAG's choice k is sent2 + " " + ending_k (as
-    Hugging Face's run_swag); READ's dev split is a seeded READ_DEV_FRACTION of CommonLit's train.csv."""
+    """The examples of one split (test splits: label None); SWAG's choice k is sent2 + " " + ending_k, as run_swag."""
     task = get_task(name)
     if split not in task.splits:
         hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
@@ -475,8 +464,7 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
 
 
 def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a task file: GLUE's TSVs unquoted (stray quotes), rows of the wrong length (a few in QQP,
-    MNLI) skipped; in a quoted CSV (SWAG, CommonLit) such a row is an error, as is a missing column."""
+    """(line number, row) of a task file: GLUE's unquoted TSVs skip rows of the wrong length, CSVs stop at one."""
     lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
     if task.glue_dir:
         table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
@@ -487,8 +475,7 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
     if not any(header):
         return []
     wanted = [*task.columns[:2], *task.more_columns, None if split.startswith("test") else task.columns[2]]
-    missing = [c for c in wanted if c is not None and c not in header]
-    if missing:
+    if missing := [c for c in wanted if c is not None and c not in header]:
         raise ValueError(f"{path}: no column {missing[0]!r} in its header ({', '.join(map(repr, header))}): it is "
                          f"not the official {task.name} {split} file; {download_hint(path, task.fetch)}")
     rows, skipped = [], 0
@@ -509,9 +496,8 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
 
 def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
-    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]) cut longest first;
-    labels (N,) where known; with clip_tok clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3), without bert_tok
-    those alone. SWAG: (N, 4, ...), one context-ending pair a choice."""
+    """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), labels (N,) where
+    known; with clip_tok clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3). SWAG: (N, 4, ...), one per choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
     task = get_task(name)
@@ -578,10 +564,9 @@ def _svg(title: str, x_label: str, y_label: str, y_ticks: np.ndarray, x_ticks: l
         parts += [f'<path d="M{SVG_LEFT - 4},{sy(t):.1f}H{SVG_RIGHT}" stroke="#ddd"/>',
                   _text(SVG_LEFT - 7, sy(t) + 4, f"{t:.6g}", "end")]
     parts += [_text(x, SVG_BOTTOM + 16, label) for x, label in x_ticks] + body + ['<g class="legend">']
-    for i, name in enumerate(names):
-        y = SVG_TOP + 10 + 20 * i
-        parts.append(f'<g class="entry"><rect x="{SVG_RIGHT + 15}" y="{y - 10}" width="12" height="12" '
-                     f'fill="{SVG_COLOURS[i % len(SVG_COLOURS)]}"/>{_text(SVG_RIGHT + 33, y, name, "start")}</g>')
+    parts += [f'<g class="entry"><rect x="{SVG_RIGHT + 15}" y="{SVG_TOP + 20 * i}" width="12" height="12" fill="'
+              f'{SVG_COLOURS[i % len(SVG_COLOURS)]}"/>{_text(SVG_RIGHT + 33, SVG_TOP + 10 + 20 * i, name, "start")}</g>'
+              for i, name in enumerate(names)]
     return "\n".join(parts + ["</g>", "</svg>"]) + "\n"
 
 
@@ -600,8 +585,7 @@ def svg_lines(series: dict[str, list[tuple[float, float]]], title: str, x_label:
 
 def svg_bars(groups: dict[str, dict[str, float]], title: str, y_label: str,
              errors: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
-    """A grouped bar chart as standalone SVG: one cluster per group along x, one bar per series in the series' colour;
-    errors[group][series] = (low, high) draws a whisker between those two values."""
+    """A grouped bar chart as standalone SVG, a whisker from low to high where errors[group][series] = (low, high)."""
     names, errors = list(dict.fromkeys(s for bars in groups.values() for s in bars)), errors or {}
     if not names:
         raise ValueError(f"svg_bars({title!r}) got no bars: give each group a dict of series -> value")
