@@ -497,7 +497,7 @@ def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> lis
 def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
     """Sec. 2.4: input_ids, attention_mask, token_type_ids (N, max_len) of [CLS] a [SEP] (b [SEP]), labels (N,) where
-    known; with clip_tok clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3). SWAG: (N, 4, ...), one per choice."""
+    known; with clip_tok clip_ids, clip_mask (N, 2 per sentence, 77) (App. B, C.3). SWAG (N, 4, ...), one per choice."""
     if bert_tok is None and clip_tok is None:
         raise ValueError("encode needs a BERT tokenizer, a CLIP tokenizer or both")
     task = get_task(name)
