@@ -430,24 +430,50 @@ def get_task(name: str) -> Task:
 
 
 def read_task(name: str, split: str, data_root="data", log: Callable[[str], None] = print) -> list[Example]:
-    """The examples of one split (test splits: label None); SWAG's choice k is sent2 + " " + ending_k, as run_swag."""
+    """The examples of one split (test splits: label None); SWAG's choice k is sent2 + " " + ending_k, as run_swag.
+    GLUE's unquoted TSVs skip rows of the wrong length (a few in QQP, MNLI); a CSV (SWAG, READ) stops at one."""
     task = get_task(name)
     if split not in task.splits:
         hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
         raise ValueError(f"{task.name} has no split {split!r}{hint}: choose one of {', '.join(task.splits)}")
     path = Path(data_root) / task.folder / task.splits[split]
+    hint, labelled = download_hint(path, task.fetch), not split.startswith("test")
     if not path.is_file():
-        raise FileNotFoundError(f"no {task.name} {split} data at {path}: {download_hint(path, task.fetch)}")
-    rows = _rows(task, path, split, log)
-    if task.name == "read":
+        raise FileNotFoundError(f"no {task.name} {split} data at {path}: {hint}")
+    empty = ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): {hint}")
+    lines = _utf8_lines(path, f"save the file as UTF-8, or {hint}")
+    if task.glue_dir:
+        table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
+    else:
+        reader = csv.reader(lines)
+        table = ((reader.line_num, fields) for fields in reader if fields)
+    header = list(COLA_COLUMNS) if task.name == "cola" and split != "test" else next(table, (0, []))[1]
+    if not any(header):
+        raise empty
+    text_a, text_b, label = task.columns
+    wanted = [text_a, text_b, *task.more_columns, label if labelled else None]
+    if missing := [c for c in wanted if c is not None and c not in header]:
+        raise ValueError(f"{path}: no column {missing[0]!r} in its header ({', '.join(map(repr, header))}): it is "
+                         f"not the official {task.name} {split} file; {hint}")
+    rows, skipped = [], 0
+    for n, fields in table:
+        if len(fields) == len(header):
+            rows.append((n, dict(zip(header, fields))))
+        elif task.glue_dir:
+            skipped += 1
+        else:
+            raise ValueError(f"{path}:{n}: the row does not have the header's {len(header)} fields: the file is cut "
+                             f"or damaged; {hint}")
+    if skipped:
+        log(f"{path}: skipped {skipped} malformed lines")
+    if task.name == "read":  # CommonLit's test labels are private: a seeded READ_DEV_FRACTION of train.csv is dev
         order = np.random.default_rng(READ_SPLIT_SEED).permutation(len(rows))
         dev = set(order[:round(READ_DEV_FRACTION * len(rows))])
         rows = [row for i, row in enumerate(rows) if (i in dev) == (split == "dev")]
-    text_a, text_b, label = task.columns
     regression, examples = task.kind == "regression", []
     for i, (n, row) in enumerate(rows):
         y = None
-        if not split.startswith("test"):  # a finite score, or a class index by label name
+        if labelled:  # a finite score, or a class index by label name
             with contextlib.suppress(ValueError):
                 y = float(row[label]) if regression else task.label_names.index(row[label])
             if y is None or not math.isfinite(y):
@@ -458,38 +484,8 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         endings = tuple(f"{row[text_b]} {row[e]}" for e in SWAG_ENDINGS) if task.kind == "choice" else ()
         examples.append(Example(row[text_a], row[text_b] if text_b and not endings else None, y, endings, guid))
     if not examples:
-        raise ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): "
-                         f"{download_hint(path, task.fetch)}")
+        raise empty
     return examples
-
-
-def _rows(task: Task, path: Path, split: str, log: Callable[[str], None]) -> list[tuple[int, dict[str, str]]]:
-    """(line number, row) of a task file: GLUE's unquoted TSVs skip rows of the wrong length, CSVs stop at one."""
-    lines = _utf8_lines(path, f"save the file as UTF-8, or {download_hint(path, task.fetch)}")
-    if task.glue_dir:
-        table = ((n, line.rstrip("\r\n").split("\t")) for n, line in enumerate(lines, start=1))
-    else:
-        reader = csv.reader(lines)
-        table = ((reader.line_num, fields) for fields in reader if fields)
-    header = list(COLA_COLUMNS) if task.name == "cola" and split != "test" else next(table, (0, []))[1]
-    if not any(header):
-        return []
-    wanted = [*task.columns[:2], *task.more_columns, None if split.startswith("test") else task.columns[2]]
-    if missing := [c for c in wanted if c is not None and c not in header]:
-        raise ValueError(f"{path}: no column {missing[0]!r} in its header ({', '.join(map(repr, header))}): it is "
-                         f"not the official {task.name} {split} file; {download_hint(path, task.fetch)}")
-    rows, skipped = [], 0
-    for n, fields in table:
-        if len(fields) == len(header):
-            rows.append((n, dict(zip(header, fields))))
-        elif task.glue_dir:
-            skipped += 1
-        else:
-            raise ValueError(f"{path}:{n}: the row does not have the header's {len(header)} fields: the file is cut "
-                             f"or damaged; {download_hint(path, task.fetch)}")
-    if skipped:
-        log(f"{path}: skipped {skipped} malformed lines")
-    return rows
 
 
 # ----------------------------------------------------------------------------- finetuning features (Sec. 2.4, App. B)
