@@ -124,8 +124,7 @@ def clip_special_ids(clip_tok: Tokenizer) -> tuple[int, int]:
 
 
 def _pack_blocks(bpe: Sequence[int], n_blocks: int, start: int, end: int) -> tuple[np.ndarray, np.ndarray, bool]:
-    """App. B: each block is start + up to 75 BPE ids + end, zero-padded to 77; a text fills at least 1 block.
-    -> ids (n_blocks, 77) int64, each block's real length (n_blocks,), whether BPE ids were cut off."""
+    """App. B: blocks of start + up to 75 ids + end, zero-padded to 77 -> ids (n, 77), lengths (n,), any cut off."""
     ids = np.zeros((n_blocks, CLIP_CONTEXT), np.int64)  # (n, 77)
     lengths = np.zeros(n_blocks, np.int64)              # (n,)
     kept = bpe[:n_blocks * CLIP_BLOCK_TOKENS]
@@ -187,8 +186,7 @@ def line_chunks(path, chunk_chars: int = CHUNK_CHARS, keep: Callable[[str], bool
 
 def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512, n_blocks: int = ADAPT_BLOCKS,
                 chunk_chars: int = CHUNK_CHARS, log: Callable[[str], None] = print, all_lines: bool = False) -> str:
-    """App. B: a raw corpus (without WikiText's headings and short lines unless all_lines) streamed into bert_ids (N,
-    seq_len), clip_ids (N, n_blocks, 77) uint16, clip_lengths (N, n_blocks) uint8, manifest.json -> the directory."""
+    """App. B, C.1: the cache of a corpus (WikiText's lines unless all_lines), reused while its key holds -> its dir."""
     corpus = Path(corpus_path)
     if not corpus.is_file():
         raise FileNotFoundError(f"no corpus at {corpus}: {download_hint(corpus, 'wikitext')}")
@@ -213,7 +211,6 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
         if old else f"building the adaptation cache {cache_dir} from {corpus}")
     cache_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    # each job builds in its own <name>.<pid>.XXXX.tmp folder, removed in the end; the first to finish publishes it
     with tempfile.TemporaryDirectory(".tmp", f"{cache_dir.name}.{os.getpid()}.", cache_dir.parent) as tmp:
         chunks = line_chunks(corpus, chunk_chars, (lambda line: True) if all_lines else wikitext_line)
         built = {"key": key, **_write_windows(corpus, Path(tmp), bert_tok, clip_tok, seq_len, n_blocks, chunks),
@@ -232,8 +229,8 @@ def build_cache(corpus_path, bert_dir, clip_dir, cache_root, seq_len: int = 512,
 
 def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Tokenizer, seq_len: int, n_blocks: int,
                    chunks: Iterator[list[str]]) -> dict:
-    """App. B: the WordPiece stream cut into [CLS] + seq_len - 2 + [SEP] windows (the incomplete last one dropped), each
-    with its text's CLIP blocks, appended to the memmap files -> the manifest's counts and special ids."""
+    """App. B: [CLS] + seq_len - 2 + [SEP] windows of the WordPiece stream (the last, incomplete one dropped) into
+    bert_ids (N, seq_len), their text's CLIP blocks into clip_ids (N, n_blocks, 77) and clip_lengths (N, n_blocks)."""
     named = {name: bert_tok.token_to_id(f"[{name.upper()}]") for name in ("cls", "sep", "pad", "mask")}
     if None in named.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
@@ -307,8 +304,7 @@ class AdaptationData:
     def __init__(self, cache_dir, match_prob: float = MATCH_PROB):
         cache = Path(cache_dir)
         if not (cache / "manifest.json").is_file():
-            raise FileNotFoundError(f"no adaptation cache at {cache}: build it with data.build_cache "
-                                    "(adapt.py does so from the corpus)")
+            raise FileNotFoundError(f"no adaptation cache at {cache}: adapt.py builds it with data.build_cache")
         self.manifest = json.loads((cache / "manifest.json").read_text())
         self.special = SpecialIds(**self.manifest["special_ids"])
         n, key = self.manifest["windows"], self.manifest["key"]
@@ -434,8 +430,8 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
     GLUE's unquoted TSVs skip rows of the wrong length (a few in QQP, MNLI); a CSV (SWAG, READ) stops at one."""
     task = get_task(name)
     if split not in task.splits:
-        hint = " (CommonLit's test labels are private)" if task.name == "read" else ""
-        raise ValueError(f"{task.name} has no split {split!r}{hint}: choose one of {', '.join(task.splits)}")
+        why = " (CommonLit's test labels are private)" if task.name == "read" else ""
+        raise ValueError(f"{task.name} has no split {split!r}{why}: choose one of {', '.join(task.splits)}")
     path = Path(data_root) / task.folder / task.splits[split]
     hint, labelled = download_hint(path, task.fetch), not split.startswith("test")
     if not path.is_file():
