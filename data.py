@@ -22,7 +22,7 @@ from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, 
 from tokenizers.implementations import BertWordPieceTokenizer
 from tokenizers.models import BPE
 
-# ----------------------------------------------------------------------------- tokenizers
+# ----------------------------------------------------------------------------- tokenizers and CLIP blocks (App. B)
 
 CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
 # CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
@@ -106,8 +106,6 @@ def clip_encode(clip_tok: Tokenizer, texts: list[str]) -> list[list[int]]:
     cleaned = [html.unescape(html.unescape(t.translate(CLIP_FIXES))).strip() for t in texts]
     return [e.ids for e in clip_tok.encode_batch_fast(cleaned, add_special_tokens=False)]
 
-
-# ----------------------------------------------------------------------------- CLIP blocks (App. B)
 
 CLIP_CONTEXT = 77                     # CLIP's maximum sequence length
 CLIP_BLOCK_TOKENS = CLIP_CONTEXT - 2  # BPE tokens between <|startoftext|> and <|endoftext|>
@@ -235,8 +233,7 @@ def _write_windows(corpus: Path, out: Path, bert_tok: Tokenizer, clip_tok: Token
     if None in named.values():
         raise ValueError("the BERT tokenizer lacks one of [CLS] [SEP] [PAD] [MASK]: use a BERT/ELECTRA tokenizer.json")
     start, end = clip_special_ids(clip_tok)
-    sp = SpecialIds(**named, random_low=first_plain_token(bert_tok), vocab_size=bert_tok.get_vocab_size(),
-                    clip_start=start, clip_end=end)
+    sp = SpecialIds(*named.values(), first_plain_token(bert_tok), bert_tok.get_vocab_size(), start, end)
     body_len, clip_tokens = seq_len - 2, []  # clip_tokens: each window's BPE length
     text, ids, spans = "", np.zeros(0, np.int64), np.zeros((0, 2), np.int64)  # the tail carried from the last chunk
     with open(out / "bert_ids", "wb") as f_bert, open(out / "clip_ids", "wb") as f_clip, \
@@ -353,7 +350,7 @@ class AdaptationData:
         return out | {"clip_blocks": clip_blocks_to_run(out["clip_mask"])}
 
 
-# ----------------------------------------------------------------------------- finetuning tasks (Sec. 3)
+# ----------------------------------------------------------------------------- finetuning tasks and features (Sec. 3)
 
 GLUE_SPLITS = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
 MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
@@ -381,8 +378,7 @@ class Task:
     kind: str                       # "classification" | "regression" | "choice"
     label_names: tuple[str, ...]
     metrics: tuple[str, ...]        # "accuracy", "f1", "mcc", "pearson", "spearman", "rmse"
-    folder: str                     # under the data root
-    fetch: str                      # `python download.py <fetch>`
+    folder: str                     # under the data root, whose first part is what download.py fetches
     columns: tuple[str, str | None, str]  # the text_a, text_b and label columns
     splits: dict[str, str] = field(default_factory=lambda: dict(GLUE_SPLITS))  # split -> file name
     glue_dir: str | None = None     # GLUE folder name (CoLA, SST-2, ...), None for SWAG and READ
@@ -395,7 +391,7 @@ class Task:
 
 def _glue(name, glue_dir, label_names, metrics, columns, **kw) -> Task:
     kind = "classification" if label_names else "regression"
-    return Task(name, kind, label_names, metrics, f"glue/{glue_dir}", "glue", columns, glue_dir=glue_dir, **kw)
+    return Task(name, kind, label_names, metrics, f"glue/{glue_dir}", columns, glue_dir=glue_dir, **kw)
 
 
 BINARY = ("0", "1")
@@ -411,15 +407,14 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     _glue("mnli", "MNLI", ("entailment", "neutral", "contradiction"), ("accuracy",),
           ("sentence1", "sentence2", "gold_label"), splits=MNLI_SPLITS),
     _glue("wnli", "WNLI", BINARY, ("accuracy",), ("sentence1", "sentence2", "label")),
-    Task("swag", "choice", ("0", "1", "2", "3"), ("accuracy",), "swag", "swag", ("sent1", "sent2", "label"),
+    Task("swag", "choice", ("0", "1", "2", "3"), ("accuracy",), "swag", ("sent1", "sent2", "label"),
          {"train": "train.csv", "dev": "val.csv", "test": "test.csv"}, more_columns=("", *SWAG_ENDINGS)),
-    Task("read", "regression", (), ("rmse",), "read", "read", ("excerpt", None, "target"),
+    Task("read", "regression", (), ("rmse",), "read", ("excerpt", None, "target"),
          {"train": "train.csv", "dev": "train.csv"}, more_columns=("id",)),
 ]}
 
 
 def get_task(name: str) -> Task:
-    """The task of that name in TASKS."""
     if name not in TASKS:
         raise ValueError(f"unknown task {name!r}: choose one of {', '.join(TASKS)}")
     return TASKS[name]
@@ -433,7 +428,7 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         why = " (CommonLit's test labels are private)" if task.name == "read" else ""
         raise ValueError(f"{task.name} has no split {split!r}{why}: choose one of {', '.join(task.splits)}")
     path = Path(data_root) / task.folder / task.splits[split]
-    hint, labelled = download_hint(path, task.fetch), not split.startswith("test")
+    hint, labelled = download_hint(path, task.folder.split("/")[0]), not split.startswith("test")
     if not path.is_file():
         raise FileNotFoundError(f"no {task.name} {split} data at {path}: {hint}")
     empty = ValueError(f"{path} holds no {task.name} examples (empty, header only or every line malformed): {hint}")
@@ -483,8 +478,6 @@ def read_task(name: str, split: str, data_root="data", log: Callable[[str], None
         raise empty
     return examples
 
-
-# ----------------------------------------------------------------------------- finetuning features (Sec. 2.4, App. B)
 
 def encode(examples: list[Example], name: str, bert_tok: Tokenizer | None, max_len: int = 128,
            clip_tok: Tokenizer | None = None) -> dict[str, torch.Tensor]:
