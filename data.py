@@ -25,7 +25,6 @@ from tokenizers.models import BPE
 # ----------------------------------------------------------------------------- tokenizers and CLIP blocks (App. B)
 
 CLIP_START, CLIP_END = "<|startoftext|>", "<|endoftext|>"
-# CLIP's pre-tokenizer (OpenAI clip/simple_tokenizer.py, as in Hugging Face's CLIPTokenizer)
 CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
 CLIP_MERGES = 49152 - 256 - 2  # merges CLIP uses from the 16e6 list (48,894); vocabulary 512 + merges + 2 = 49,408
 # what OpenAI CLIP's ftfy.fix_text changes in ordinary text, as one table (the README's data.py section)
@@ -311,7 +310,6 @@ class AdaptationData:
         self.bert_ids = np.memmap(cache / "bert_ids", np.uint16, "r", shape=(n, seq_len))
         self.clip_ids = np.memmap(cache / "clip_ids", np.uint16, "r", shape=(n, n_blocks, CLIP_CONTEXT))
         self.clip_lengths = np.memmap(cache / "clip_lengths", np.uint8, "r", shape=(n, n_blocks))
-        # batches keep the positions the longest block fills: the rest is padding everywhere, which no loss sees
         self.clip_width, self.match_prob = max(1, int(self.clip_lengths.max(initial=0))), match_prob
         self.mlm_slots = prediction_slots(seq_len - 2, MASK_PROB)
         self.cliptc_slots = prediction_slots(n_blocks * CLIP_BLOCK_TOKENS, MASK_PROB)
@@ -353,9 +351,8 @@ class AdaptationData:
 # ----------------------------------------------------------------------------- finetuning tasks and features (Sec. 3)
 
 GLUE_SPLITS = {"train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv"}
-MNLI_SPLITS = {"train": "train.tsv", "dev_matched": "dev_matched.tsv", "dev_mismatched": "dev_mismatched.tsv",
-               "test_matched": "test_matched.tsv", "test_mismatched": "test_mismatched.tsv",
-               "test_ax": "../AX/AX.tsv"}  # GLUE's diagnostic set (AX), predicted by the MNLI model
+MNLI_SPLITS = {s: f"{s}.tsv" for s in ("train", "dev_matched", "dev_mismatched", "test_matched", "test_mismatched")}
+MNLI_SPLITS["test_ax"] = "../AX/AX.tsv"  # GLUE's diagnostic set (AX), predicted by the MNLI model
 COLA_COLUMNS = ("source", "label", "orig", "sentence")  # CoLA's train.tsv and dev.tsv have no header row
 READ_DEV_FRACTION, READ_SPLIT_SEED = 0.1, 0             # CommonLit's test labels are private: a fixed dev split
 SWAG_ENDINGS = ("ending0", "ending1", "ending2", "ending3")
@@ -394,8 +391,7 @@ def _glue(name, glue_dir, label_names, metrics, columns, **kw) -> Task:
     return Task(name, kind, label_names, metrics, f"glue/{glue_dir}", columns, glue_dir=glue_dir, **kw)
 
 
-BINARY = ("0", "1")
-ENTAIL = ("entailment", "not_entailment")
+BINARY, ENTAIL = ("0", "1"), ("entailment", "not_entailment")
 TASKS: dict[str, Task] = {t.name: t for t in [
     _glue("rte", "RTE", ENTAIL, ("accuracy",), ("sentence1", "sentence2", "label")),
     _glue("mrpc", "MRPC", BINARY, ("f1", "accuracy"), ("#1 String", "#2 String", "Quality")),
