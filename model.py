@@ -7,7 +7,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -63,11 +62,10 @@ PRESETS = {
 }
 
 
-# ----------------------------------------------------------------------------- building blocks
+# ----------------------------------------------------------------------------- the encoders
 
 class Attention(nn.Module):
-    """Eq. 1, softmax(Q K^T / sqrt(D)) V: self-attention, or with kv_dim cross-attention (K and V from the other
-    stream of width kv_dim, mapped into this stream's width, App. B)."""
+    """Eq. 1, softmax(Q K^T / sqrt(D)) V; with kv_dim, cross-attention: K and V from the other stream (App. B)."""
 
     def __init__(self, dim, num_heads, kv_dim=None, dropout=0.0):
         super().__init__()
@@ -93,11 +91,11 @@ class Attention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, heads, T, D/heads) -> (B, T, D)
 
 
-class PostLN(nn.Module):
-    """A sublayer of BERT and LXMERT, LayerNorm(x + dropout(f(x))): f is attention (cross-attention with kv_dim) or,
-    given ffn_size, the feed-forward network dense, GELU (erf), dense."""
+class Sublayer(nn.Module):
+    """Attention (kv_dim: cross-attention) or, given ffn_size, the FFN (dense, GELU, dense) with its residual: BERT's
+    and LXMERT's post-LN LayerNorm(x + dropout(f(x))), or with clip CLIP-T's pre-LN x + f(LayerNorm(x)), causal."""
 
-    def __init__(self, dim, eps, dropout, num_heads=None, kv_dim=None, ffn_size=None):
+    def __init__(self, dim, eps, dropout=0.0, num_heads=None, kv_dim=None, ffn_size=None, clip=False):
         super().__init__()
         if ffn_size is None:
             self.attn = Attention(dim, num_heads, kv_dim, dropout)
@@ -106,21 +104,27 @@ class PostLN(nn.Module):
             self.proj = nn.Linear(ffn_size, dim)
         self.drop = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(dim, eps=eps)
+        self.clip = clip
 
     def forward(self, x, context=None, mask=None):
-        y = self.attn(x, context, mask) if hasattr(self, "attn") else self.proj(F.gelu(self.fc(x)))
-        return self.ln(x + self.drop(y))
+        h = self.ln(x) if self.clip else x
+        if hasattr(self, "attn"):
+            y = self.attn(h, context, mask, causal=self.clip)
+        else:
+            h = self.fc(h)
+            y = self.proj(h * torch.sigmoid(1.702 * h) if self.clip else F.gelu(h))  # quick-GELU, CLIP's GELU
+        return x + y if self.clip else self.ln(x + self.drop(y))
 
 
 class Block(nn.Module):
-    """One post-LN BERT / ELECTRA layer (a single-modality encoder layer of Fig. 3)."""
+    """One encoder layer, attention then FFN: BERT / ELECTRA's post-LN one, or with clip CLIP-T's pre-LN causal one."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, num_heads, ffn_size, eps, dropout=0.0, clip=False):
         super().__init__()
-        self.attention = PostLN(cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout, num_heads=cfg.num_heads)
-        self.ffn = PostLN(cfg.hidden_size, cfg.layer_norm_eps, cfg.dropout, ffn_size=cfg.ffn_size)
+        self.attention = Sublayer(dim, eps, dropout, num_heads=num_heads, clip=clip)
+        self.ffn = Sublayer(dim, eps, dropout, ffn_size=ffn_size, clip=clip)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         return self.ffn(self.attention(x, mask=mask))
 
 
@@ -161,7 +165,8 @@ class LanguageEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, cfg.ffn_size, cfg.layer_norm_eps, cfg.dropout)
+                                    for _ in range(cfg.num_layers))
         self.pooler = Pooler(cfg.hidden_size) if cfg.pooler else None
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
@@ -173,23 +178,6 @@ class LanguageEncoder(nn.Module):
         return x, (self.pooler(x) if self.pooler is not None else None)
 
 
-class ResidualAttentionBlock(nn.Module):
-    """One pre-LN CLIP-T layer: x + attn(ln_1(x)) with a causal mask, then x + mlp(ln_2(x)) with quick-GELU."""
-
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg.width, cfg.num_heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.fc = nn.Linear(cfg.width, cfg.ffn_size)
-        self.proj = nn.Linear(cfg.ffn_size, cfg.width)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x), causal=True)
-        h = self.fc(self.ln_2(x))
-        return x + self.proj(h * torch.sigmoid(1.702 * h))  # quick-GELU, CLIP's approximation of GELU
-
-
 class CLIPTextTransformer(nn.Module):
     """CLIP-T (Sec. 2.2, App. B): token + position embeddings, causal pre-LN layers, final LN, text projection."""
 
@@ -198,7 +186,8 @@ class CLIPTextTransformer(nn.Module):
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.ffn_size, cfg.layer_norm_eps, clip=True)
+                                    for _ in range(cfg.num_layers))
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
         self.apply(init_weights)
@@ -206,8 +195,7 @@ class CLIPTextTransformer(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=cfg.width ** -0.5)
 
     def forward(self, input_ids):
-        # input_ids (N, 77) -> tokens (N, 77, P), pooled (N, P) at the end-of-text token (the largest id); the causal
-        # mask keeps the padding after it out of every real position
+        # input_ids (N, 77) -> tokens (N, 77, P), pooled (N, P) at the end-of-text token (the largest id)
         x = self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[1]]
         for block in self.blocks:
             x = block(x)
@@ -217,14 +205,11 @@ class CLIPTextTransformer(nn.Module):
 
 
 def init_weights(module, std=0.02):
-    """BERT's initialisation: normal(0, std) weights (std: the config's initializer_range), zero biases, unit LNs."""
+    """BERT's initialisation of new Linear / Embedding weights: normal(0, std), zero biases (LNs start at 1, 0)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def count_parameters(module):
@@ -235,19 +220,18 @@ def count_parameters(module):
 # ----------------------------------------------------------------------------- the cross-modal encoder (Fig. 3)
 
 class CrossModalLayer(nn.Module):
-    """An LXMERT-style cross-modal layer (Sec. 2.1, Fig. 3) on BERT's stream lang (B, T, H) and CLIP-T's vis (B, n*77,
-    P): cross-attention both ways from the layer inputs (Eq. 1), then self-attention and FFN in each stream. The CLIP
-    stream keeps its width and heads but takes the language encoder's FFN size (Table 6)."""
+    """LXMERT's cross-modal layer (Sec. 2.1, Fig. 3) on lang (B, T, H) and vis (B, n*77, P): cross-attention both ways
+    (Eq. 1), then self-attention and FFN per stream; the CLIP stream takes the encoder's FFN size (Table 6)."""
 
     def __init__(self, lang: EncoderConfig, clip: CLIPTextConfig):
         super().__init__()
         H, P, eps, p = lang.hidden_size, clip.projection_dim, lang.layer_norm_eps, lang.dropout
-        self.lang_cross = PostLN(H, eps, p, lang.num_heads, kv_dim=P)
-        self.vis_cross = PostLN(P, eps, p, clip.num_heads, kv_dim=H)
-        self.lang_self = PostLN(H, eps, p, lang.num_heads)
-        self.vis_self = PostLN(P, eps, p, clip.num_heads)
-        self.lang_ffn = PostLN(H, eps, p, ffn_size=lang.ffn_size)
-        self.vis_ffn = PostLN(P, eps, p, ffn_size=lang.ffn_size)
+        self.lang_cross = Sublayer(H, eps, p, lang.num_heads, kv_dim=P)
+        self.vis_cross = Sublayer(P, eps, p, clip.num_heads, kv_dim=H)
+        self.lang_self = Sublayer(H, eps, p, lang.num_heads)
+        self.vis_self = Sublayer(P, eps, p, clip.num_heads)
+        self.lang_ffn = Sublayer(H, eps, p, ffn_size=lang.ffn_size)
+        self.vis_ffn = Sublayer(P, eps, p, ffn_size=lang.ffn_size)
 
     def forward(self, lang, vis, lang_mask, vis_mask):
         lang, vis = self.lang_cross(lang, vis, vis_mask), self.vis_cross(vis, lang, lang_mask)
@@ -256,8 +240,7 @@ class CrossModalLayer(nn.Module):
 
 
 class TokenPredictionHead(nn.Module):
-    """BERT's MLM head: dense, GELU, LayerNorm, a decoder tied to BERT's word embeddings (MLM, Sec. 2.3.1) or CLIP's
-    token embedding (CLIPTC, Sec. 2.3.3), own bias."""
+    """BERT's MLM head, dense, GELU, LayerNorm, tied decoder, own bias: for MLM (Sec. 2.3.1) and CLIPTC (Sec. 2.3.3)."""
 
     def __init__(self, dim, embedding_dim, vocab_size, eps):
         super().__init__()
@@ -271,8 +254,7 @@ class TokenPredictionHead(nn.Module):
 
 
 def token_loss(head, hidden, positions, targets, embedding_weight):
-    """Cross-entropy at K chosen positions per sequence (an unused slot's target is -100), averaged over the real
-    targets; only these rows reach the vocabulary-sized decoder."""
+    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (an unused slot's is -100)."""
     chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L, D) -> (B, K, D)
     logits = head(chosen, embedding_weight).float().flatten(0, 1)  # (B*K, vocabulary)
     return F.cross_entropy(logits, targets.flatten(), reduction="sum") / (targets >= 0).sum().clamp(min=1)
@@ -329,8 +311,7 @@ class CrossModalTransformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, clip_ids=None, clip_mask=None, token_type_ids=None,
                 clip_blocks=None, mlm_positions=None, mlm_targets=None, match_labels=None, cliptc_positions=None,
                 cliptc_targets=None):
-        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}; MLM and CLIPTC predict at
-        mlm_positions (B, K) of the T language positions and cliptc_positions (B, K') of the n*77 CLIP ones."""
+        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}, the losses of Sec. 2.3 and their sum."""
         lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks)
         out = {}
         if "mlm" in self.tasks:  # Sec. 2.3.1: masked tokens from the language stream
@@ -379,15 +360,13 @@ def read_safetensors(path):
 def write_safetensors(tensors, path, metadata=None):
     """Write tensors as .safetensors (header padded to 8 bytes), atomically."""
     codes = {v: k for k, v in _DTYPES.items()}
-    header, offset, blobs = {}, 0, []
+    header, offset, blobs = ({"__metadata__": metadata} if metadata else {}), 0, []
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
-    if metadata:
-        header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     with atomic_file(path) as f:
@@ -397,15 +376,30 @@ def write_safetensors(tensors, path, metadata=None):
 
 # ----------------------------------------------------------------------------- atomic writes
 
+def _temp_sibling(path):
+    """A fresh name beside `path`, `<name>.<pid>.<random>.tmp`, which sweep_stale removes once <pid> has died."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _replace(tmp, path):
+    """os.replace, then an fsync of the folder that makes the rename durable."""
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
     """open(path, mode) whose file appears under its name only once written and fsynced; text modes write UTF-8."""
-    fd, tmp = _temp_sibling(path, tempfile.mkstemp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
+    tmp = _temp_sibling(path)
+    f = open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""}))
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -423,10 +417,10 @@ def atomic_save(obj, path):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yields a temporary folder that replaces `path` on success; the old folder is moved aside (`<name>.<pid>.old`)
-    and removed last, so a complete copy exists at every moment."""
-    path = os.path.normpath(path)
-    tmp, aside = _temp_sibling(path, tempfile.mkdtemp), f"{path}.{os.getpid()}.old"
+    """A temporary folder that replaces `path` on success, the old one moved aside (`<path>.<pid>.old`) and removed
+    last: a complete copy exists at every moment."""
+    tmp, aside = _temp_sibling(path), f"{os.path.abspath(path)}.{os.getpid()}.old"
+    os.mkdir(tmp)
     try:
         yield tmp
         for name in os.listdir(tmp):
@@ -441,30 +435,13 @@ def atomic_dir(path):
         raise
 
 
-def _temp_sibling(path, make):
-    """tempfile.mkstemp or mkdtemp (`make`) beside `path`, named `<name>.<pid>.XXXX.tmp` for sweep_stale."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    return make(dir=folder, prefix=f"{os.path.basename(os.path.normpath(path))}.{os.getpid()}.", suffix=".tmp")
-
-
-def _replace(tmp, path):
-    """os.replace, then an fsync of the folder that makes the rename durable."""
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sweep_stale(folder):
-    """Remove what killed processes left in `folder` (temporary files and folders; an aside folder that nothing
-    replaced is put back); returns the entries handled."""
+    """Remove the temporary files and folders of dead processes in `folder`, put back an aside folder that nothing
+    replaced; returns the entries handled."""
     handled = []
     for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
         match = re.fullmatch(r"(.+)\.(\d+)\.(\w+\.tmp|old)", entry)
-        if not match or int(match[2]) == os.getpid() or _alive(int(match[2])):
+        if not match or _alive(int(match[2])):  # this process's own too
             continue
         full, name = os.path.join(folder, entry), os.path.join(folder, match[1])
         if match[3] == "old" and not os.path.exists(name):
@@ -489,8 +466,7 @@ def _alive(pid):
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
-# our config field -> the config.json key of BertConfig / ElectraConfig (old files may lack the optional ones) and of
-# CLIPTextConfig
+# our config field -> the config.json key of BertConfig / ElectraConfig (old files may lack the optional ones), CLIP's
 _SHARED_KEYS = {"vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
                 "ffn_size": "intermediate_size", "layer_norm_eps": "layer_norm_eps"}
 ENCODER_KEYS = _SHARED_KEYS | {"hidden_size": "hidden_size", "max_positions": "max_position_embeddings",
@@ -508,15 +484,20 @@ BERT_LAYER_NAMES = {"attention.attn.qkv": ["attention.self.query", "attention.se
                     "ffn.fc": ["intermediate.dense"], "ffn.proj": ["output.dense"], "ffn.ln": ["output.LayerNorm"]}
 CLIP_NAMES = {"token_embedding": ["text_model.embeddings.token_embedding"], "ln_final": ["text_model.final_layer_norm"],
               "positional_embedding": ["text_model.embeddings.position_embedding.weight"]}
-CLIP_LAYER_NAMES = {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                    "attn.proj": ["self_attn.out_proj"], "ln_1": ["layer_norm1"], "fc": ["mlp.fc1"],
-                    "proj": ["mlp.fc2"], "ln_2": ["layer_norm2"]}
+CLIP_LAYER_NAMES = {"attention.attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    "attention.attn.proj": ["self_attn.out_proj"], "attention.ln": ["layer_norm1"],
+                    "ffn.fc": ["mlp.fc1"], "ffn.proj": ["mlp.fc2"], "ffn.ln": ["layer_norm2"]}
 
-# BERT's pretraining heads, which the MLM head and MATCH classifier start from where a checkpoint has them (Sec. 2.3)
+# BERT's pretraining heads and pooler, which the MLM head and MATCH start from where a checkpoint has them (Sec. 2.3)
 PRETRAINING_HEAD_NAMES = {"mlm_head.bias": "cls.predictions.bias"} | {
     f"{ours}.{p}": f"{hf}.{p}" for p in ("weight", "bias") for ours, hf in (
         ("mlm_head.dense", "cls.predictions.transform.dense"), ("mlm_head.ln", "cls.predictions.transform.LayerNorm"),
-        ("match_classifier", "cls.seq_relationship"))}
+        ("match_classifier", "cls.seq_relationship"), ("match_pooler.dense", "pooler.dense"))}
+
+# checkpoint tensors known and left out: old buffers, CLIP's image tower and logit scale, ELECTRA's unused projection
+# (HF#7530) and RTD head, BERT's pretraining heads (the MLM decoder is tied, the others are read apart)
+UNUSED = re.compile(r"logit_scale|.*position_ids|(cls|vision_model|visual_projection|embeddings_project|"
+                    r"discriminator_predictions)\..*")
 
 
 def hf_names(module):
@@ -529,13 +510,6 @@ def hf_names(module):
         start = "" if layer is None else f"{'text_model.encoder.layers' if clip else 'encoder.layer'}.{layer}."
         names[name] = [start + hf + inner[len(ours):] for hf in table.get(ours, [""])]
     return names
-
-
-def _unused(name):
-    """Checkpoint tensors known and left out: old buffers, CLIP's image tower and logit scale, ELECTRA's unused
-    projection (HF#7530) and RTD head, BERT's pretraining heads (the MLM decoder is tied, the others read apart)."""
-    return name.endswith("position_ids") or name == "logit_scale" or name.startswith(
-        ("cls.", "vision_model.", "visual_projection.", "embeddings_project.", "discriminator_predictions."))
 
 
 def _redownload(path):
@@ -595,8 +569,7 @@ def read_checkpoint(path):
 
 
 def from_hf(path):
-    """A LanguageEncoder (model_type bert, electra) or CLIPTextTransformer (clip, clip_text_model) from a directory in
-    the hub layout. Every tensor of ours must be in the checkpoint with its shape, and every other one known-unused."""
+    """A LanguageEncoder (bert, electra) or CLIPTextTransformer (clip) from a hub-layout directory, read strictly."""
     cfg, kind = config_from_hf(path)
     state = read_checkpoint(path)
     module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
@@ -606,34 +579,27 @@ def from_hf(path):
         if missing:
             raise ValueError(f"{path} has no tensor {missing[0]} (needed for {name}): is it a {kind} checkpoint of "
                              f"the layout config.json describes?")
-        ours[name] = torch.cat([state[p] for p in table[name]]) if len(table[name]) > 1 else state[table[name][0]]
+        ours[name] = torch.cat([state.pop(p) for p in table[name]]).float()
         if ours[name].shape != expected.shape:
             raise ValueError(f"{path}: tensor for {name} has shape {tuple(ours[name].shape)}, config.json implies "
                              f"{tuple(expected.shape)}")
-    used = {p for parts in table.values() for p in parts}
-    extra = [k for k in state if k not in used and not _unused(k)]
+    extra = [k for k in state if not UNUSED.fullmatch(k)]  # what no tensor of ours took
     if extra:
         raise ValueError(f"{path} holds tensors this architecture does not have, e.g. {extra[0]}: it is not a plain "
                          f"{kind} checkpoint")
-    module.load_state_dict({k: v.float() for k, v in ours.items()})
+    module.load_state_dict(ours)
     return module
 
 
 def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=ADAPT_TASKS):
-    """The adaptation model from two public checkpoints (clip_dir None: the MLM baseline); the MLM and MATCH heads
-    start from BERT's pretraining heads and pooler where it has them."""
+    """The adaptation model from a BERT / ELECTRA and a CLIP checkpoint (clip_dir None: the MLM baseline), with the
+    heads that BERT's checkpoint has (PRETRAINING_HEAD_NAMES)."""
     language = from_hf(lang_dir)
-    if not isinstance(language, LanguageEncoder):
-        raise ValueError(f"{lang_dir} holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA")
     clip = from_hf(clip_dir) if clip_dir is not None else None
-    if clip is not None and not isinstance(clip, CLIPTextTransformer):
-        raise ValueError(f"{clip_dir} is not a CLIP checkpoint (its config.json model_type must be clip)")
     model = CrossModalTransformer(language.config, clip.config if clip else None, xlayers, tasks)
     model.language.load_state_dict(language.state_dict())
     if clip is not None:
         model.clip.load_state_dict(clip.state_dict())
-    if "match" in model.tasks and language.pooler is not None:
-        model.match_pooler.load_state_dict(language.pooler.state_dict())
     params, state = dict(model.named_parameters()), read_checkpoint(lang_dir)
     with torch.no_grad():
         for ours, hf in PRETRAINING_HEAD_NAMES.items():
@@ -644,8 +610,7 @@ def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=ADAPT_TASKS):
 
 
 def save_hf(encoder, path):
-    """Write a LanguageEncoder (e.g. XDBERT) or CLIPTextTransformer in the hub layout under the public names, with a
-    config.json that transformers' BertModel / ElectraModel / CLIPTextModelWithProjection read."""
+    """A LanguageEncoder (e.g. XDBERT) or CLIPTextTransformer in the hub layout that transformers can read."""
     cfg, state = encoder.config, encoder.state_dict()
     if isinstance(cfg, CLIPTextConfig):
         config = {hf: getattr(cfg, ours) for ours, hf in CLIP_KEYS.items()} | {
@@ -672,8 +637,6 @@ def save_crossmodal(model, path):
 
 
 def load_crossmodal(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no cross-modal model at {path}: run adapt.py first, it writes crossmodal.pt")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     clip_cfg = CLIPTextConfig(**blob["clip_cfg"]) if blob["clip_cfg"] else None
     model = CrossModalTransformer(EncoderConfig(**blob["lang_cfg"]), clip_cfg, blob["xlayers"], blob["tasks"])
@@ -687,20 +650,17 @@ PAPER_TABLE6 = {"BERT-b": 109_482_240, "XBERT-b": 202_059_009, "ELECTRA-l": 334_
 
 
 def table6():
-    """Table 6's parameter counts of the presets without task heads, +1 in the cross-modal rows for CLIP's logit
-    scale (not kept: nothing uses it)."""
-    rows = []
+    """Table 6 from the presets, without task heads; the cross-modal rows add CLIP's logit scale (+1, not kept)."""
+    rows = {}
     with torch.device("meta"):
         for name, preset in (("BERT-b", "bert-base"), ("ELECTRA-l", "electra-large")):
             x = CrossModalTransformer(PRESETS[preset], PRESETS["clip"], xlayers=2, tasks=())
-            rows.append((name, count_parameters(x.language)))
-            rows.append(("X" + name, count_parameters(x) + 1))
+            rows |= {name: count_parameters(x.language), "X" + name: count_parameters(x) + 1}
     return rows
 
 
 def linear_warmup_decay(step, total, warmup_fraction):
-    """The learning-rate factor of App. C.1 and C.2: linear warm-up over ceil(fraction x total) steps (as
-    transformers' Trainer), then linear decay to 0 at `total`."""
+    """App. C.1 / C.2's learning-rate factor: linear warm-up over ceil(fraction x total) steps, then decay to 0."""
     warmup = math.ceil(total * warmup_fraction)
     if step < warmup:
         return step / warmup
@@ -709,7 +669,7 @@ def linear_warmup_decay(step, total, warmup_fraction):
 
 if __name__ == "__main__":
     print("Table 6 parameter counts, computed from the presets on the meta device (task heads not counted)")
-    for name, ours in table6():
+    for name, ours in table6().items():
         paper = PAPER_TABLE6[name]
         note = "  (+1: CLIP's logit scale, counted but not kept)" if name.startswith("X") else ""
         print(f"  {name:11s} ours {ours:>12,}  paper {paper:>12,}  {'match' if ours == paper else 'DIFFER'}{note}")
