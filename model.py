@@ -457,10 +457,8 @@ def sweep_stale(folder):
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
+    except OSError as e:  # ProcessLookupError: dead; PermissionError: another user's process
+        return isinstance(e, PermissionError)
     return True
 
 
