@@ -1,21 +1,12 @@
-"""XDBERT's models in plain PyTorch (Hsu, Lee and Tsao, ACL 2022).
-
-The cross-modal transformer of Sec. 2.1 and Fig. 2-3: LanguageEncoder (BERT or ELECTRA, the model that is adapted and
-then finetuned alone as XDBERT), CLIPTextTransformer (CLIP's text tower, CLIP-T) and CrossModalLayers coupling the two
-streams with the cross-attention of Eq. 1. CrossModalTransformer adds the three adaptation losses of Sec. 2.3 (MLM,
-MATCH, CLIPTC). Below them: safetensors and atomic file writing, and the public Hugging Face checkpoints read and
-written through explicit name tables (from_hf, save_hf).
-
-    python model.py    # Table 6: the parameter counts of the presets
-"""
+"""XDBERT's models in plain PyTorch (Hsu, Lee and Tsao, ACL 2022): BERT / ELECTRA, CLIP-T and the cross-modal layers
+of Sec. 2.1 (Fig. 3) with the adaptation losses of Sec. 2.3; safetensors, atomic writes, and the public Hugging Face
+checkpoints through explicit name tables. `python model.py` prints Table 6."""
 import contextlib
 import json
 import math
 import os
 import re
 import shutil
-import struct
-import tempfile
 from dataclasses import asdict, dataclass
 
 import torch
@@ -57,6 +48,7 @@ class CLIPTextConfig:
 
 
 _LARGE = dict(hidden_size=1024, num_layers=24, num_heads=16, ffn_size=4096)
+_TOY = dict(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, ffn_size=128, max_positions=128)
 PRESETS = {
     "bert-base": EncoderConfig(),
     "bert-large": EncoderConfig(**_LARGE),
@@ -64,20 +56,16 @@ PRESETS = {
     "electra-large": EncoderConfig(model_type="electra", pooler=False, **_LARGE),
     "clip": CLIPTextConfig(),
     # tiny models for the tests and the offline toy kit (which sets vocab_size to its trained tokenizers)
-    "bert-toy": EncoderConfig(vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4, ffn_size=128,
-                              max_positions=128),
-    "electra-toy": EncoderConfig(model_type="electra", vocab_size=1024, hidden_size=64, num_layers=2, num_heads=4,
-                                 ffn_size=128, max_positions=128, embedding_size=32, pooler=False),
-    "clip-toy": CLIPTextConfig(vocab_size=1024, width=48, num_layers=2, num_heads=4, ffn_size=96,
-                               projection_dim=32),
+    "bert-toy": EncoderConfig(**_TOY),
+    "electra-toy": EncoderConfig(model_type="electra", embedding_size=32, pooler=False, **_TOY),
+    "clip-toy": CLIPTextConfig(vocab_size=1024, width=48, num_layers=2, num_heads=4, ffn_size=96, projection_dim=32),
 }
 
 
-# ----------------------------------------------------------------------------- building blocks
+# ----------------------------------------------------------------------------- the encoders
 
 class Attention(nn.Module):
-    """Eq. 1: softmax(Q K^T / sqrt(D)) V. Self-attention when kv_dim is None, else cross-attention: Q from this
-    stream (width dim), K and V from the other stream (width kv_dim), all mapped into this stream's width (App. B)."""
+    """Eq. 1, softmax(Q K^T / sqrt(D)) V; with kv_dim, cross-attention: K and V from the other stream (App. B)."""
 
     def __init__(self, dim, num_heads, kv_dim=None, dropout=0.0):
         super().__init__()
@@ -90,56 +78,53 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, context=None, mask=None, causal=False):
-        # x (B, T, D); context (B, S, D_kv) or None; mask (B, S) 1 = a real key, or None: nothing is padded (decided
-        # on the CPU batch, so nothing waits for the device and SDPA picks its fastest kernel)
+        # x (B, T, D), context (B, S, D_kv) or None, mask (B, S) 1 = a real key or None: no padding (SDPA's fastest)
         B, T, D = x.shape
         if context is None:
             q, k, v = self.qkv(x).split(D, dim=-1)
         else:
             q, (k, v) = self.q(x), self.kv(context).split(D, dim=-1)
         q, k, v = (t.view(B, -1, self.num_heads, D // self.num_heads).transpose(1, 2) for t in (q, k, v))
-        mask = None if mask is None else mask.bool()[:, None, None, :]  # (B, S) -> (B, 1, 1, S)
+        mask = None if mask is None else mask.bool()[:, None, None, :]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(B, T, D))  # (B, heads, T, D/heads) -> (B, T, D)
 
 
-class PostLNAttention(nn.Module):
-    """BERT's attention sublayer: attention, dense, dropout, residual, LayerNorm (also LXMERT's cross-attention)."""
+class Sublayer(nn.Module):
+    """Attention (kv_dim: cross-attention) or, given ffn_size, the FFN (dense, GELU, dense) with its residual: BERT's
+    and LXMERT's post-LN LayerNorm(x + dropout(f(x))), or with clip CLIP-T's pre-LN x + f(LayerNorm(x)), causal."""
 
-    def __init__(self, dim, num_heads, eps, dropout, kv_dim=None):
+    def __init__(self, dim, eps, dropout=0.0, num_heads=None, kv_dim=None, ffn_size=None, clip=False):
         super().__init__()
-        self.attn = Attention(dim, num_heads, kv_dim, dropout)
+        if ffn_size is None:
+            self.attn = Attention(dim, num_heads, kv_dim, dropout)
+        else:
+            self.fc = nn.Linear(dim, ffn_size)
+            self.proj = nn.Linear(ffn_size, dim)
         self.drop = nn.Dropout(dropout)
         self.ln = nn.LayerNorm(dim, eps=eps)
+        self.clip = clip
 
     def forward(self, x, context=None, mask=None):
-        return self.ln(x + self.drop(self.attn(x, context, mask)))
-
-
-class PostLNFeedForward(nn.Module):
-    """BERT's feed-forward sublayer: dense, GELU (erf), dense, dropout, residual, LayerNorm."""
-
-    def __init__(self, dim, ffn_size, eps, dropout):
-        super().__init__()
-        self.fc = nn.Linear(dim, ffn_size)
-        self.proj = nn.Linear(ffn_size, dim)
-        self.drop = nn.Dropout(dropout)
-        self.ln = nn.LayerNorm(dim, eps=eps)
-
-    def forward(self, x):
-        return self.ln(x + self.drop(self.proj(F.gelu(self.fc(x)))))
+        h = self.ln(x) if self.clip else x
+        if hasattr(self, "attn"):
+            y = self.attn(h, context, mask, causal=self.clip)
+        else:
+            h = self.fc(h)
+            y = self.proj(h * torch.sigmoid(1.702 * h) if self.clip else F.gelu(h))  # quick-GELU, CLIP's GELU
+        return x + y if self.clip else self.ln(x + self.drop(y))
 
 
 class Block(nn.Module):
-    """One post-LN BERT / ELECTRA layer (a single-modality encoder layer of Fig. 3)."""
+    """One encoder layer, attention then FFN: BERT / ELECTRA's post-LN one, or with clip CLIP-T's pre-LN causal one."""
 
-    def __init__(self, cfg):
+    def __init__(self, dim, num_heads, ffn_size, eps, dropout=0.0, clip=False):
         super().__init__()
-        self.attention = PostLNAttention(cfg.hidden_size, cfg.num_heads, cfg.layer_norm_eps, cfg.dropout)
-        self.ffn = PostLNFeedForward(cfg.hidden_size, cfg.ffn_size, cfg.layer_norm_eps, cfg.dropout)
+        self.attention = Sublayer(dim, eps, dropout, num_heads=num_heads, clip=clip)
+        self.ffn = Sublayer(dim, eps, dropout, ffn_size=ffn_size, clip=clip)
 
-    def forward(self, x, mask):
+    def forward(self, x, mask=None):
         return self.ffn(self.attention(x, mask=mask))
 
 
@@ -157,10 +142,8 @@ class Embeddings(nn.Module):
         self.project = nn.Linear(dim, cfg.hidden_size) if dim != cfg.hidden_size else None
 
     def forward(self, input_ids, token_type_ids):
-        T = input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:T] + \
-            self.token_type_embeddings(token_type_ids)
-        x = self.drop(self.ln(x))
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:input_ids.shape[1]]
+        x = self.drop(self.ln(x + self.token_type_embeddings(token_type_ids)))
         return x if self.project is None else self.project(x)
 
 
@@ -182,33 +165,17 @@ class LanguageEncoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embeddings = Embeddings(cfg)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg.hidden_size, cfg.num_heads, cfg.ffn_size, cfg.layer_norm_eps, cfg.dropout)
+                                    for _ in range(cfg.num_layers))
         self.pooler = Pooler(cfg.hidden_size) if cfg.pooler else None
         self.apply(lambda m: init_weights(m, cfg.initializer_range))
 
     def forward(self, input_ids, token_type_ids=None, attention_mask=None):
-        # input_ids (B, T), attention_mask (B, T) 0/1 or None (no padding) -> hidden (B, T, H), pooled (B, H) or None
+        # input_ids (B, T), attention_mask (B, T) or None (no padding) -> hidden (B, T, H), pooled (B, H) or None
         x = self.embeddings(input_ids, torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids)
         for block in self.blocks:
             x = block(x, attention_mask)
         return x, (self.pooler(x) if self.pooler is not None else None)
-
-
-class ResidualAttentionBlock(nn.Module):
-    """One pre-LN CLIP-T layer: x + attn(ln_1(x)) with a causal mask, then x + mlp(ln_2(x)) with quick-GELU."""
-
-    def __init__(self, cfg: CLIPTextConfig):
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.attn = Attention(cfg.width, cfg.num_heads)
-        self.ln_2 = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
-        self.fc = nn.Linear(cfg.width, cfg.ffn_size)
-        self.proj = nn.Linear(cfg.ffn_size, cfg.width)
-
-    def forward(self, x):
-        x = x + self.attn(self.ln_1(x), causal=True)
-        h = self.fc(self.ln_2(x))
-        return x + self.proj(h * torch.sigmoid(1.702 * h))  # quick-GELU, CLIP's approximation of GELU
 
 
 class CLIPTextTransformer(nn.Module):
@@ -219,7 +186,8 @@ class CLIPTextTransformer(nn.Module):
         self.config = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.blocks = nn.ModuleList(ResidualAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.num_heads, cfg.ffn_size, cfg.layer_norm_eps, clip=True)
+                                    for _ in range(cfg.num_layers))
         self.ln_final = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.text_projection = nn.Linear(cfg.width, cfg.projection_dim, bias=False)
         self.apply(init_weights)
@@ -227,8 +195,7 @@ class CLIPTextTransformer(nn.Module):
         nn.init.normal_(self.text_projection.weight, std=cfg.width ** -0.5)
 
     def forward(self, input_ids):
-        # input_ids (N, 77) -> tokens (N, 77, P) for every position, pooled (N, P) at the end-of-text token (the
-        # largest id). Padding after it needs no mask: the causal mask keeps it out of every real position.
+        # input_ids (N, 77) -> tokens (N, 77, P), pooled (N, P) at the end-of-text token (the largest id)
         x = self.token_embedding(input_ids) + self.positional_embedding[:input_ids.shape[1]]
         for block in self.blocks:
             x = block(x)
@@ -238,14 +205,11 @@ class CLIPTextTransformer(nn.Module):
 
 
 def init_weights(module, std=0.02):
-    """BERT's initialisation: normal(0, std) weights (std: the config's initializer_range), zero biases, unit LNs."""
+    """BERT's initialisation of new Linear / Embedding weights: normal(0, std), zero biases (LNs start at 1, 0)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
         nn.init.normal_(module.weight, std=std)
         if getattr(module, "bias", None) is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def count_parameters(module):
@@ -256,20 +220,18 @@ def count_parameters(module):
 # ----------------------------------------------------------------------------- the cross-modal encoder (Fig. 3)
 
 class CrossModalLayer(nn.Module):
-    """One LXMERT-style cross-modal encoder layer (Sec. 2.1, Fig. 3): lang (B, T, H) is BERT's stream, vis (B, n*77, P)
-    CLIP-T's projected stream. 1. cross-attention both ways (Eq. 1, Q from one stream, K and V from the other), both
-    reading the layer inputs; 2. self-attention and 3. feed-forward in each stream; every sublayer post-LN. The CLIP
-    stream keeps its own width and heads but takes the language encoder's FFN size (Table 6)."""
+    """LXMERT's cross-modal layer (Sec. 2.1, Fig. 3) on lang (B, T, H) and vis (B, n*77, P): cross-attention both ways
+    (Eq. 1), then self-attention and FFN per stream; the CLIP stream takes the encoder's FFN size (Table 6)."""
 
     def __init__(self, lang: EncoderConfig, clip: CLIPTextConfig):
         super().__init__()
         H, P, eps, p = lang.hidden_size, clip.projection_dim, lang.layer_norm_eps, lang.dropout
-        self.lang_cross = PostLNAttention(H, lang.num_heads, eps, p, kv_dim=P)
-        self.vis_cross = PostLNAttention(P, clip.num_heads, eps, p, kv_dim=H)
-        self.lang_self = PostLNAttention(H, lang.num_heads, eps, p)
-        self.vis_self = PostLNAttention(P, clip.num_heads, eps, p)
-        self.lang_ffn = PostLNFeedForward(H, lang.ffn_size, eps, p)
-        self.vis_ffn = PostLNFeedForward(P, lang.ffn_size, eps, p)
+        self.lang_cross = Sublayer(H, eps, p, lang.num_heads, kv_dim=P)
+        self.vis_cross = Sublayer(P, eps, p, clip.num_heads, kv_dim=H)
+        self.lang_self = Sublayer(H, eps, p, lang.num_heads)
+        self.vis_self = Sublayer(P, eps, p, clip.num_heads)
+        self.lang_ffn = Sublayer(H, eps, p, ffn_size=lang.ffn_size)
+        self.vis_ffn = Sublayer(P, eps, p, ffn_size=lang.ffn_size)
 
     def forward(self, lang, vis, lang_mask, vis_mask):
         lang, vis = self.lang_cross(lang, vis, vis_mask), self.vis_cross(vis, lang, lang_mask)
@@ -278,8 +240,7 @@ class CrossModalLayer(nn.Module):
 
 
 class TokenPredictionHead(nn.Module):
-    """BERT's MLM head: dense, GELU, LayerNorm, a decoder tied to an embedding matrix, own bias. MLM ties it to BERT's
-    word embeddings (Sec. 2.3.1), CLIPTC to CLIP's token embedding (Sec. 2.3.3)."""
+    """BERT's MLM head, dense, GELU, LayerNorm, tied decoder, own bias: for MLM (Sec. 2.3.1) and CLIPTC (Sec. 2.3.3)."""
 
     def __init__(self, dim, embedding_dim, vocab_size, eps):
         super().__init__()
@@ -293,8 +254,7 @@ class TokenPredictionHead(nn.Module):
 
 
 def token_loss(head, hidden, positions, targets, embedding_weight):
-    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (0 if none; an unused slot
-    holds cross_entropy's ignore_index, -100). Only those rows reach the vocabulary-sized decoder, in static shapes."""
+    """Cross-entropy at K chosen positions per sequence, averaged over the real targets (an unused slot's is -100)."""
     chosen = hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))  # (B, L, D) -> (B, K, D)
     logits = head(chosen, embedding_weight).float().flatten(0, 1)  # (B*K, vocabulary)
     return F.cross_entropy(logits, targets.flatten(), reduction="sum") / (targets >= 0).sum().clamp(min=1)
@@ -304,9 +264,8 @@ ADAPT_TASKS = ("mlm", "match", "cliptc")  # the adaptation tasks of Sec. 2.3
 
 
 class CrossModalTransformer(nn.Module):
-    """The adaptation model (Sec. 2.1, 2.3): language encoder + CLIP-T + cross-modal layers + the heads of the chosen
-    tasks (Table 3 ablates subsets); the loss is the plain sum of their cross-entropies. clip_cfg=None with
-    xlayers=0 is the fair baseline of Sec. 3: the language encoder alone with plain MLM."""
+    """The adaptation model (Sec. 2.1, 2.3): both encoders, the cross-modal layers and the chosen tasks' heads (Table 3
+    ablates them), the loss their sum. clip_cfg=None with xlayers=0 is Sec. 3's baseline, plain MLM."""
 
     def __init__(self, lang_cfg: EncoderConfig, clip_cfg: CLIPTextConfig | None, xlayers=2, tasks=ADAPT_TASKS):
         super().__init__()
@@ -330,20 +289,19 @@ class CrossModalTransformer(nn.Module):
         if "cliptc" in self.tasks:
             self.cliptc_head = TokenPredictionHead(clip_cfg.projection_dim, clip_cfg.width, clip_cfg.vocab_size, eps)
         for name, module in self.named_children():
-            if name not in ("language", "clip"):  # new layers start as LXMERT's: the language config's std
+            if name not in ("language", "clip"):  # new layers: the language config's std, as LXMERT
                 module.apply(lambda m: init_weights(m, lang_cfg.initializer_range))
 
     def encode(self, input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks=None):
-        """Both encoders, then the cross-modal layers: lang (B, T, H) and vis (B, n*77, P) or None. clip_blocks (N,):
-        the blocks of the flattened (B*n) that CLIP-T runs on (None: all); the others are all padding and enter the
-        cross-modal layers as zeros, masked out like any padding."""
+        """Both encoders, then the cross-modal layers -> lang (B, T, H), vis (B, n*77, P) or None. CLIP-T runs on the
+        clip_blocks (N,) of the B*n blocks (None: all); the others, all padding, enter the layers as masked zeros."""
         lang, _ = self.language(input_ids, token_type_ids, attention_mask)  # (B, T, H)
         if self.clip is None:
             return lang, None
         B, n, C = clip_ids.shape
         blocks = clip_ids.reshape(B * n, C)  # (B, n, 77) -> (B*n, 77)
-        vis, _ = self.clip(blocks if clip_blocks is None else blocks[clip_blocks])  # (B*n or N, 77) -> (.., 77, P)
-        if clip_blocks is not None:  # (N, 77, P) -> (B*n, 77, P), the skipped blocks as zeros
+        vis, _ = self.clip(blocks if clip_blocks is None else blocks[clip_blocks])  # (B*n or N, 77, P)
+        if clip_blocks is not None:  # (N, 77, P) -> (B*n, 77, P)
             vis = vis.new_zeros(B * n, C, vis.shape[-1]).index_copy(0, clip_blocks, vis)
         vis = vis.reshape(B, n * C, -1)  # -> (B, n*77, P), e.g. (B, 693, 512)
         for layer in self.xlayers:
@@ -353,8 +311,7 @@ class CrossModalTransformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, clip_ids=None, clip_mask=None, token_type_ids=None,
                 clip_blocks=None, mlm_positions=None, mlm_targets=None, match_labels=None, cliptc_positions=None,
                 cliptc_targets=None):
-        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}: MLM and CLIPTC predict at the slots
-        mlm_positions (B, K) of the T language positions and cliptc_positions (B, K') of the n*77 CLIP positions."""
+        """A batch of data.AdaptationData -> {task: loss, "match_acc", "loss"}, the losses of Sec. 2.3 and their sum."""
         lang, vis = self.encode(input_ids, attention_mask, token_type_ids, clip_ids, clip_mask, clip_blocks)
         out = {}
         if "mlm" in self.tasks:  # Sec. 2.3.1: masked tokens from the language stream
@@ -384,9 +341,7 @@ def read_safetensors(path):
     with open(path, "rb") as f:
         f.readinto(data)
     bad, redo = f"{path} is not a complete safetensors file", _redownload(os.path.dirname(os.path.abspath(path)))
-    if len(data) < 8:
-        raise ValueError(f"{bad} ({len(data)} bytes): {redo}")
-    (n,) = struct.unpack("<Q", data[:8])
+    n = int.from_bytes(data[:8], "little")
     try:
         header = json.loads(data[8:8 + n])
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -405,45 +360,53 @@ def read_safetensors(path):
 def write_safetensors(tensors, path, metadata=None):
     """Write tensors as .safetensors (header padded to 8 bytes), atomically."""
     codes = {v: k for k, v in _DTYPES.items()}
-    header, offset, blobs = {}, 0, []
+    header, offset, blobs = ({"__metadata__": metadata} if metadata else {}), 0, []
     for name in sorted(tensors):
         t = tensors[name].detach().contiguous().cpu()
         blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
         header[name] = {"dtype": codes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
         offset += len(blob)
         blobs.append(blob)
-    if metadata:
-        header["__metadata__"] = metadata
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
     with atomic_file(path) as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for blob in blobs:
-            f.write(blob)
+        f.write(len(head).to_bytes(8, "little") + head)
+        f.writelines(blobs)
 
 
 # ----------------------------------------------------------------------------- atomic writes
 
+def _temp_sibling(path):
+    """A fresh name beside `path`, `<name>.<pid>.<random>.tmp`, which sweep_stale removes once <pid> has died."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    return f"{path}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
+
+
+def _replace(tmp, path):
+    """os.replace, then an fsync of the folder that makes the rename durable."""
+    os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="wb"):
-    """open(path, mode) whose file appears under its name only once fully written and fsynced (a temporary sibling
-    `<name>.<pid>.XXXX.tmp`, then os.replace); text modes write UTF-8 with '\\n' line endings."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=_tmp_prefix(path), suffix=".tmp")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # the permissions open() would give, not mkstemp's 0600
+    """open(path, mode) whose file appears under its name only once written and fsynced; text modes write UTF-8."""
+    tmp = _temp_sibling(path)
+    f = open(tmp, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""}))
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())
     except BaseException:
         os.remove(tmp)
         raise
-    os.replace(tmp, path)
-    _fsync_dir(folder)
+    _replace(tmp, path)
 
 
 def atomic_save(obj, path):
@@ -454,48 +417,31 @@ def atomic_save(obj, path):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yields a temporary sibling folder to fill; on success it replaces `path`. An existing folder is first moved
-    aside (`<name>.<pid>.old`) and removed last, so a complete copy exists at every moment; sweep_stale puts an
-    aside copy back if a kill struck between the two renames."""
-    path, folder = os.path.normpath(path), os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=folder, prefix=_tmp_prefix(path), suffix=".tmp")
+    """A temporary folder that replaces `path` on success, the old one moved aside (`<path>.<pid>.old`) and removed
+    last: a complete copy exists at every moment."""
+    tmp, aside = _temp_sibling(path), f"{os.path.abspath(path)}.{os.getpid()}.old"
+    os.mkdir(tmp)
     try:
         yield tmp
         for name in os.listdir(tmp):
             with open(os.path.join(tmp, name), "rb") as f:
                 os.fsync(f.fileno())
-        aside = f"{path}.{os.getpid()}.old"
         if os.path.exists(path):
             os.replace(path, aside)
-        os.replace(tmp, path)
-        _fsync_dir(folder)
+        _replace(tmp, path)
         shutil.rmtree(aside, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _tmp_prefix(path):
-    return f"{os.path.basename(os.path.normpath(path))}.{os.getpid()}."
-
-
-def _fsync_dir(folder):
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sweep_stale(folder):
-    """Remove the temporary files and folders (`<name>.<pid>.XXXX.tmp`) that killed processes left in `folder`, and
-    put back a folder that atomic_dir had moved aside (`<name>.<pid>.old`) when nothing replaced it. Entries of live
-    processes are left alone. Returns the entries handled."""
+    """Remove the temporary files and folders of dead processes in `folder`, put back an aside folder that nothing
+    replaced; returns the entries handled."""
     handled = []
     for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else ():
         match = re.fullmatch(r"(.+)\.(\d+)\.(\w+\.tmp|old)", entry)
-        if not match or int(match[2]) == os.getpid() or _alive(int(match[2])):
+        if not match or _alive(int(match[2])):  # this process's own too
             continue
         full, name = os.path.join(folder, entry), os.path.join(folder, match[1])
         if match[3] == "old" and not os.path.exists(name):
@@ -511,80 +457,57 @@ def sweep_stale(folder):
 def _alive(pid):
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        pass
+    except OSError as e:  # ProcessLookupError: dead; PermissionError: another user's process
+        return isinstance(e, PermissionError)
     return True
 
 
 # ----------------------------------------------------------------------------- Hugging Face checkpoints
 
-# our config field -> the config.json key of BertConfig / ElectraConfig, and of CLIPTextConfig
-ENCODER_KEYS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
-                "num_heads": "num_attention_heads", "ffn_size": "intermediate_size",
-                "max_positions": "max_position_embeddings", "type_vocab_size": "type_vocab_size",
-                "layer_norm_eps": "layer_norm_eps", "dropout": "hidden_dropout_prob",
-                "initializer_range": "initializer_range"}
-ENCODER_OPTIONAL = ("type_vocab_size", "layer_norm_eps", "dropout", "initializer_range")  # old files may lack them
-CLIP_KEYS = {"vocab_size": "vocab_size", "width": "hidden_size", "num_layers": "num_hidden_layers",
-             "num_heads": "num_attention_heads", "ffn_size": "intermediate_size",
-             "context_length": "max_position_embeddings", "projection_dim": "projection_dim",
-             "layer_norm_eps": "layer_norm_eps"}
+# our config field -> the config.json key of BertConfig / ElectraConfig (old files may lack the optional ones), CLIP's
+_SHARED_KEYS = {"vocab_size": "vocab_size", "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                "ffn_size": "intermediate_size", "layer_norm_eps": "layer_norm_eps"}
+ENCODER_KEYS = _SHARED_KEYS | {"hidden_size": "hidden_size", "max_positions": "max_position_embeddings",
+                               "type_vocab_size": "type_vocab_size", "dropout": "hidden_dropout_prob",
+                               "initializer_range": "initializer_range"}
+ENCODER_OPTIONAL = ("type_vocab_size", "layer_norm_eps", "dropout", "initializer_range")
+CLIP_KEYS = _SHARED_KEYS | {"width": "hidden_size", "context_length": "max_position_embeddings",
+                            "projection_dim": "projection_dim"}
 
-# our module in a block -> the Hugging Face modules whose weight and bias it holds (several: concatenated on dim 0)
+# Our tensor names -> the Hugging Face names, as renamed leading modules (in a layer: after blocks.<i>.); several
+# names are concatenated on dim 0, and a name that no entry renames is the same in both.
+BERT_NAMES = {"embeddings.ln": ["embeddings.LayerNorm"], "embeddings.project": ["embeddings_project"]}
 BERT_LAYER_NAMES = {"attention.attn.qkv": ["attention.self.query", "attention.self.key", "attention.self.value"],
                     "attention.attn.proj": ["attention.output.dense"], "attention.ln": ["attention.output.LayerNorm"],
                     "ffn.fc": ["intermediate.dense"], "ffn.proj": ["output.dense"], "ffn.ln": ["output.LayerNorm"]}
-CLIP_LAYER_NAMES = {"attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-                    "attn.proj": ["self_attn.out_proj"], "ln_1": ["layer_norm1"], "fc": ["mlp.fc1"],
-                    "proj": ["mlp.fc2"], "ln_2": ["layer_norm2"]}
+CLIP_NAMES = {"token_embedding": ["text_model.embeddings.token_embedding"], "ln_final": ["text_model.final_layer_norm"],
+              "positional_embedding": ["text_model.embeddings.position_embedding.weight"]}
+CLIP_LAYER_NAMES = {"attention.attn.qkv": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+                    "attention.attn.proj": ["self_attn.out_proj"], "attention.ln": ["layer_norm1"],
+                    "ffn.fc": ["mlp.fc1"], "ffn.proj": ["mlp.fc2"], "ffn.ln": ["layer_norm2"]}
 
-# BERT's pretraining heads, where a checkpoint has them: the MLM and MATCH heads start from them (Sec. 2.3).
-PRETRAINING_HEAD_NAMES = {
-    "mlm_head.dense.weight": "cls.predictions.transform.dense.weight",
-    "mlm_head.dense.bias": "cls.predictions.transform.dense.bias",
-    "mlm_head.ln.weight": "cls.predictions.transform.LayerNorm.weight",
-    "mlm_head.ln.bias": "cls.predictions.transform.LayerNorm.bias",
-    "mlm_head.bias": "cls.predictions.bias",
-    "match_classifier.weight": "cls.seq_relationship.weight",
-    "match_classifier.bias": "cls.seq_relationship.bias",
-}
+# BERT's pretraining heads and pooler, which the MLM head and MATCH start from where a checkpoint has them (Sec. 2.3)
+PRETRAINING_HEAD_NAMES = {"mlm_head.bias": "cls.predictions.bias"} | {
+    f"{ours}.{p}": f"{hf}.{p}" for p in ("weight", "bias") for ours, hf in (
+        ("mlm_head.dense", "cls.predictions.transform.dense"), ("mlm_head.ln", "cls.predictions.transform.LayerNorm"),
+        ("match_classifier", "cls.seq_relationship"), ("match_pooler.dense", "pooler.dense"))}
 
-
-def hf_names(cfg):
-    """Our tensor -> the Hugging Face tensors it is made of (several: concatenated on dim 0), for BertModel /
-    ElectraModel (checkpoints may prefix the names with "bert." / "electra." and call LayerNorm weights gamma/beta:
-    read_checkpoint undoes both) or CLIPModel / CLIPTextModelWithProjection."""
-    if isinstance(cfg, CLIPTextConfig):
-        weights = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-                   "positional_embedding": "text_model.embeddings.position_embedding.weight",
-                   "text_projection.weight": "text_projection.weight"}
-        modules = {"ln_final": ["text_model.final_layer_norm"]}
-        layer_names, hf_layer = CLIP_LAYER_NAMES, "text_model.encoder.layers.{}."
-    else:
-        weights = {f"embeddings.{e}.weight": f"embeddings.{e}.weight"
-                   for e in ("word_embeddings", "position_embeddings", "token_type_embeddings")}
-        modules = {"embeddings.ln": ["embeddings.LayerNorm"]}
-        layer_names, hf_layer = BERT_LAYER_NAMES, "encoder.layer.{}."
-        if (cfg.embedding_size or cfg.hidden_size) != cfg.hidden_size:
-            modules["embeddings.project"] = ["embeddings_project"]
-        if cfg.pooler:
-            modules["pooler.dense"] = ["pooler.dense"]
-    for i in range(cfg.num_layers):
-        modules |= {f"blocks.{i}.{ours}": [hf_layer.format(i) + hf for hf in hfs] for ours, hfs in layer_names.items()}
-    return {ours: [hf] for ours, hf in weights.items()} | {
-        f"{ours}.{s}": [f"{hf}.{s}" for hf in hfs] for ours, hfs in modules.items() for s in ("weight", "bias")}
+# checkpoint tensors known and left out: old buffers, CLIP's image tower and logit scale, ELECTRA's unused projection
+# (HF#7530) and RTD head, BERT's pretraining heads (the MLM decoder is tied, the others are read apart)
+UNUSED = re.compile(r"logit_scale|.*position_ids|(cls|vision_model|visual_projection|embeddings_project|"
+                    r"discriminator_predictions)\..*")
 
 
-def _unused(name):
-    """Checkpoint tensors known and deliberately left out: buffers of old transformers versions, CLIP's image tower and
-    contrastive temperature, the MLM decoder (tied to the word embeddings), ELECTRA's unused projection when
-    embedding_size == hidden_size (HF#7530) and its RTD head, BERT's pretraining heads (read apart)."""
-    return (name.endswith("position_ids") or name in PRETRAINING_HEAD_NAMES.values()
-            or name in ("logit_scale", "cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
-            or name.startswith(("vision_model.", "visual_projection.", "embeddings_project.",
-                                "discriminator_predictions.")))
+def hf_names(module):
+    """Our tensor -> the BertModel / ElectraModel / CLIPTextModelWithProjection tensors it is made of."""
+    clip, names = isinstance(module, CLIPTextTransformer), {}
+    for name in module.state_dict():
+        layer, inner = re.fullmatch(r"(?:blocks\.(\d+)\.)?(.*)", name).groups()
+        table = (CLIP_LAYER_NAMES if clip else BERT_LAYER_NAMES) if layer else (CLIP_NAMES if clip else BERT_NAMES)
+        ours = next((m for m in table if inner == m or inner.startswith(m + ".")), "")
+        start = "" if layer is None else f"{'text_model.encoder.layers' if clip else 'encoder.layer'}.{layer}."
+        names[name] = [start + hf + inner[len(ours):] for hf in table.get(ours, [""])]
+    return names
 
 
 def _redownload(path):
@@ -605,134 +528,103 @@ def config_from_hf(path):
     if not isinstance(c, dict):
         raise ValueError(f"{file} is not a config.json object: {_redownload(path)}")
     kind = c.get("model_type")
-    try:
-        if kind in ("bert", "electra"):
-            act = c.get("hidden_act", "gelu")
-            if act != "gelu":
-                raise ValueError(f"{file}: hidden_act {act!r} is not supported (BERT and ELECTRA use 'gelu')")
-            fields = {ours: c.get(hf, getattr(EncoderConfig, ours)) if ours in ENCODER_OPTIONAL else c[hf]
-                      for ours, hf in ENCODER_KEYS.items()}
-            emb = c.get("embedding_size", c["hidden_size"])
-            return EncoderConfig(model_type=kind, embedding_size=None if emb == c["hidden_size"] else emb,
-                                 pooler=kind == "bert", **fields), kind
-    except KeyError as e:
-        raise ValueError(f"{file} lacks the key {e.args[0]!r} of a {kind} config: {_redownload(path)}") from None
     if kind in ("clip", "clip_text_model"):
         t = (c.get("text_config") or {}) if kind == "clip" else c  # CLIPModel nests the text tower's config
         fields = {ours: t.get(hf, getattr(CLIPTextConfig, ours)) for ours, hf in CLIP_KEYS.items()}
         fields["projection_dim"] = c.get("projection_dim", fields["projection_dim"])
         return CLIPTextConfig(**fields), "clip"
-    raise ValueError(f"{file}: model_type {kind!r} is not one of bert, electra, clip")
+    if kind not in ("bert", "electra"):
+        raise ValueError(f"{file}: model_type {kind!r} is not one of bert, electra, clip")
+    if c.get("hidden_act", "gelu") != "gelu":
+        raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (BERT and ELECTRA use 'gelu')")
+    missing = [hf for ours, hf in ENCODER_KEYS.items() if hf not in c and ours not in ENCODER_OPTIONAL]
+    if missing:
+        raise ValueError(f"{file} lacks the key {missing[0]!r} of a {kind} config: {_redownload(path)}")
+    fields = {ours: c.get(hf, getattr(EncoderConfig, ours)) for ours, hf in ENCODER_KEYS.items()}
+    emb = c.get("embedding_size", c["hidden_size"])
+    return EncoderConfig(model_type=kind, embedding_size=None if emb == c["hidden_size"] else emb,
+                         pooler=kind == "bert", **fields), kind
 
 
 def read_checkpoint(path):
-    """All tensors of a hub-layout directory (model.safetensors, else pytorch_model.bin), with the model prefix
-    ("bert.", "electra.") dropped and gamma/beta renamed to weight/bias."""
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        file = os.path.join(path, name)
-        if os.path.isfile(file):
-            break
-    else:
+    """All tensors of a hub-layout directory (model.safetensors, else pytorch_model.bin), with the "bert." /
+    "electra." prefix of old files dropped and LayerNorm gamma/beta renamed weight/bias."""
+    files = [os.path.join(path, name) for name in ("model.safetensors", "pytorch_model.bin")]
+    file = next((f for f in files if os.path.isfile(f)), None)
+    if file is None:
         raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin in {path}: the download is incomplete, "
                                 f"{_redownload(path)}")
-    if file.endswith(".safetensors"):
+    if file == files[0]:
         state = read_safetensors(file)
     else:
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # torch.load raises many kinds on a damaged file; its message says which
             raise ValueError(f"{file} cannot be read ({type(e).__name__}: {e}): {_redownload(path)}") from None
-    renamed = {}
-    for key, tensor in state.items():
-        key = key.removeprefix("bert.").removeprefix("electra.")
-        renamed[key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")] = tensor
-    return renamed
-
-
-def _from_hf(path):
-    """from_hf, and all the checkpoint's tensors. Every tensor of ours must be found by the name table with its shape,
-    and every checkpoint tensor must be used or known-unused."""
-    cfg, kind = config_from_hf(path)
-    state = read_checkpoint(path)
-    module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
-    expected, ours = module.state_dict(), {}
-    table = hf_names(cfg)
-    for name, parts in table.items():
-        missing = [p for p in parts if p not in state]
-        if missing:
-            raise ValueError(f"{path} has no tensor {missing[0]} (needed for {name}): is it a {kind} checkpoint of "
-                             f"the layout config.json describes?")
-        ours[name] = torch.cat([state[p] for p in parts]) if len(parts) > 1 else state[parts[0]]
-        if ours[name].shape != expected[name].shape:
-            raise ValueError(f"{path}: tensor for {name} has shape {tuple(ours[name].shape)}, config.json implies "
-                             f"{tuple(expected[name].shape)}")
-    used = {p for parts in table.values() for p in parts}
-    extra = [k for k in state if k not in used and not _unused(k)]
-    if extra:
-        raise ValueError(f"{path} holds tensors this architecture does not have, e.g. {extra[0]}: it is not a plain "
-                         f"{kind} checkpoint")
-    module.load_state_dict({k: v.float() for k, v in ours.items()})
-    return module, state
+    state = {re.sub(r"^(bert|electra)\.", "", k): v for k, v in state.items()}
+    return {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+            for k, v in state.items()}
 
 
 def from_hf(path):
-    """A LanguageEncoder (model_type bert, electra) or CLIPTextTransformer (clip, clip_text_model) from a directory in
-    the Hugging Face hub layout: config.json + model.safetensors or pytorch_model.bin."""
-    return _from_hf(path)[0]
+    """A LanguageEncoder (bert, electra) or CLIPTextTransformer (clip) from a hub-layout directory, read strictly."""
+    cfg, kind = config_from_hf(path)
+    state = read_checkpoint(path)
+    module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
+    table, ours = hf_names(module), {}
+    for name, expected in module.state_dict().items():
+        missing = [p for p in table[name] if p not in state]
+        if missing:
+            raise ValueError(f"{path} has no tensor {missing[0]} (needed for {name}): is it a {kind} checkpoint of "
+                             f"the layout config.json describes?")
+        ours[name] = torch.cat([state.pop(p) for p in table[name]]).float()
+        if ours[name].shape != expected.shape:
+            raise ValueError(f"{path}: tensor for {name} has shape {tuple(ours[name].shape)}, config.json implies "
+                             f"{tuple(expected.shape)}")
+    extra = [k for k in state if not UNUSED.fullmatch(k)]  # what no tensor of ours took
+    if extra:
+        raise ValueError(f"{path} holds tensors this architecture does not have, e.g. {extra[0]}: it is not a plain "
+                         f"{kind} checkpoint")
+    module.load_state_dict(ours)
+    return module
 
 
 def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=ADAPT_TASKS):
-    """The adaptation model from two public checkpoints (clip_dir None: the MLM baseline). The cross-modal layers and
-    the CLIPTC head start fresh; the MLM head, MATCH classifier and MATCH pooler from BERT's pretraining heads and
-    pooler where the checkpoint has them."""
-    language, state = _from_hf(lang_dir)
-    if not isinstance(language, LanguageEncoder):
-        raise ValueError(f"{lang_dir} holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA")
+    """The adaptation model from a BERT / ELECTRA and a CLIP checkpoint (clip_dir None: the MLM baseline), with the
+    heads that BERT's checkpoint has (PRETRAINING_HEAD_NAMES)."""
+    language = from_hf(lang_dir)
     clip = from_hf(clip_dir) if clip_dir is not None else None
-    if clip is not None and not isinstance(clip, CLIPTextTransformer):
-        raise ValueError(f"{clip_dir} is not a CLIP checkpoint (its config.json model_type must be clip)")
     model = CrossModalTransformer(language.config, clip.config if clip else None, xlayers, tasks)
     model.language.load_state_dict(language.state_dict())
     if clip is not None:
         model.clip.load_state_dict(clip.state_dict())
-    params = dict(model.named_parameters())
+    params, state = dict(model.named_parameters()), read_checkpoint(lang_dir)
     with torch.no_grad():
         for ours, hf in PRETRAINING_HEAD_NAMES.items():
             if ours in params and hf in state:  # the head of a chosen task, in a checkpoint that has it
                 # NSP's class 0 is IsNext, MATCH's class 1 is "same text": the two rows swap
                 params[ours].copy_(state[hf].flip(0) if ours.startswith("match_classifier.") else state[hf])
-    if "match" in model.tasks and language.pooler is not None:
-        model.match_pooler.load_state_dict(language.pooler.state_dict())
     return model
 
 
-def _hf_config(cfg):
-    """Our config -> a config.json that transformers' BertModel / ElectraModel / CLIPTextModelWithProjection read."""
-    if isinstance(cfg, CLIPTextConfig):
-        return {hf: getattr(cfg, ours) for ours, hf in CLIP_KEYS.items()} | {
-            "model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"],
-            "hidden_act": "quick_gelu", "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1,
-            "pad_token_id": 0}
-    c = {hf: getattr(cfg, ours) for ours, hf in ENCODER_KEYS.items()} | {
-        "model_type": cfg.model_type, "hidden_act": "gelu", "attention_probs_dropout_prob": cfg.dropout,
-        "pad_token_id": 0, "architectures": ["BertModel" if cfg.model_type == "bert" else "ElectraModel"]}
-    if cfg.model_type == "electra":
-        c["embedding_size"] = cfg.embedding_size or cfg.hidden_size
-    return c
-
-
 def save_hf(encoder, path):
-    """Write a LanguageEncoder (e.g. XDBERT after adaptation) or CLIPTextTransformer in the hub layout under the
-    public names (config.json + model.safetensors), so that transformers' from_pretrained loads it."""
-    cfg = encoder.config
-    table = hf_names(cfg)
-    state = encoder.state_dict()
-    tensors = {hf: chunk.clone() for ours, parts in table.items()
+    """A LanguageEncoder (e.g. XDBERT) or CLIPTextTransformer in the hub layout that transformers can read."""
+    cfg, state = encoder.config, encoder.state_dict()
+    if isinstance(cfg, CLIPTextConfig):
+        config = {hf: getattr(cfg, ours) for ours, hf in CLIP_KEYS.items()} | {
+            "model_type": "clip_text_model", "architectures": ["CLIPTextModelWithProjection"],
+            "hidden_act": "quick_gelu", "bos_token_id": cfg.vocab_size - 2, "eos_token_id": cfg.vocab_size - 1}
+    else:
+        config = {hf: getattr(cfg, ours) for ours, hf in ENCODER_KEYS.items()} | {
+            "model_type": cfg.model_type, "hidden_act": "gelu", "attention_probs_dropout_prob": cfg.dropout,
+            "architectures": ["BertModel" if cfg.model_type == "bert" else "ElectraModel"]}
+        if cfg.model_type == "electra":
+            config["embedding_size"] = cfg.embedding_size or cfg.hidden_size
+    tensors = {hf: chunk for ours, parts in hf_names(encoder).items()
                for hf, chunk in zip(parts, state[ours].chunk(len(parts)))}
-    os.makedirs(path, exist_ok=True)
     write_safetensors(tensors, os.path.join(path, "model.safetensors"), {"format": "pt"})
     with atomic_file(os.path.join(path, "config.json"), "w") as f:
-        f.write(json.dumps(_hf_config(cfg), indent=2))
+        f.write(json.dumps(config | {"pad_token_id": 0}, indent=2))
 
 
 def save_crossmodal(model, path):
@@ -743,8 +635,6 @@ def save_crossmodal(model, path):
 
 
 def load_crossmodal(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no cross-modal model at {path}: run adapt.py first, it writes crossmodal.pt")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     clip_cfg = CLIPTextConfig(**blob["clip_cfg"]) if blob["clip_cfg"] else None
     model = CrossModalTransformer(EncoderConfig(**blob["lang_cfg"]), clip_cfg, blob["xlayers"], blob["tasks"])
@@ -752,27 +642,23 @@ def load_crossmodal(path):
     return model
 
 
-# ----------------------------------------------------------------------------- Table 6
+# ----------------------------------------------------------------------------- Table 6 and the schedule
 
 PAPER_TABLE6 = {"BERT-b": 109_482_240, "XBERT-b": 202_059_009, "ELECTRA-l": 334_092_288, "XELECTRA-l": 442_671_617}
 
 
 def table6():
-    """Parameter counts of Table 6 from the presets, on the meta device (no weights needed). Task heads are not
-    counted. CLIP's contrastive logit scale is not kept (nothing here uses it): the cross-modal rows add it as +1."""
-    rows = []
+    """Table 6 from the presets, without task heads; the cross-modal rows add CLIP's logit scale (+1, not kept)."""
+    rows = {}
     with torch.device("meta"):
         for name, preset in (("BERT-b", "bert-base"), ("ELECTRA-l", "electra-large")):
             x = CrossModalTransformer(PRESETS[preset], PRESETS["clip"], xlayers=2, tasks=())
-            rows.append((name, count_parameters(x.language)))
-            rows.append(("X" + name, count_parameters(x) + 1))
+            rows |= {name: count_parameters(x.language), "X" + name: count_parameters(x) + 1}
     return rows
 
 
 def linear_warmup_decay(step, total, warmup_fraction):
-    """Learning-rate factor of App. C.1 and C.2's schedule: linear warm-up over the first ceil(fraction x total)
-    steps, then linear decay to 0 at `total` (transformers' get_linear_schedule_with_warmup with the warm-up steps
-    of its Trainer, math.ceil(total * warmup_ratio))."""
+    """App. C.1 / C.2's learning-rate factor: linear warm-up over ceil(fraction x total) steps, then decay to 0."""
     warmup = math.ceil(total * warmup_fraction)
     if step < warmup:
         return step / warmup
@@ -781,7 +667,7 @@ def linear_warmup_decay(step, total, warmup_fraction):
 
 if __name__ == "__main__":
     print("Table 6 parameter counts, computed from the presets on the meta device (task heads not counted)")
-    for name, ours in table6():
+    for name, ours in table6().items():
         paper = PAPER_TABLE6[name]
         note = "  (+1: CLIP's logit scale, counted but not kept)" if name.startswith("X") else ""
         print(f"  {name:11s} ours {ours:>12,}  paper {paper:>12,}  {'match' if ours == paper else 'DIFFER'}{note}")
