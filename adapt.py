@@ -81,7 +81,6 @@ RUN_DEFINING = ("encoder", "clip", "corpus", "cache", "all_lines", "tasks", "xla
                 "seq_len", "clip_blocks", "global_batch", "warmup", "weight_decay", "clip_grad", "seed")
 HELP = {"all_lines": "keep WikiText's headings and short lines", "tasks": "Table 3: a subset of mlm,match,cliptc",
         "no_clip": "Sec. 3's fair baseline: the encoder alone, plain MLM", "save_epochs": "e.g. 1,2"}
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def parse_args(argv=None) -> AdaptConfig:
@@ -90,12 +89,9 @@ def parse_args(argv=None) -> AdaptConfig:
     p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy + clip-toy")
     for f in fields(AdaptConfig):
         kind, flag = (typing.get_args(f.type) or (f.type,))[0], "--" + f.name.replace("_", "-")
-        if kind is bool:
-            p.add_argument(flag, action="store_true", help=HELP.get(f.name))
-        elif typing.get_origin(f.type) is tuple:
-            p.add_argument(flag, type=lambda s, kind=kind: tuple(map(kind, s.split(","))), help=HELP.get(f.name))
-        else:
-            p.add_argument(flag, type=kind, choices=DTYPES if f.name == "dtype" else None)
+        if typing.get_origin(f.type) is tuple:  # comma-separated
+            kind = functools.partial(lambda k, s: tuple(map(k, s.split(","))), kind)
+        p.add_argument(flag, help=HELP.get(f.name), **{"action": "store_true"} if kind is bool else {"type": kind})
     given = vars(p.parse_args(argv))
     cfg = replace(PRESETS["toy" if given.pop("toy", False) else "paper"], **given)
     if cfg.no_clip:
@@ -122,6 +118,8 @@ def check(cfg: AdaptConfig):
         (min(cfg.global_batch, 1 if cfg.micro_batch is None else cfg.micro_batch, cfg.log_every) < 1,
          "--global-batch, --micro-batch and --log-every must be at least 1"),
         (cfg.ckpt_every < 0, "--ckpt-every must be 0 (at the end only) or more"),
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype}: choose auto, float32, "
+                                                                      f"bfloat16 or float16"),
         (cfg.lr <= 0 or cfg.clip_grad <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.warmup < 1,
          "--lr and --clip-grad must be positive, --weight-decay non-negative, --warmup in [0, 1)")]
     for bad, message in problems:
@@ -280,17 +278,14 @@ def wrap(raw_model, cfg, device):
     return torch.compile(model) if cfg.compile else model
 
 
-def run_name(cfg):
-    tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
-    return cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}"
-
-
 class Run:
     """An adaptation run as train() drives it: its folder, data, model and optimizer, and App. C.1's schedule in
     optimizer steps; resumed from ckpt.pt or started in a new folder."""
 
     def __init__(self, cfg: AdaptConfig):
-        self.cfg, self.dir = cfg, os.path.join(cfg.out, run_name(cfg))
+        tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
+        self.cfg = cfg
+        self.dir = os.path.join(cfg.out, cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}")
         self.ckpt_path, self.log_path = os.path.join(self.dir, "ckpt.pt"), os.path.join(self.dir, "log.jsonl")
         self.rank, world, self.device = setup_distributed(cfg)
         self.micro = micro_batch_size(cfg, world, self.device)  # sequences per device and micro-step
@@ -316,10 +311,9 @@ class Run:
             xm.sweep_stale(self.dir)
         self.step = self.resume() if cfg.resume else 0
         if self.rank == 0:
-            if cfg.resume:
-                keep_log_until(self.log_path, self.step)
-            else:
+            if not cfg.resume:
                 new_run_folder(cfg, self.dir)
+            keep_log_until(self.log_path, self.step)  # a resumed run logs the steps after its checkpoint again
             print(f"{self.dir}: {len(self.dataset)} windows, {per_epoch} steps/epoch, schedule {total} steps "
                   f"({self.schedule['warmup']} warm-up), stop at {self.stop}"
                   f"{f', from step {self.step}' if self.step else ''}; global batch {cfg.global_batch} = "
@@ -409,7 +403,6 @@ def new_run_folder(cfg, run_dir):
         raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume, start "
                          f"another with --name NEW, or replace it with --overwrite")
     os.makedirs(run_dir, exist_ok=True)
-    keep_log_until(os.path.join(run_dir, "log.jsonl"), 0)
 
 
 def keep_log_until(path, step):
