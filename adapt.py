@@ -438,9 +438,8 @@ def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
 
 
 def prefetched(load, steps, background):
-    """load(s) for s in steps. background (on CUDA): the next one is built in a thread while the caller trains on
-    this one; on a CPU that thread would take a core from the step's own threads (a toy step on 2 cores: 0.10 s with
-    it, 0.06 s without), so the batches are built in turn."""
+    """load(s) for s in steps; with background (on CUDA) the next one is built in a thread while the caller trains on
+    this one (on a CPU that thread would take a core from the step's own threads: README, "adapt.py")."""
     if not background:
         yield from map(load, steps)
         return

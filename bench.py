@@ -124,8 +124,9 @@ def bench_adapt(cfg, steps, profile=False):
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
     if profile and device.type == "cuda":
         out |= busy_share(step, device)
-    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, {dtype_name} on "
-          f"{device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, "
+    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, "
+          f"{dtype_name} on {device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, "
+          f"{out['tokens_per_s']:,.0f} tokens/s, "
           f"{out['tflops']:.2f} TFLOP/s" + (f", MFU {100 * out['mfu']:.1f}% ({100 * out['mfu_real']:.1f}% of real "
                                              f"tokens)" if peak else ""), flush=True)
     return out
