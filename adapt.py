@@ -1,17 +1,7 @@
 """Sec. 2.3 + App. C.1: cross-modal adaptation of BERT/ELECTRA with CLIP's text transformer (XDBERT).
 
-    python adapt.py --toy                                          # the quick start: the toy kit on a CPU
-    torchrun --nproc_per_node 8 adapt.py --encoder bert-base       # the paper's run: epoch 1 of a 40-epoch schedule
-    python adapt.py --encoder bert-base --epochs 20 --save-epochs 1,2   # Table 3's 1-, 2- and 20-epoch models
-    python adapt.py --encoder electra-large --tasks mlm,match      # Table 3 ablations: --tasks, --xlayers
-    python adapt.py --encoder bert-base --no-clip                  # Sec. 3's fair baseline: one more epoch of MLM
-    python adapt.py --encoder bert-base --resume --epochs 2        # continue runs/<run>/ckpt.pt, here to epoch 2
-    python adapt.py plot runs/toy [runs/other ...]                  # loss and MATCH-accuracy curves as SVG
-
-The model (model.CrossModalTransformer) trains on data.py's WikiText-103 windows with the sum of the MLM, MATCH and
-CLIPTC losses (Sec. 2.3) under App. C.1's recipe; the README says how the schedule, resuming and DDP work. Outputs
-in runs/<run>/: xdbert/ (for finetune.py --encoder), xdbert-epoch<e>/, crossmodal.pt (for --full-model), ckpt.pt,
-log.jsonl.
+Trains model.CrossModalTransformer on data.py's windows with the sum of the MLM, MATCH and CLIPTC losses and writes
+runs/<run>/: xdbert/ (for finetune.py --encoder), xdbert-epoch<e>/, crossmodal.pt, ckpt.pt, log.jsonl (README).
 """
 import argparse
 import functools
@@ -23,9 +13,10 @@ import re
 import shutil
 import sys
 import time
+import typing
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import timedelta
 
 import torch
@@ -80,35 +71,27 @@ class AdaptConfig:
     peak_flops: float | None = None
 
 
-# The toy kit (README, "The toy world"): windows of 16 tokens in one CLIP block, about 1,060 steps of 32 per epoch of
-# its corpus, a peak learning rate for 64-wide encoders; the paper's schedule shape (epoch 1 ends at half the peak),
-# run to epoch 2 because MATCH needs about 2,000 such steps to pass 90% from encoders pretrained for seconds.
+# The toy kit (README, "The toy world"): 16-token windows in one CLIP block, about 1,060 steps of 32 per epoch; run to
+# epoch 2 of the paper's schedule shape, as MATCH needs about 2,000 such steps to pass 90% from these encoders.
 PRESETS = {"paper": AdaptConfig(),
            "toy": AdaptConfig(data="data/toy", encoder="bert-toy", clip="clip-toy", name="toy", seq_len=16,
                               clip_blocks=1, global_batch=32, micro_batch=32, lr=4e-3, epochs=2.0)}
-# A resumed run must match its checkpoint in what defines the schedule and the data; the learning rate may change
-# (with a note), and where the run stops is free (--epochs, --max-steps, --save-epochs).
+# What a resumed run must share with its checkpoint (the learning rate and where the run stops may change)
 RUN_DEFINING = ("encoder", "clip", "corpus", "cache", "all_lines", "tasks", "xlayers", "no_clip", "schedule_epochs",
                 "seq_len", "clip_blocks", "global_batch", "warmup", "weight_decay", "clip_grad", "seed")
+HELP = {"all_lines": "keep WikiText's headings and short lines", "tasks": "Table 3: a subset of mlm,match,cliptc",
+        "no_clip": "Sec. 3's fair baseline: the encoder alone, plain MLM", "save_epochs": "e.g. 1,2"}
 
 
 def parse_args(argv=None) -> AdaptConfig:
+    """The command line -> a checked AdaptConfig: the paper's preset (or --toy's), then the flags given."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], argument_default=argparse.SUPPRESS)
     p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy + clip-toy")
-    for name in ("data", "encoder", "clip", "corpus", "cache", "name", "out", "device"):
-        p.add_argument(f"--{name}")
-    p.add_argument("--all-lines", action="store_true", help="keep WikiText's headings and short lines")
-    p.add_argument("--tasks", type=lambda s: tuple(s.split(",")), help="Table 3: a subset of mlm,match,cliptc")
-    p.add_argument("--no-clip", action="store_true", help="Sec. 3's fair baseline: the encoder alone, plain MLM")
-    p.add_argument("--save-epochs", type=lambda s: tuple(map(float, s.split(","))), help="e.g. 1,2")
-    for name in ("xlayers", "seq_len", "clip_blocks", "global_batch", "micro_batch", "seed", "log_every",
-                 "ckpt_every", "max_steps"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int)
-    for name in ("schedule_epochs", "epochs", "lr", "warmup", "weight_decay", "clip_grad", "peak_flops"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=float)
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    for name in ("compile", "resume", "overwrite"):
-        p.add_argument(f"--{name}", action="store_true")
+    for f in fields(AdaptConfig):
+        kind, flag = (typing.get_args(f.type) or (f.type,))[0], "--" + f.name.replace("_", "-")
+        if typing.get_origin(f.type) is tuple:  # comma-separated
+            kind = functools.partial(lambda k, s: tuple(map(k, s.split(","))), kind)
+        p.add_argument(flag, help=HELP.get(f.name), **{"action": "store_true"} if kind is bool else {"type": kind})
     given = vars(p.parse_args(argv))
     cfg = replace(PRESETS["toy" if given.pop("toy", False) else "paper"], **given)
     if cfg.no_clip:
@@ -135,13 +118,13 @@ def check(cfg: AdaptConfig):
         (min(cfg.global_batch, 1 if cfg.micro_batch is None else cfg.micro_batch, cfg.log_every) < 1,
          "--global-batch, --micro-batch and --log-every must be at least 1"),
         (cfg.ckpt_every < 0, "--ckpt-every must be 0 (at the end only) or more"),
+        (cfg.dtype not in ("auto", "float32", "bfloat16", "float16"), f"--dtype {cfg.dtype}: choose auto, float32, "
+                                                                      f"bfloat16 or float16"),
         (cfg.lr <= 0 or cfg.clip_grad <= 0 or cfg.weight_decay < 0 or not 0 <= cfg.warmup < 1,
          "--lr and --clip-grad must be positive, --weight-decay non-negative, --warmup in [0, 1)")]
     for bad, message in problems:
         if bad:
             raise ValueError(message)
-
-# ----------------------------------------------------------------------------- distributed set-up
 
 
 def setup_distributed(cfg):
@@ -177,18 +160,13 @@ def micro_batch_size(cfg, world, device):
 
 
 def autocast_setup(dtype_arg, device):
-    """Returns (autocast context, GradScaler, dtype name): bf16 on CUDA where supported, else fp16 + scaler."""
-    if dtype_arg == "auto":
-        if device.type == "cuda":
-            dtype_arg = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        else:
-            dtype_arg = "float32"
-    dtype = getattr(torch, dtype_arg)
+    """(autocast context, GradScaler, dtype name): "auto" is bf16 on CUDA where supported, else fp16 with the scaler,
+    and fp32 on a CPU."""
+    if dtype_arg == "auto" and device.type == "cuda":
+        dtype_arg = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    dtype = torch.float32 if dtype_arg == "auto" else getattr(torch, dtype_arg)
     ctx = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    return ctx, scaler, dtype_arg
-
-# ----------------------------------------------------------------------------- schedule, order, FLOPs
+    return ctx, torch.amp.GradScaler(device.type, enabled=dtype == torch.float16), str(dtype).removeprefix("torch.")
 
 
 @functools.lru_cache(maxsize=2)
@@ -212,9 +190,14 @@ def peak_flops(device_name):
     return next((flops for pattern, flops in PEAK_FLOPS if re.search(pattern, device_name)), None)
 
 
+def device_peak(cfg, device):
+    """--peak-flops, else the CUDA device's PEAK_FLOPS entry; None on a CPU or an unknown device."""
+    return cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+
+
 def unread_streams(m):
-    """(language, CLIP) flags: is that stream of the last cross-modal layer read by no chosen task? The language
-    stream feeds MLM and MATCH, the CLIP stream CLIPTC; an unread stream's last sublayers get no gradient."""
+    """(language, CLIP): is that stream of the last cross-modal layer read by no chosen task? (MLM and MATCH read the
+    language stream, CLIPTC the CLIP one; an unread stream's last sublayers get no gradient.)"""
     if not len(m.xlayers):
         return False, False
     return not {"mlm", "match"} & set(m.tasks), "cliptc" not in m.tasks
@@ -225,9 +208,8 @@ def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None, clip_width=Non
     every weight matrix on the tokens it acts on, plus the attention scores and mixing (2 x width x queries x keys),
     over the language encoder, CLIP-T (attention within each block), the cross-modal layers (both streams, both
     directions) and the heads on their prediction slots; the last cross-modal layer's stream that no chosen task
-    reads counts its forward (2 x MACs) only. A block has clip_width positions (data.AdaptationData.clip_width;
-    default 77); clip_tokens replaces the clip_blocks x clip_width CLIP positions by the real tokens (MFU over real
-    tokens: padding is not useful work)."""
+    reads counts its forward (2 x MACs) only. A block has clip_width positions (default 77); clip_tokens replaces the
+    clip_blocks x clip_width CLIP positions by the real tokens (MFU over real tokens: padding is not useful work)."""
     lc = m.language.config
     T, H, E, F = seq_len, lc.hidden_size, lc.embedding_size or lc.hidden_size, lc.ffn_size
     train_macs = T * (lc.num_layers * (4 * H * H + 2 * H * F) + (E * H if E != H else 0))  # + ELECTRA-small projection
@@ -237,56 +219,45 @@ def flops_per_sequence(m, seq_len, clip_blocks, clip_tokens=None, clip_width=Non
         train_macs += data.prediction_slots(T - 2, data.MASK_PROB) * (H * E + E * lc.vocab_size)
     if m.clip is not None:
         cc, C = m.clip.config, clip_width or m.clip.config.context_length
-        W, P, V = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens
-        train_macs += V * (cc.num_layers * (4 * W * W + 2 * W * cc.ffn_size) + W * P)
-        train_macs += V * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of C
+        W, P, N = cc.width, cc.projection_dim, clip_blocks * C if clip_tokens is None else clip_tokens  # N positions
+        train_macs += N * (cc.num_layers * (4 * W * W + 2 * W * cc.ffn_size) + W * P)
+        train_macs += N * cc.num_layers * 2 * W * C            # CLIP-T attends within each block of C
+        # a cross-modal layer, per stream: cross-attention (Q, out on its tokens; K, V on the other's), self-attention
+        lang = T * (2 * H * H + 4 * H * H + 2 * H * F) + N * 2 * P * H + 2 * H * T * N + 2 * H * T * T
+        vis = N * (2 * P * P + 4 * P * P + 2 * P * F) + T * 2 * H * P + 2 * P * N * T + 2 * P * N * N
         lang_unread, vis_unread = unread_streams(m)
-        for i in range(len(m.xlayers)):   # per stream: cross-attention (Q, out on its tokens; K, V on the other's)
-            lang = T * (2 * H * H + 4 * H * H + 2 * H * F) + V * 2 * P * H + 2 * H * T * V + 2 * H * T * T
-            vis = V * (2 * P * P + 4 * P * P + 2 * P * F) + T * 2 * H * P + 2 * P * V * T + 2 * P * V * V
-            last = i == len(m.xlayers) - 1
-            dead = lang * (last and lang_unread) + vis * (last and vis_unread)
-            train_macs, forward_macs = train_macs + lang + vis - dead, forward_macs + dead
+        forward_macs = lang * lang_unread + vis * vis_unread  # the last layer's unread stream: forward only
+        train_macs += len(m.xlayers) * (lang + vis) - forward_macs
         if "cliptc" in m.tasks:            # CLIPTC on its prediction slots
             train_macs += data.prediction_slots(clip_blocks * data.CLIP_BLOCK_TOKENS, data.MASK_PROB) * \
                 (P * W + W * cc.vocab_size)
     return 6 * train_macs + 2 * forward_macs
 
-# ----------------------------------------------------------------------------- the parts of a run
 
-
-def checkpoints(cfg):
-    """(language encoder dir, CLIP dir), checked against what the run needs before any cache is built."""
-    lang_dir, clip_dir = data.checkpoint_dir(cfg.encoder, cfg.data), data.checkpoint_dir(cfg.clip, cfg.data)
-    lang, kind = xm.config_from_hf(lang_dir)
-    if kind == "clip":
-        raise ValueError(f"--encoder {cfg.encoder}: {lang_dir} holds a CLIP checkpoint; the language encoder must be "
-                         f"BERT or ELECTRA (CLIP-T goes to --clip)")
-    if xm.config_from_hf(clip_dir)[1] != "clip" and not cfg.no_clip:
-        raise ValueError(f"--clip {cfg.clip}: {clip_dir} is not a CLIP checkpoint (config.json model_type clip)")
-    if cfg.seq_len > lang.max_positions:
-        raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {lang.max_positions} positions of {lang_dir}")
-    return lang_dir, clip_dir
+def flop_rates(m, cfg, clip_width, step_s, clip_real=None):
+    """Training FLOP/s per device at step_s seconds per step: over all CLIP positions, and over clip_real CLIP tokens
+    per sequence (None: all positions)."""
+    per_s = cfg.global_batch / step_s / world_size()
+    return tuple(flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, n, clip_width) * per_s for n in (None, clip_real))
 
 
 def prepare_data(cfg, rank, lang_dir, clip_dir):
-    """data.build_cache on rank 0 (the others wait on a barrier and then reuse it) -> data.AdaptationData."""
+    """data.build_cache on rank 0, then on the other ranks, which find it built -> data.AdaptationData."""
     if cfg.cache:
         if not os.path.isdir(cfg.cache):
             raise FileNotFoundError(f"no cache at {cfg.cache}: drop --cache to build one from --corpus")
         return data.AdaptationData(cfg.cache)
-    corpus = cfg.corpus or os.path.join(cfg.data, "wikitext-103-raw", "wiki.train.raw")
     cache_root = os.path.join(cfg.data, "cache")
-
-    def cache(log):
-        return data.build_cache(corpus, lang_dir, clip_dir, cache_root, seq_len=cfg.seq_len,
-                                n_blocks=cfg.clip_blocks, log=log, all_lines=cfg.all_lines)
     if rank == 0:
         xm.sweep_stale(cache_root)
-        built = cache(print)
-    if dist.is_initialized():
+    elif dist.is_initialized():
+        dist.barrier()  # wait for rank 0's build
+    built = data.build_cache(cfg.corpus or os.path.join(cfg.data, "wikitext-103-raw", "wiki.train.raw"), lang_dir,
+                             clip_dir, cache_root, seq_len=cfg.seq_len, n_blocks=cfg.clip_blocks,
+                             log=print if rank == 0 else lambda _: None, all_lines=cfg.all_lines)
+    if rank == 0 and dist.is_initialized():
         dist.barrier()
-    return data.AdaptationData(built if rank == 0 else cache(lambda _: None))
+    return data.AdaptationData(built)
 
 
 def make_optimizer(raw_model, cfg, device):
@@ -298,9 +269,8 @@ def make_optimizer(raw_model, cfg, device):
 
 
 def wrap(raw_model, cfg, device):
-    """DDP, then torch.compile (PyTorch's DDP notes: compiling the DDP module lets TorchDynamo split the graph at
-    the gradient buckets). An ablation that leaves a stream of the last cross-modal layer unread (e.g. the CLIP stream
-    without CLIPTC) has parameters without gradients, which DDP must be told to look for."""
+    """DDP, then torch.compile (PyTorch's DDP notes: TorchDynamo then splits the graph at the gradient buckets); DDP
+    looks for unused parameters when an ablation leaves a stream of the last cross-modal layer unread."""
     model = raw_model
     if dist.is_initialized():
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
@@ -308,69 +278,122 @@ def wrap(raw_model, cfg, device):
     return torch.compile(model) if cfg.compile else model
 
 
-def run_name(cfg):
-    tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
-    return cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}"
-
-
-@dataclass
 class Run:
-    """A run as start() sets it up: where it lives, its data and model, App. C.1's schedule in optimizer steps."""
-    cfg: AdaptConfig
-    rank: int
-    device: torch.device
-    dir: str
-    lang_dir: str
-    dataset: data.AdaptationData
-    micro: int                          # sequences per device and micro-step
-    steps_per_epoch: int
-    schedule: dict                      # {"total": the steps of --schedule-epochs, "warmup": its first --warmup}
-    stop: int                           # the step where this invocation stops
-    saves: dict                         # step -> folder of a --save-epochs snapshot
-    raw: xm.CrossModalTransformer
-    optimizer: torch.optim.Optimizer
-    autocast: object
-    scaler: torch.amp.GradScaler
-    step: int = 0
+    """An adaptation run as train() drives it: its folder, data, model and optimizer, and App. C.1's schedule in
+    optimizer steps; resumed from ckpt.pt or started in a new folder."""
 
-    @property
-    def ckpt_path(self):
-        return os.path.join(self.dir, "ckpt.pt")
+    def __init__(self, cfg: AdaptConfig):
+        tasks = "noclip" if cfg.no_clip else "+".join(cfg.tasks)
+        self.cfg = cfg
+        self.dir = os.path.join(cfg.out, cfg.name or f"{os.path.basename(os.path.normpath(cfg.encoder))}-{tasks}")
+        self.ckpt_path, self.log_path = os.path.join(self.dir, "ckpt.pt"), os.path.join(self.dir, "log.jsonl")
+        self.rank, world, self.device = setup_distributed(cfg)
+        self.micro = micro_batch_size(cfg, world, self.device)  # sequences per device and micro-step
+        self.lang_dir, clip_dir = data.checkpoint_dir(cfg.encoder, cfg.data), data.checkpoint_dir(cfg.clip, cfg.data)
+        torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
+        self.raw = xm.load_crossmodal_from_hf(self.lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers,
+                                              cfg.tasks).to(self.device)
+        if cfg.seq_len > self.raw.language.config.max_positions:
+            raise ValueError(f"--seq-len {cfg.seq_len} exceeds the {self.raw.language.config.max_positions} positions "
+                             f"of {self.lang_dir}")
+        self.dataset = prepare_data(cfg, self.rank, self.lang_dir, clip_dir)
+        per_epoch = self.steps_per_epoch = len(self.dataset) // cfg.global_batch
+        if per_epoch == 0:
+            raise ValueError(f"the corpus gives {len(self.dataset)} windows, fewer than one global batch of "
+                             f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
+        total = max(1, round(cfg.schedule_epochs * per_epoch))
+        self.schedule = {"total": total, "warmup": math.ceil(cfg.warmup * total)}
+        self.stop = min(total, max(1, round(cfg.epochs * per_epoch)), cfg.max_steps or total)  # of this invocation
+        self.saves = {max(1, round(e * per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}  # step -> folder
+        self.optimizer = make_optimizer(self.raw, cfg, self.device)
+        self.autocast, self.scaler, dtype_name = autocast_setup(cfg.dtype, self.device)
+        if self.rank == 0:
+            xm.sweep_stale(self.dir)
+        self.step = self.resume() if cfg.resume else 0
+        if self.rank == 0:
+            if not cfg.resume:
+                new_run_folder(cfg, self.dir)
+            keep_log_until(self.log_path, self.step)  # a resumed run logs the steps after its checkpoint again
+            print(f"{self.dir}: {len(self.dataset)} windows, {per_epoch} steps/epoch, schedule {total} steps "
+                  f"({self.schedule['warmup']} warm-up), stop at {self.stop}"
+                  f"{f', from step {self.step}' if self.step else ''}; global batch {cfg.global_batch} = "
+                  f"{self.micro} x {cfg.global_batch // self.micro // world} accum x {world} ranks, {dtype_name} on "
+                  f"{self.device}, {xm.count_parameters(self.raw):,} parameters", flush=True)
 
+    def resume(self):
+        """Load ckpt.pt (on the CPU; weights_only: it holds tensors and plain containers) and return its step."""
+        cfg, path = self.cfg, self.ckpt_path
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no checkpoint at {path} to resume: drop --resume to start the run")
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+            raise ValueError(f"{path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
+                             f"loaded; restore it, or start a new --name") from None
+        saved = ckpt["config"]
+        changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+                   if k in RUN_DEFINING and saved.get(k) != v]
+        if changed:
+            raise ValueError(f"--resume with settings that differ from {path}: {', '.join(changed)}; use the run's "
+                             f"settings or a new --name")
+        if ckpt["schedule"] != self.schedule:
+            raise ValueError(f"{path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
+                             f"{self.schedule['total']}: resume with the cache it was built from, or start a new "
+                             f"--name")
+        if saved["lr"] != cfg.lr:
+            print(f"note: the peak learning rate changes from {saved['lr']:g} to {cfg.lr:g} at step {ckpt['step']}")
+        self.raw.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        return ckpt["step"]
 
-def start(cfg):
-    """Distributed set-up, checkpoints, data, model and optimizer; resume from ckpt.pt or start a new run folder."""
-    rank, world, device = setup_distributed(cfg)
-    micro = micro_batch_size(cfg, world, device)
-    lang_dir, clip_dir = checkpoints(cfg)
-    dataset = prepare_data(cfg, rank, lang_dir, clip_dir)
-    per_epoch = len(dataset) // cfg.global_batch
-    if per_epoch == 0:
-        raise ValueError(f"the corpus gives {len(dataset)} windows, fewer than one global batch of "
-                         f"{cfg.global_batch}: pass a smaller --global-batch or a larger --corpus")
-    total = max(1, round(cfg.schedule_epochs * per_epoch))
-    torch.manual_seed(cfg.seed)  # the same fresh cross-modal layers and heads on every rank and every run
-    raw = xm.load_crossmodal_from_hf(lang_dir, None if cfg.no_clip else clip_dir, cfg.xlayers, cfg.tasks).to(device)
-    ctx, scaler, dtype_name = autocast_setup(cfg.dtype, device)
-    run = Run(cfg, rank, device, os.path.join(cfg.out, run_name(cfg)), lang_dir, dataset, micro, per_epoch,
-              {"total": total, "warmup": math.ceil(cfg.warmup * total)},
-              min(total, max(1, round(cfg.epochs * per_epoch)), cfg.max_steps or total),
-              {max(1, round(e * per_epoch)): f"xdbert-epoch{e:g}" for e in cfg.save_epochs}, raw,
-              make_optimizer(raw, cfg, device), ctx, scaler)
-    if rank == 0:
-        xm.sweep_stale(run.dir)
-    if cfg.resume:
-        run.step = resume(run)
-    if rank == 0:
-        if cfg.resume:
-            keep_log_until(os.path.join(run.dir, "log.jsonl"), run.step)
-        else:
-            new_run_folder(cfg, run.dir)
-        print(f"{run.dir}: {len(dataset)} windows, {per_epoch} steps/epoch, schedule {total} steps "
-              f"({run.schedule['warmup']} warm-up), stop at {run.stop}{f', from step {run.step}' if run.step else ''}"
-              f"; global batch {cfg.global_batch} = {micro} x {cfg.global_batch // micro // world} accum x {world} "
-              f"ranks, {dtype_name} on {device}, {xm.count_parameters(raw):,} parameters", flush=True)
-    return run
+    def snapshot(self, step):
+        """ckpt.pt's content at `step`, copied to the CPU (training moves on while a thread writes it)."""
+        def to_cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().to("cpu", copy=True)
+            if isinstance(obj, dict):
+                return {k: to_cpu(v) for k, v in obj.items()}
+            return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
+        cuda = torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []
+        return to_cpu({"model": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                       "scaler": self.scaler.state_dict(), "step": step, "config": asdict(self.cfg),
+                       "schedule": self.schedule, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}})
+
+    def save(self, name):
+        """runs/<run>/<name>/: the adapted encoder in the hub layout with its tokenizer files (and crossmodal.pt
+        beside the final one)."""
+        with xm.atomic_dir(os.path.join(self.dir, name)) as tmp:
+            xm.save_hf(self.raw.language, tmp)
+            for file in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(self.lang_dir, file)):
+                    shutil.copyfile(os.path.join(self.lang_dir, file), os.path.join(tmp, file))
+        if not self.cfg.no_clip and name == "xdbert":
+            xm.save_crossmodal(self.raw, os.path.join(self.dir, "crossmodal.pt"))
+
+    def log(self, step, lr, means, grad_norm, dt, clip_real):
+        """One log.jsonl record and printed line: LOGGED's means over the steps since the last record, the last
+        step's gradient norm, speed, MFU over all positions and over real CLIP tokens."""
+        cfg, m, peak = self.cfg, self.raw, device_peak(self.cfg, self.device)
+        rates = flop_rates(m, cfg, self.dataset.clip_width, dt, clip_real / cfg.global_batch)
+        record = {"step": step, "epoch": step / self.steps_per_epoch, "lr": lr,
+                  **{k: v for k, v in zip(LOGGED, means) if k.removesuffix("_acc") in ("loss", *m.tasks)},
+                  "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
+                  "mfu": peak and rates[0] / peak}
+        mfu = [f"MFU {100 * record['mfu']:.1f}%"] if peak else []
+        if peak and m.clip is not None:
+            record["mfu_real"] = rates[1] / peak
+            mfu = [f"{mfu[0]} ({100 * record['mfu_real']:.1f}% of real tokens)"]
+        eta = round(dt * (self.stop - step))
+        print(" | ".join([f"step {step}/{self.stop} ({100 * step / self.stop:.0f}%)", f"lr {lr:.2e}",
+                          *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record), f"{dt:.2f} s/step",
+                          f"{record['tokens_per_s']:,.0f} tok/s", *mfu,
+                          f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"]), flush=True)
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def new_run_folder(cfg, run_dir):
@@ -380,63 +403,25 @@ def new_run_folder(cfg, run_dir):
         raise ValueError(f"{run_dir} already holds a run ({', '.join(found)}): continue it with --resume, start "
                          f"another with --name NEW, or replace it with --overwrite")
     os.makedirs(run_dir, exist_ok=True)
-    keep_log_until(os.path.join(run_dir, "log.jsonl"), 0)
 
 
-def resume(run):
-    """Load ckpt.pt (on the CPU; weights_only: it holds tensors and plain containers) and return its step."""
-    cfg, path = run.cfg, run.ckpt_path
+def keep_log_until(path, step):
+    """Drop from log.jsonl the records after `step` (a resumed run logs them again) and a torn last line (a kill
+    mid-write), with a note."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path} to resume: drop --resume to start the run")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{path} is not a checkpoint adapt.py wrote ({str(e).splitlines()[0]}): it was not "
-                         f"loaded; restore it, or start a new --name") from None
-    saved = ckpt["config"]
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-               if k in RUN_DEFINING and saved.get(k) != v]
-    if changed:
-        raise ValueError(f"--resume with settings that differ from {path}: {', '.join(changed)}; use the run's "
-                         f"settings or a new --name")
-    if ckpt["schedule"] != run.schedule:
-        raise ValueError(f"{path} was a schedule of {ckpt['schedule']['total']} steps, the corpus now gives "
-                         f"{run.schedule['total']}: resume with the cache it was built from, or start a new --name")
-    if saved["lr"] != cfg.lr:
-        print(f"note: the peak learning rate changes from {saved['lr']:g} to {cfg.lr:g} at step {ckpt['step']}")
-    run.raw.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    torch.set_rng_state(ckpt["rng"]["cpu"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    return ckpt["step"]
-
-
-def snapshot(run, step):
-    """ckpt.pt's content at `step`, copied to the CPU (training moves on while a thread writes it)."""
-    def to_cpu(obj):
-        if isinstance(obj, torch.Tensor):
-            return obj.detach().to("cpu", copy=True)
-        if isinstance(obj, dict):
-            return {k: to_cpu(v) for k, v in obj.items()}
-        return type(obj)(map(to_cpu, obj)) if isinstance(obj, (list, tuple)) else obj
-    cuda = torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []
-    return to_cpu({"model": run.raw.state_dict(), "optimizer": run.optimizer.state_dict(),
-                   "scaler": run.scaler.state_dict(), "step": step, "config": asdict(run.cfg),
-                   "schedule": run.schedule, "rng": {"cpu": torch.get_rng_state(), "cuda": cuda}})
-
-
-def save_outputs(run, name):
-    """runs/<run>/<name>/: the adapted encoder in the hub layout with its tokenizer files; crossmodal.pt beside the
-    final one."""
-    with xm.atomic_dir(os.path.join(run.dir, name)) as tmp:
-        xm.save_hf(run.raw.language, tmp)
-        for file in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(run.lang_dir, file)):
-                shutil.copyfile(os.path.join(run.lang_dir, file), os.path.join(tmp, file))
-    if not run.cfg.no_clip and name == "xdbert":
-        xm.save_crossmodal(run.raw, os.path.join(run.dir, "crossmodal.pt"))
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for n, line in enumerate(lines, start=1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n < len(lines):
+                raise ValueError(f"{path}:{n} is not a JSON line: repair or delete that line, then --resume") from None
+            print(f"note: dropping the torn last line of {path}")
+    with xm.atomic_file(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records if r["step"] <= step)
 
 
 def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
@@ -453,9 +438,8 @@ def load_step(dataset, cfg, step, steps_per_epoch, micro, rank, world, pin):
 
 
 def prefetched(load, steps, background):
-    """load(s) for s in steps. background (on CUDA): the next one is built in a thread while the caller trains on
-    this one; on a CPU that thread would take a core from the step's own threads (a toy step on 2 cores: 0.10 s with
-    it, 0.06 s without), so the batches are built in turn."""
+    """load(s) for s in steps; with background (on CUDA) the next one is built in a thread while the caller trains on
+    this one (on a CPU that thread would take a core from the step's own threads: README, "adapt.py")."""
     if not background:
         yield from map(load, steps)
         return
@@ -501,91 +485,45 @@ def first_non_finite(pending, first_step):
     bad = next((i for i, m in enumerate(means) if not math.isfinite(m[0])), None)
     return means, None if bad is None else first_step + bad
 
-# ----------------------------------------------------------------------------- the run
-
 
 def train(cfg: AdaptConfig):
-    run = start(cfg)
+    run = Run(cfg)
     model, master = wrap(run.raw, cfg, run.device), run.rank == 0
     load = functools.partial(load_step, run.dataset, cfg, steps_per_epoch=run.steps_per_epoch, micro=run.micro,
                              rank=run.rank, world=world_size(), pin=run.device.type == "cuda")
-    writer, written, pending, clip_real, t_log = ThreadPoolExecutor(1), None, [], 0, time.time()
+    pending, clip_real, t_log = [], 0, time.time()
     model.train()
     steps = prefetched(load, range(run.step, run.stop), background=run.device.type == "cuda")
-    for step, batches in enumerate(steps, start=run.step + 1):
-        lr = cfg.lr * xm.linear_warmup_decay(step - 1, run.schedule["total"], cfg.warmup)  # App. C.1
-        for group in run.optimizer.param_groups:
-            group["lr"] = lr
-        clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
-        pending.append(train_step(model, run.optimizer, run.scaler, run.autocast, batches, cfg.clip_grad, run.device))
-        checkpoint = step == run.stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
-        if not (step % cfg.log_every == 0 or checkpoint or step in run.saves):
-            continue
-        means, bad = first_non_finite(pending, step - len(pending) + 1)
-        if bad is not None:
-            raise FloatingPointError(f"the loss is not finite at step {bad}: {run.ckpt_path} holds the last step "
-                                     f"with a finite loss; lower --lr and --resume")
-        dt, t_log = (time.time() - t_log) / len(pending), time.time()
-        if master:
-            log(run, step, lr, [sum(c) / len(c) for c in zip(*means)], float(pending[-1][1]), dt,
-                clip_real / len(pending) * world_size())
-        pending, clip_real = [], 0
-        if master and step in run.saves:
-            save_outputs(run, run.saves[step])
-        if master and checkpoint:
-            if written:
+    with ThreadPoolExecutor(1) as writer:  # writes ckpt.pt from a CPU copy while training goes on
+        written = writer.submit(lambda: None)
+        for step, batches in enumerate(steps, start=run.step + 1):
+            lr = cfg.lr * xm.linear_warmup_decay(step - 1, run.schedule["total"], cfg.warmup)  # App. C.1
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            clip_real += sum(int(b["clip_mask"].sum()) for _, b in batches if "clip_mask" in b)
+            pending.append(train_step(model, run.optimizer, run.scaler, run.autocast, batches, cfg.clip_grad,
+                                      run.device))
+            checkpoint = step == run.stop or (cfg.ckpt_every and step % cfg.ckpt_every == 0)
+            if not (step % cfg.log_every == 0 or checkpoint or step in run.saves):
+                continue
+            means, bad = first_non_finite(pending, step - len(pending) + 1)
+            if bad is not None:
+                raise FloatingPointError(f"the loss is not finite at step {bad}: {run.ckpt_path} holds the last "
+                                         f"step with a finite loss; lower --lr and --resume")
+            dt, t_log = (time.time() - t_log) / len(pending), time.time()
+            if master:
+                run.log(step, lr, [sum(c) / len(c) for c in zip(*means)], float(pending[-1][1]), dt,
+                        clip_real / len(pending) * world_size())
+            pending, clip_real = [], 0
+            if master and step in run.saves:
+                run.save(run.saves[step])
+            if master and checkpoint:
                 written.result()
-            written = writer.submit(xm.atomic_save, snapshot(run, step), run.ckpt_path)
-    if written:
+                written = writer.submit(xm.atomic_save, run.snapshot(step), run.ckpt_path)
         written.result()
-    writer.shutdown()
     if master:
-        save_outputs(run, "xdbert")
+        run.save("xdbert")
         print(f"wrote {run.dir}/xdbert" + ("" if cfg.no_clip else f" and {run.dir}/crossmodal.pt"), flush=True)
-
-
-def keep_log_until(path, step):
-    """A resumed run logs again the steps after its checkpoint: drop them from log.jsonl first. A torn last line
-    (a kill mid-write) is dropped with a note."""
-    if not os.path.isfile(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for n, line in enumerate(lines, start=1):
-        try:
-            records.append((json.loads(line), line))
-        except json.JSONDecodeError:
-            if n < len(lines):
-                raise ValueError(f"{path}:{n} is not a JSON line: repair or delete that line, then --resume") from None
-            print(f"note: dropping the torn last line of {path}")
-    with xm.atomic_file(path, "w") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n" for r, line in records if r["step"] <= step)
-
-
-def log(run, step, lr, means, grad_norm, dt, clip_real):
-    """One log.jsonl record and printed line: LOGGED's means over the steps since the last record, the last step's
-    gradient norm, speed, MFU over all positions and over real tokens."""
-    cfg, m, width = run.cfg, run.raw, run.dataset.clip_width
-    peak = cfg.peak_flops or (peak_flops(torch.cuda.get_device_name(run.device)) if run.device.type == "cuda" else None)
-    per_flop = cfg.global_batch / dt / world_size() / peak if peak else None
-    record = {"step": step, "epoch": step / run.steps_per_epoch, "lr": lr,
-              **{k: v for k, v in zip(LOGGED, means) if k in ("loss", *m.tasks) or k == "match_acc" and "match" in
-                 m.tasks}, "grad_norm": grad_norm, "step_s": dt, "tokens_per_s": cfg.global_batch * cfg.seq_len / dt,
-              "mfu": per_flop and flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, clip_width=width) * per_flop}
-    if per_flop and m.clip is not None:  # over the real CLIP tokens per sequence of the steps since the last log
-        real = clip_real / cfg.global_batch
-        record["mfu_real"] = flops_per_sequence(m, cfg.seq_len, cfg.clip_blocks, real, width) * per_flop
-    mfu = [f"MFU {100 * record['mfu']:.1f}%"] if record["mfu"] else []
-    if "mfu_real" in record:
-        mfu = [f"{mfu[0]} ({100 * record['mfu_real']:.1f}% of real tokens)"]
-    eta = round(dt * (run.stop - step))
-    print(" | ".join([f"step {step}/{run.stop} ({100 * step / run.stop:.0f}%)", f"lr {lr:.2e}",
-                      *(f"{k} {record[k]:.4f}" for k in LOGGED if k in record), f"{dt:.2f} s/step",
-                      f"{record['tokens_per_s']:,.0f} tok/s", *mfu,
-                      f"eta {eta // 3600}h{eta % 3600 // 60:02d}m{eta % 60:02d}s"]), flush=True)
-    with open(os.path.join(run.dir, "log.jsonl"), "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def plot(run_dirs, out=None):
@@ -597,14 +535,13 @@ def plot(run_dirs, out=None):
             raise FileNotFoundError(f"no log at {path}: give the folders of adapt.py runs (runs/<run>)")
         with open(path, encoding="utf-8") as f:
             logs[os.path.basename(os.path.normpath(run))] = [json.loads(line) for line in f if line.strip()]
-    out = out or run_dirs[0]
     for key, title in (("loss", "adaptation loss (MLM + MATCH + CLIPTC, Sec. 2.3)"), ("match_acc", "MATCH accuracy")):
         series = {run: [(r["epoch"], r[key]) for r in records if key in r] for run, records in logs.items()}
-        series = {run: points for run, points in series.items() if points}
-        if series:
-            with xm.atomic_file(os.path.join(out, f"{key}.svg"), "w") as f:
-                f.write(data.svg_lines(series, title, "epoch", key))
-            print(f"wrote {os.path.join(out, key + '.svg')}")
+        if any(series.values()):
+            path = os.path.join(out or run_dirs[0], f"{key}.svg")
+            with xm.atomic_file(path, "w") as f:
+                f.write(data.svg_lines({run: s for run, s in series.items() if s}, title, "epoch", key))
+            print(f"wrote {path}")
 
 
 def main(argv=None):

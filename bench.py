@@ -1,18 +1,6 @@
-"""Benchmarks: commands that print measured figures, each a median over timed steps after untimed warm-up ones.
-
-    python bench.py adapt [adapt.py's flags, e.g. --micro-batch 32 --global-batch 32 --compile --dtype bfloat16]
-    python bench.py cache --mb 50 [--bert DIR --clip DIR]   # data.build_cache on a generated WikiText-style corpus
-    python bench.py gpu [--out FILE]        # the GPU check that `bash .ci/gpu` runs (toy sizes without CUDA)
-    python bench.py finetune [--presets bert-toy bert-base] [--batch-size 32] [--max-len 128] [--device cuda]
-
-adapt: optimizer steps of adapt.train_step with random weights of model.PRESETS (nothing downloaded) on batches
-from data.AdaptationData over a synthetic cache (synthetic_cache: realistic CLIP padding, so CLIP-T skips the
-blocks a window leaves empty); prints step time, tokens/s, TFLOP/s and MFU over all positions and over real tokens.
-gpu: the CUDA tests of test_all.py, the adaptation benchmark (micro-batch 8 and the automatic choice, eager and
-compiled) with the minutes one WikiText-103 epoch would take, the graph-break count and the share of a step the GPU
-is busy (torch.profiler); a JSON file and a summary table.
-finetune: finetuning examples/s (train step and eval forward) of a classifier on random weights, fp32 and on CUDA
-bf16.
+"""Benchmarks: each prints measured figures, a median over timed steps after untimed warm-up ones (README, "Measured
+figures"): `python bench.py adapt [adapt.py's flags]`, `cache --mb 50`, `finetune`, `model`, and `gpu`, the check
+that `bash .ci/gpu` runs (toy sizes without CUDA). Models have random weights (model.PRESETS): nothing downloaded.
 """
 import argparse
 import itertools
@@ -38,10 +26,12 @@ CLIP_TOKENS_PER_WINDOW = 480  # CLIP BPE tokens per 510 WordPieces of English pr
                               # vocabularies: 427 on Python's documentation, 509 on the paper's own text
 EPOCH_WINDOWS = 800 * 300     # App. C.1: about 800 steps of about 300 windows per WikiText-103 epoch
 RTE_TRAIN, RTE_DEV = 2490, 277  # GLUE RTE's train and dev examples
+WIKITEXT_TRAIN_MB = 546.5  # WikiText-103's raw train split (Merity et al. 2017)
 
 
-def median_seconds(step, steps, warmup=2, sync=lambda: None):
-    """Median wall time of `steps` calls of step() after `warmup` untimed ones."""
+def median_seconds(step, steps, warmup=2, device="cpu"):
+    """Median wall time of `steps` calls of step() after `warmup` untimed ones (waiting for a CUDA device's work)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     times = []
     for i in range(warmup + steps):
         sync()
@@ -51,27 +41,6 @@ def median_seconds(step, steps, warmup=2, sync=lambda: None):
         if i >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def synthetic_cache(folder, windows, seq_len, n_blocks, lang_vocab, clip_vocab, clip_tokens, seed=0):
-    """A cache in data.build_cache's layout with random ids: windows of seq_len WordPieces, each with a CLIP text of
-    about clip_tokens BPE tokens (normal, 10% spread) packed into n_blocks blocks of 77 as App. B."""
-    rng = np.random.default_rng(seed)
-    bert = rng.integers(1000, lang_vocab, (windows, seq_len))
-    bert[:, 0], bert[:, -1] = 101, 102
-    lengths = np.clip(rng.normal(clip_tokens, clip_tokens / 10, windows).astype(int), 1, n_blocks * 75)
-    packed = [data._pack_blocks(rng.integers(1, clip_vocab - 2, n), n_blocks, clip_vocab - 2, clip_vocab - 1)
-              for n in lengths]
-    os.makedirs(folder, exist_ok=True)
-    bert.astype(np.uint16).tofile(os.path.join(folder, "bert_ids"))
-    np.stack([p[0] for p in packed]).astype(np.uint16).tofile(os.path.join(folder, "clip_ids"))
-    np.stack([p[1] for p in packed]).astype(np.uint8).tofile(os.path.join(folder, "clip_lengths"))
-    special = data.SpecialIds(cls=101, sep=102, pad=0, mask=103, random_low=1000, vocab_size=lang_vocab,
-                              clip_start=clip_vocab - 2, clip_end=clip_vocab - 1)
-    with open(os.path.join(folder, "manifest.json"), "w") as f:
-        json.dump({"key": {"seq_len": seq_len, "n_blocks": n_blocks}, "windows": windows,
-                   "special_ids": asdict(special)}, f)
-    return data.AdaptationData(folder)
 
 
 def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
@@ -97,37 +66,55 @@ def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def bench_adapt(cfg, steps, profile=False):
-    """Adaptation steps of the run's shapes on random weights (one process); returns the figures as a dict."""
+def synthetic_model(cfg, device, folder, windows, seed=0):
+    """The run's model with random weights of model.PRESETS, and a cache in data.build_cache's layout in `folder`
+    with random ids: `windows` windows, each with a CLIP text of about CLIP_TOKENS_PER_WINDOW BPE tokens per 512
+    WordPieces (normal, 10% spread) packed into blocks of 77 (App. B)."""
     for name in (cfg.encoder,) + (() if cfg.no_clip else (cfg.clip,)):
         if name not in xm.PRESETS:
             raise ValueError(f"the benchmark builds models from model.PRESETS: {name!r} is not one of "
                              f"{', '.join(xm.PRESETS)}")
-    rank, world, device = adapt.setup_distributed(cfg)
     lang, clip = xm.PRESETS[cfg.encoder], None if cfg.no_clip else xm.PRESETS[cfg.clip]
     torch.manual_seed(cfg.seed)
-    raw_model = xm.CrossModalTransformer(lang, clip, cfg.xlayers, cfg.tasks).to(device)
+    m = xm.CrossModalTransformer(lang, clip, cfg.xlayers, cfg.tasks).to(device)
+    seq_len, n_blocks, lang_vocab = cfg.seq_len, cfg.clip_blocks, lang.vocab_size
+    clip_vocab = clip.vocab_size if clip else 49408  # CLIP's (a run without CLIP-T does not read these ids)
+    rng, clip_tokens = np.random.default_rng(seed), CLIP_TOKENS_PER_WINDOW * seq_len / 512
+    bert = rng.integers(1000, lang_vocab, (windows, seq_len))
+    bert[:, 0], bert[:, -1] = 101, 102
+    lengths = np.clip(rng.normal(clip_tokens, clip_tokens / 10, windows).astype(int), 1, n_blocks * 75)
+    packed = [data._pack_blocks(rng.integers(1, clip_vocab - 2, n), n_blocks, clip_vocab - 2, clip_vocab - 1)
+              for n in lengths]
+    os.makedirs(folder, exist_ok=True)
+    bert.astype(np.uint16).tofile(os.path.join(folder, "bert_ids"))
+    np.stack([p[0] for p in packed]).astype(np.uint16).tofile(os.path.join(folder, "clip_ids"))
+    np.stack([p[1] for p in packed]).astype(np.uint8).tofile(os.path.join(folder, "clip_lengths"))
+    special = data.SpecialIds(cls=101, sep=102, pad=0, mask=103, random_low=1000, vocab_size=lang_vocab,
+                              clip_start=clip_vocab - 2, clip_end=clip_vocab - 1)
+    with open(os.path.join(folder, "manifest.json"), "w") as f:
+        json.dump({"key": {"seq_len": seq_len, "n_blocks": n_blocks}, "windows": windows,
+                   "special_ids": asdict(special)}, f)
+    return m, data.AdaptationData(folder)
+
+
+def bench_adapt(cfg, steps, profile=False):
+    """Adaptation steps of the run's shapes on random weights (one process); returns the figures as a dict."""
+    rank, world, device = adapt.setup_distributed(cfg)
     micro = adapt.micro_batch_size(cfg, world, device)
-    optimizer = adapt.make_optimizer(raw_model, cfg, device)
-    ctx, scaler, dtype_name = adapt.autocast_setup(cfg.dtype, device)
-    model = adapt.wrap(raw_model, cfg, device)
-    model.train()
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = synthetic_cache(tmp, cfg.global_batch * (steps + 3), cfg.seq_len, cfg.clip_blocks, lang.vocab_size,
-                                  clip.vocab_size if clip else 49408, CLIP_TOKENS_PER_WINDOW * cfg.seq_len / 512)
+        raw_model, dataset = synthetic_model(cfg, device, tmp, cfg.global_batch * (steps + 3))
         batches = [adapt.load_step(dataset, cfg, s, steps + 3, micro, rank, world, device.type == "cuda")
                    for s in range(steps + 3)]
-    real = np.mean([int(b["clip_mask"].sum()) / len(b["clip_mask"]) for s in batches for _, b in s if clip])
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    optimizer = adapt.make_optimizer(raw_model, cfg, device)
+    ctx, scaler, dtype_name = adapt.autocast_setup(cfg.dtype, device)
+    model = adapt.wrap(raw_model, cfg, device).train()
+    clip = raw_model.clip is not None
+    real = np.mean([int(b["clip_mask"].sum()) / len(b["clip_mask"]) for s in batches for _, b in s]) if clip else None
     queue = iter(batches)
     step = lambda: adapt.train_step(model, optimizer, scaler, ctx, next(queue), cfg.clip_grad, device)
-    dt = median_seconds(step, steps, sync=sync)
-    peak = cfg.peak_flops or (adapt.peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    width = dataset.clip_width
-    flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, clip_width=width) * \
-        cfg.global_batch / dt / world
-    real_flops = adapt.flops_per_sequence(raw_model, cfg.seq_len, cfg.clip_blocks, real if clip else None, width) * \
-        cfg.global_batch / dt / world
+    dt = median_seconds(step, steps, device=device)
+    peak, width = adapt.device_peak(cfg, device), dataset.clip_width
+    flops, real_flops = adapt.flop_rates(raw_model, cfg, width, dt, real)
     out = {"model": cfg.encoder if cfg.no_clip else f"{cfg.encoder} + {cfg.clip} x{cfg.xlayers}",
            "seq_len": cfg.seq_len, "clip_blocks": cfg.clip_blocks, "micro_batch": micro,
            "global_batch": cfg.global_batch, "dtype": dtype_name, "compiled": cfg.compile, "device": str(device),
@@ -135,10 +122,11 @@ def bench_adapt(cfg, steps, profile=False):
            "mfu": flops / peak if peak else None, "mfu_real": real_flops / peak if peak else None,
            "epoch_minutes": EPOCH_WINDOWS / (cfg.global_batch / dt) / 60,
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
-    if profile:
-        out |= busy_share(lambda: step(), device) if device.type == "cuda" else {}
-    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, {dtype_name} on "
-          f"{device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, {out['tokens_per_s']:,.0f} tokens/s, "
+    if profile and device.type == "cuda":
+        out |= busy_share(step, device)
+    print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, "
+          f"{dtype_name} on {device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, "
+          f"{out['tokens_per_s']:,.0f} tokens/s, "
           f"{out['tflops']:.2f} TFLOP/s" + (f", MFU {100 * out['mfu']:.1f}% ({100 * out['mfu_real']:.1f}% of real "
                                              f"tokens)" if peak else ""), flush=True)
     return out
@@ -157,13 +145,10 @@ def busy_share(step, device):
     return {"gpu_busy_share": min(1.0, busy / wall)}
 
 
-def graph_breaks(cfg):
+def graph_breaks(cfg, device):
     """torch._dynamo.explain of one adaptation forward + backward: (graphs, graph breaks)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    m = xm.CrossModalTransformer(xm.PRESETS[cfg.encoder], xm.PRESETS[cfg.clip], cfg.xlayers).to(device)
     with tempfile.TemporaryDirectory() as tmp:
-        ds = synthetic_cache(tmp, 4, cfg.seq_len, cfg.clip_blocks, m.language.config.vocab_size,
-                             m.clip.config.vocab_size, CLIP_TOKENS_PER_WINDOW * cfg.seq_len / 512)
+        m, ds = synthetic_model(cfg, device, tmp, 4)
         batch = {k: v.to(device) for k, v in ds.batch(range(4), 0, 0).items()}
     explained = torch._dynamo.explain(lambda b: m(**b)["loss"])(batch)
     return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
@@ -177,17 +162,15 @@ def gpu_check(out_path):
     tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "test_all.py", "-k", "test_cuda_"],
                            capture_output=True, text=True, cwd=os.path.dirname(os.path.abspath(__file__)))
     report["cuda_tests"] = tests.stdout.strip().splitlines()[-1] if tests.stdout.strip() else tests.stderr[-500:]
-    base = adapt.parse_args([] if cuda else ["--toy", "--global-batch", "16"])
-    runs = [replace(base, micro_batch=8, global_batch=8)] + [replace(base, micro_batch=None, compile=c)
-                                                              for c in (False, True)]
+    base, device = adapt.parse_args([] if cuda else ["--toy", "--global-batch", "16"]), "cuda" if cuda else "cpu"
     report["adapt"] = []
-    for cfg in runs:
-        cfg = replace(cfg, global_batch=cfg.micro_batch or adapt.micro_batch_size(
-            cfg, 1, torch.device("cuda" if cuda else "cpu")))
+    for micro, compiled in ((8, False), (None, False), (None, True)):  # one micro-batch of 8; the automatic size
+        cfg = replace(base, micro_batch=micro, compile=compiled)
+        cfg = replace(cfg, global_batch=micro or adapt.micro_batch_size(cfg, 1, torch.device(device)))
         report["adapt"].append(bench_adapt(cfg, steps=5, profile=True))
-        torch.cuda.empty_cache() if cuda else None
-    report |= graph_breaks(base)
-    report["finetune"] = bench_finetune(["bert-base" if cuda else "bert-toy"], 32, 128, 5, "cuda" if cuda else "cpu")
+        torch.cuda.empty_cache()
+    report |= graph_breaks(base, device)
+    report["finetune"] = bench_finetune(["bert-base" if cuda else "bert-toy"], 32, 128, 5, device)
     for f in report["finetune"]:  # App. C.2's RTE: 3 epochs, 9 seeds, full-length (128) batches: an upper bound
         seconds = RTE_TRAIN / f["train_examples_per_s"] + RTE_DEV / f["eval_examples_per_s"]
         f["rte_9_seeds_minutes"] = 9 * 3 * seconds / 60
@@ -205,12 +188,6 @@ def gpu_check(out_path):
         print(f"finetune {f['preset']} {f['dtype']}: {f['train_examples_per_s']:,.0f} train / "
               f"{f['eval_examples_per_s']:,.0f} eval examples/s; RTE's 9 seeds in {f['rte_9_seeds_minutes']:.1f} min")
     print(f"graphs {report['graphs']}, graph breaks {report['graph_breaks']}; written {out_path}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The adaptation cache build: python bench.py cache --mb 50 [--data DIR] [--bert NAME|DIR] [--clip NAME|DIR]
-
-WIKITEXT_TRAIN_MB = 546.5  # WikiText-103's raw train split (Merity et al. 2017)
 
 
 def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
@@ -258,16 +235,12 @@ def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
           f"{100 * out['clip_truncated_fraction']:.2f}% truncated in {out['clip_blocks']} CLIP blocks")
     return out
 
-# ---------------------------------------------------------------------------------------------- finetuning
 
 def bench_finetune(presets, batch_size, seq_len, steps, device):
-    """Finetuning examples/s of a classifier (finetune.Finetuner) on random weights of model.PRESETS and random
-    full-length inputs: forward + backward + AdamW step, and the eval forward; fp32 and, on CUDA, bf16 (finetune.py's
-    default there). Returns the figures as a list of dicts."""
+    """Finetuning examples/s of a classifier (finetune.Finetuner) on random full-length inputs: forward + backward +
+    AdamW step, and the eval forward; fp32 and, on CUDA, bf16 (finetune.py's default there) -> a list of dicts."""
     device = torch.device(device)
-    dtypes, sync = ("fp32",), lambda: None
-    if device.type == "cuda":
-        dtypes, sync = ("fp32", "bf16"), torch.cuda.synchronize
+    dtypes = ("fp32", "bf16") if device.type == "cuda" else ("fp32",)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {device}, {' and '.join(dtypes)}"
           f"{'' if device.type == 'cuda' else ' only (bf16 is measured on CUDA)'}, batch {batch_size} x {seq_len} "
           f"tokens, median of {steps} steps after 1 warm-up")
@@ -295,15 +268,13 @@ def bench_finetune(presets, batch_size, seq_len, steps, device):
             with torch.no_grad(), finetune.autocast(device, bf16):
                 net(b)
 
-        train_s, eval_s = (median_seconds(step, steps, warmup=1, sync=sync) for step in (train_step, eval_step))
+        train_s, eval_s = (median_seconds(step, steps, warmup=1, device=device) for step in (train_step, eval_step))
         figures.append({"preset": preset, "dtype": dtype, "train_examples_per_s": batch_size / train_s,
                         "eval_examples_per_s": batch_size / eval_s, "train_step_s": train_s})
         print(f"{preset:10s} {dtype} train {batch_size / train_s:8.1f} examples/s ({train_s * 1e3:.0f} ms/step), "
               f"eval {batch_size / eval_s:8.1f} examples/s", flush=True)
     return figures
 
-
-# ----------------------------------------------------------------------------- model.py against transformers
 
 def bench_model(steps, memory_of=None):
     """Forward+backward of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers' sdpa implementations
@@ -359,7 +330,6 @@ def bench_model(steps, memory_of=None):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["adapt", "cache", "finetune", "gpu", "model"])
     p.add_argument("--steps", type=int, default=3)
