@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -93,7 +93,7 @@ def synthetic_model(cfg, device, folder, windows, seed=0):
                               clip_start=clip_vocab - 2, clip_end=clip_vocab - 1)
     with open(os.path.join(folder, "manifest.json"), "w") as f:
         json.dump({"key": {"seq_len": seq_len, "n_blocks": n_blocks}, "windows": windows,
-                   "special_ids": asdict(special)}, f)
+                   "special_ids": special._asdict()}, f)
     return m, data.AdaptationData(folder)
 
 

@@ -593,7 +593,11 @@ def load_crossmodal_from_hf(lang_dir, clip_dir, xlayers=2, tasks=ADAPT_TASKS):
     """The adaptation model from a BERT / ELECTRA and a CLIP checkpoint (clip_dir None: the MLM baseline), with the
     heads that BERT's checkpoint has (PRETRAINING_HEAD_NAMES)."""
     language = from_hf(lang_dir)
+    if not isinstance(language, LanguageEncoder):
+        raise ValueError(f"{lang_dir} holds a CLIP checkpoint; the language encoder must be BERT or ELECTRA")
     clip = from_hf(clip_dir) if clip_dir is not None else None
+    if clip is not None and not isinstance(clip, CLIPTextTransformer):
+        raise ValueError(f"{clip_dir} is not a CLIP checkpoint (its config.json model_type must be clip)")
     model = CrossModalTransformer(language.config, clip.config if clip else None, xlayers, tasks)
     model.language.load_state_dict(language.state_dict())
     if clip is not None:
