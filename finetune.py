@@ -1,31 +1,18 @@
-"""Finetuning XDBERT and its baselines on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3).
-
-    python finetune.py rte --encoder bert-base              # or a path to an adapted runs/<run>/xdbert
-    python finetune.py rte --toy                            # the toy kit: seconds on 2 CPU cores
-    python finetune.py rte --encoder runs/<run>/xdbert --full-model   # App. C.3: the whole cross-modal model
-    python finetune.py sst2 --encoder clip                  # Table 1's CLIP-T row
-    python finetune.py sweep --encoders bert-base,runs/<run>/xdbert   # Table 1: every task x encoder x seed
-    python finetune.py table runs/*/results.json            # a table like the paper's Table 1
-
-The recipe is App. C.2's with Table 5's learning rates (PRESETS["paper"]); the README explains the heads, the
-reading of "learning rate decay of 0.9" (--layer-decay) and the precision. Each seed writes
-OUT/<task>-<model>-seed<k>/ (results.json, dev predictions, GLUE test predictions), <model> naming every setting that
-differs from the recipe; the median of the seeds (Sec. 3) is the run whose main metric is the median.
-"""
+"""Finetuning XDBERT and its baselines on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3): `finetune.py TASK` runs
+one task over its seeds, `finetune.py sweep` runs every cell of Table 1 and `finetune.py table` prints it. The recipe,
+heads, run names and sweep: the README's finetune.py section."""
 import argparse
 import collections
 import copy
 import csv
 import ctypes
 import datetime
-import functools
 import io
 import json
 import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -92,8 +79,7 @@ SWEEP_SETS = ("task", "encoder", "name", "seeds", "seed")  # a sweep gives each 
 def parse_args(argv, sweep=False):
     """The command line -> FinetuneConfig; for a sweep, (the jobs' shared FinetuneConfig, the sweep's settings)."""
     p = argparse.ArgumentParser(prog="finetune.py" + " sweep" * sweep, description=__doc__, allow_abbrev=False,
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy, lr 1e-3, 3 seeds")
     for f in fields(FinetuneConfig):
         if f.name != "preset" and not (sweep and f.name in SWEEP_SETS):
@@ -158,20 +144,6 @@ def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- metrics, Table 1
 
-def _vectors(labels, predictions, classes):
-    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
-    if y.size == 0:
-        raise ValueError("no examples to score: the dev set is empty")
-    if not (np.isfinite(y).all() and np.isfinite(p).all()):
-        raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
-    if classes and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
-        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
-                         "numbers: score regression outputs with pearson, spearman or rmse")
-    return (y.astype(np.int64), p.astype(np.int64)) if classes else (y, p)
-
-
 def average_ranks(x) -> np.ndarray:
     """1-based ranks, ties sharing the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
     _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
@@ -179,9 +151,18 @@ def average_ranks(x) -> np.ndarray:
 
 
 def score(metric, labels, predictions) -> float:
-    """A metric of data.Task.metrics (F1 of class 1, MCC multi-class as Gorodkin 2004, Spearman as the Pearson of
-    the average ranks); 0.0 where undefined (the README), a constant side tested before centring's rounding residue."""
-    y, p = _vectors(labels, predictions, classes=metric in ("accuracy", "f1", "mcc"))
+    """A metric of data.Task.metrics: F1 of class 1; MCC (multi-class as Gorodkin 2004), Pearson and Spearman as the
+    correlation of the centred one-hot classes, values or average ranks; 0.0 where a side is constant."""
+    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
+    if y.size == 0:
+        raise ValueError("no examples to score: the dev set is empty")
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
+        raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
+    if metric in ("accuracy", "f1", "mcc") and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
+        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
+                         "numbers: score regression outputs with pearson, spearman or rmse")
     if metric == "accuracy":
         return float(np.mean(y == p))
     if metric == "rmse":
@@ -191,18 +172,16 @@ def score(metric, labels, predictions) -> float:
         return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
     if metric == "mcc":
         classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
-        confusion = np.zeros((len(classes), len(classes)))
-        np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
-        t, q, n = confusion.sum(1), confusion.sum(0), y.size  # true and predicted class counts
-        cov_yp, cov_yy, cov_pp = np.trace(confusion) * n - t @ q, n * n - t @ t, n * n - q @ q
-        return float(cov_yp / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-    if metric not in ("pearson", "spearman"):
+        y, p = np.eye(len(classes))[codes[:y.size]], np.eye(len(classes))[codes[y.size:]]  # (n, classes)
+    elif metric == "spearman":
+        y, p = average_ranks(y), average_ranks(p)
+    elif metric != "pearson":
         raise ValueError(f"unknown metric {metric!r}: choose accuracy, f1, mcc, pearson, spearman or rmse")
-    y, p = (average_ranks(y), average_ranks(p)) if metric == "spearman" else (y, p)
-    if np.ptp(y) == 0 or np.ptp(p) == 0:
+    y, p = y.reshape(y.shape[0], -1), p.reshape(p.shape[0], -1)
+    if not (np.ptp(y, axis=0).any() and np.ptp(p, axis=0).any()):  # tested before centring leaves rounding residue
         return 0.0
-    y, p = y - y.mean(), p - p.mean()
-    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
+    y, p = y - y.mean(axis=0), p - p.mean(axis=0)
+    return float(np.clip(np.sum(y * p) / math.sqrt(np.sum(y * y) * np.sum(p * p)), -1.0, 1.0))
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -263,13 +242,13 @@ def table(results) -> tuple[str, str]:
         out = {}
         for t, runs in row.items():
             mid, main = median_run(runs), runs[0]["main_metric"]
-            lo, hi = (shown(main, f(r["metrics"][main] for r in runs)) for f in (min, max))
-            spread = f" [{lo}, {hi}]" if len(runs) > 1 else ""
+            values = {k: [r["metrics"][k] for r in runs] for k in mid["metrics"]}
+            spread = f" [{shown(main, min(values[main]))}, {shown(main, max(values[main]))}]" * (len(runs) > 1)
             out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
-            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
-                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(values[k]), max(values[k])) for k, v in
+                     mid["metrics"].items()]
         if set(TABLE1_GLUE) <= set(row):
-            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
+            average = float(np.mean([np.mean(list(median_run(row[t])["metrics"].values())) for t in TABLE1_GLUE]))
             out["GLUE"] = f"{100 * average:.2f}"
             rows.append((name, "GLUE", "", "", "average", average, "", ""))
         lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
@@ -282,9 +261,8 @@ def glue_submission(results, path):
     """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
     names = []
     with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-        for task in GLUE:
-            runs = [r for r in results if r["task"] == task]
-            for tsv in median_run(runs).get("test_predictions", []) if runs else []:
+        for runs in filter(None, ([r for r in results if r["task"] == task] for task in GLUE)):
+            for tsv in median_run(runs).get("test_predictions", []):
                 names.append(os.path.basename(tsv))
                 z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
     return names
@@ -315,13 +293,10 @@ class Finetuner(nn.Module):
     def __init__(self, backbone, kind, num_labels, dropout=0.1, sentences=1):
         super().__init__()
         self.backbone, self.kind, electra = backbone, kind, False
-        if isinstance(backbone, model.CrossModalTransformer):
+        if isinstance(backbone, model.CrossModalTransformer):  # App. C.3: the [CLS] pooler MATCH trained, else fresh
             dim = backbone.language.config.hidden_size
-            if "match" in backbone.tasks:
-                self.pooler = backbone.match_pooler  # App. C.3: the cross-modal [CLS] pooler MATCH trained
-            else:
-                self.pooler = model.Pooler(dim)  # adapted without MATCH: a fresh pooler
-                self.pooler.apply(model.init_weights)
+            self.pooler = backbone.match_pooler if "match" in backbone.tasks else model.Pooler(dim).apply(
+                model.init_weights)
         elif isinstance(backbone, model.CLIPTextTransformer):
             dim = backbone.config.projection_dim * sentences
         else:
@@ -375,9 +350,7 @@ def param_groups(net: Finetuner, lr, layer_decay=None):
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if layer_decay is None:
         return [{"params": [p for _, p in params], "lr": lr}]
-    bb = net.backbone
-    cross = isinstance(bb, model.CrossModalTransformer)
-    L, X = (bb.language.config.num_layers, len(bb.xlayers)) if cross else (bb.config.num_layers, 0)
+    L, X = getattr(net.backbone, "language", net.backbone).config.num_layers, len(getattr(net.backbone, "xlayers", ()))
     groups = collections.defaultdict(list)
     for name, p in params:
         groups[layer_depth(name, L, X)].append(p)
@@ -401,15 +374,11 @@ def autocast(device, bf16):
 def trimmed(batch, device):
     """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T); decided
     on the CPU batch, copied to a GPU from pinned memory without waiting."""
-    out, device = {}, torch.device(device)
-    T = int(batch["attention_mask"].sum(-1).max()) if "attention_mask" in batch else None
-    C = int(batch["clip_mask"].sum(-1).max()) if "clip_mask" in batch else None
-    for k, v in batch.items():
-        if k in ("input_ids", "attention_mask", "token_type_ids"):
-            v = v[..., :T]
-        elif k in ("clip_ids", "clip_mask"):
-            v = v[..., :max(C, 1)]
-        out[k] = v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
+    ends = {m: max(1, int(batch[m].sum(-1).max())) for m in ("attention_mask", "clip_mask") if m in batch}
+    out = {k: v if k == "labels" else v[..., :ends["clip_mask" if k.startswith("clip_") else "attention_mask"]]
+           for k, v in batch.items()}
+    if torch.device(device).type == "cuda":
+        out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     return out
 
 
@@ -430,47 +399,41 @@ def predict(net, tensors, cfg, batch_size=128):
     return (out.float() if net.kind == "regression" else out.argmax(-1)).cpu().numpy()
 
 
-def check_finite(losses, first_step):
-    """FloatingPointError naming the first optimizer step (counted from 1) of `losses` whose loss is NaN or inf;
-    one host sync for the whole window of steps."""
-    bad = torch.nonzero(~torch.isfinite(torch.stack(losses)))
-    if len(bad):
-        raise FloatingPointError(f"the training loss became {float(losses[int(bad[0])])} at step "
-                                 f"{first_step + int(bad[0])}: finetune again with a lower --lr")
-
-
 def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
     """Finetune `net` (App. C.2; cfg settled), scoring every dev split ({metric suffix: tensors}) after each epoch;
     the loss stays on the device, checked every CHECK_EVERY steps. Returns (per-epoch records, training seconds)."""
     net.to(cfg.device)
     n, bf16, micro = len(train_set["labels"]), cfg.dtype == "bf16", math.ceil(cfg.batch_size / cfg.grad_accum)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(n / cfg.batch_size)  # per epoch
     optimizer = adamw(param_groups(net, cfg.lr, cfg.layer_decay), cfg.device, cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        model.linear_warmup_decay, total=steps_per_epoch * cfg.epochs, warmup_fraction=cfg.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: model.linear_warmup_decay(step, steps * cfg.epochs, cfg.warmup))
     order, params = torch.Generator().manual_seed(seed), [p for p in net.parameters() if p.requires_grad]
     history, seconds = [], 0.0
     for epoch in range(1, cfg.epochs + 1):
         net.train()
-        start, losses, checked = time.perf_counter(), [], 0  # losses: one 0-d device tensor per step
+        start, losses = time.perf_counter(), []  # one 0-d device tensor per step
         permutation = torch.randperm(n, generator=order)
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             rows = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            step_loss = 0.0
+            losses.append(0.0)
             for part in batches(train_set, rows, micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
                 b = trimmed(part, cfg.device)
                 with autocast(cfg.device, bf16):
                     loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part["labels"]) / len(rows))
                 loss.backward()
-                step_loss = step_loss + loss.detach()
+                losses[-1] = losses[-1] + loss.detach()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            if len(losses) - checked == CHECK_EVERY or step == steps_per_epoch - 1:
-                check_finite(losses[checked:], (epoch - 1) * steps_per_epoch + checked + 1)
-                checked = len(losses)
+            if (step + 1) % CHECK_EVERY == 0 or step == steps - 1:  # one host sync per window of steps
+                window = step // CHECK_EVERY * CHECK_EVERY
+                bad = torch.nonzero(~torch.isfinite(torch.stack(losses[window:])))
+                if len(bad):
+                    i = window + int(bad[0])
+                    raise FloatingPointError(f"the training loss became {float(losses[i])} at step "
+                                             f"{(epoch - 1) * steps + i + 1}: finetune again with a lower --lr")
         seconds += time.perf_counter() - start
         record = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": {},
                   "predictions": {}}
@@ -487,30 +450,30 @@ def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
 # ---------------------------------------------------------------------------------------------------- one command
 
 def load_backbone(cfg: FinetuneConfig):
-    """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder / --full-model."""
-    if cfg.full_model:
-        run = cfg.encoder.rstrip("/")
-        candidates = (os.path.join(run, "crossmodal.pt"), os.path.join(os.path.dirname(run), "crossmodal.pt"))
-        path = next((p for p in candidates if os.path.isfile(p)), None)
-        if path is None:
-            raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
-                                    f"runs/<run>/xdbert of a run of `python adapt.py`")
-        xm = model.load_crossmodal(path)
-        if xm.clip is None:
-            raise ValueError(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
-        bert_tok = data.bert_tokenizer(os.path.join(os.path.dirname(path), "xdbert"))
-        return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(cfg.clip, cfg.data))
-    path = data.checkpoint_dir(cfg.encoder, cfg.data)
-    backbone = model.from_hf(path)
-    if isinstance(backbone, model.CLIPTextTransformer):
-        return backbone, "clip", None, data.clip_tokenizer(path)
-    return backbone, "encoder", data.bert_tokenizer(path), None
+    """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder; with --full-model the
+    cross-modal model of crossmodal.pt in or next to --encoder (App. C.3)."""
+    if not cfg.full_model:
+        path = data.checkpoint_dir(cfg.encoder, cfg.data)
+        backbone = model.from_hf(path)
+        if isinstance(backbone, model.CLIPTextTransformer):
+            return backbone, "clip", None, data.clip_tokenizer(path)
+        return backbone, "encoder", data.bert_tokenizer(path), None
+    run = cfg.encoder.rstrip("/")
+    path = next((p for p in (run, os.path.dirname(run)) if os.path.isfile(os.path.join(p, "crossmodal.pt"))), None)
+    if path is None:
+        raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
+                                f"runs/<run>/xdbert of a run of `python adapt.py`")
+    crossmodal = model.load_crossmodal(os.path.join(path, "crossmodal.pt"))
+    if crossmodal.clip is None:
+        raise ValueError(f"{os.path.join(path, 'crossmodal.pt')} is the MLM-only baseline (no CLIP-T): finetune its "
+                         f"xdbert/ without --full-model")
+    return (crossmodal, "full-model", data.bert_tokenizer(os.path.join(path, "xdbert")),
+            data.clip_tokenizer(data.checkpoint_dir(cfg.clip, cfg.data)))
 
 
 def model_size(backbone):
     """Table 5's columns: 'large' for 1024-wide encoders, else 'base' (CLIP-T counts as base)."""
-    cfg = backbone.language.config if isinstance(backbone, model.CrossModalTransformer) else backbone.config
-    return "large" if getattr(cfg, "hidden_size", 0) >= 1024 else "base"
+    return "large" if getattr(getattr(backbone, "language", backbone).config, "hidden_size", 0) >= 1024 else "base"
 
 
 def run_record(cfg: FinetuneConfig, name, seed) -> dict:
@@ -518,21 +481,22 @@ def run_record(cfg: FinetuneConfig, name, seed) -> dict:
     return {"task": cfg.task, "model": name, "seed": seed, "config": asdict(replace(cfg, seed=seed, seeds=1))}
 
 
-def same_settings(a, b) -> bool:
-    """Two results of one experiment: model, seed and the run-defining settings agree (the precision, the
-    accumulation and the device may differ)."""
-    return (a["model"] == b["model"] and a["seed"] == b["seed"]
-            and all(a.get("config", {}).get(k) == b["config"][k] for k in RUN_DEFINING))
+def differences(old, new) -> str:
+    """The model, seed and run-defining settings in which two results differ (the precision, the accumulation and
+    the device may), as 'setting old there, new here, ...'; empty for runs of one experiment."""
+    a, b = ({**r.get("config", {}), "model": r["model"], "seed": r["seed"]} for r in (old, new))
+    return ", ".join(f"{k} {a.get(k)!r} there, {b[k]!r} here" for k in ("model", "seed", *RUN_DEFINING)
+                     if a.get(k) != b[k])
+
+
+SUFFIXES = {"": "", "matched": "_m", "mismatched": "_mm", "ax": "_ax"}  # a split's metric suffix (MNLI's dev, test)
 
 
 def splits(cfg: FinetuneConfig, kind):
-    """{metric suffix: split} of the dev or test sets: MNLI's matched and mismatched (and AX); test sets only where
-    the GLUE test file is there."""
+    """{metric suffix: split} of the task's dev or test sets; test sets only where the GLUE test file is there."""
     task = data.TASKS[cfg.task]
-    names = {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} if cfg.task == "mnli" else {"": kind}
-    names |= {"_ax": "test_ax"} if cfg.task == "mnli" and kind == "test" else {}
-    return {s: split for s, split in names.items() if kind == "dev" or task.glue_dir and os.path.isfile(
-        os.path.join(cfg.data, task.folder, task.splits[split]))}
+    return {SUFFIXES[s.partition("_")[2]]: s for s in task.splits if s.partition("_")[0] == kind and (
+        kind == "dev" or task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, task.splits[s])))}
 
 
 def submission_tsv(task, ids, predictions, label_names):
@@ -545,6 +509,7 @@ def submission_tsv(task, ids, predictions, label_names):
 def write_run(run_dir, result, net, dev, test, final, cfg):
     """A finished seed's files: dev predictions (pwcca.py's grounding analysis reads them), GLUE test predictions
     under the names GLUE's server expects, then results.json (last: its presence means the run is complete)."""
+    task = data.TASKS[cfg.task]
     for suffix, (examples, tensors) in dev.items():
         lines = [{"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": y.item(), "prediction": p.item()}
                  for i, (ex, y, p) in enumerate(zip(examples, tensors["labels"].numpy(), final["predictions"][suffix]))]
@@ -553,29 +518,25 @@ def write_run(run_dir, result, net, dev, test, final, cfg):
             out.write("".join(json.dumps(line) + "\n" for line in lines))
     result["test_predictions"] = []
     for suffix, (examples, tensors) in test.items():
-        name = "AX.tsv" if suffix == "_ax" else f"{data.TASKS[cfg.task].glue_dir}{suffix.replace('_', '-')}.tsv"
+        name = "AX.tsv" if suffix == "_ax" else f"{task.glue_dir}{suffix.replace('_', '-')}.tsv"
         result["test_predictions"].append(os.path.join(run_dir, "glue_test", name))
         with model.atomic_file(result["test_predictions"][-1], "w") as out:
             out.write(submission_tsv(cfg.task, [ex.guid for ex in examples], predict(net, tensors, cfg),
-                                     data.TASKS[cfg.task].label_names))
+                                     task.label_names))
     with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
         out.write(json.dumps(result, indent=2) + "\n")
 
 
 def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
-    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run.
-    Returns the results (also written to OUT/<task>-<model>-seed<k>/results.json)."""
+    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run. Returns the
+    results (also written to OUT/<task>-<model>-seed<k>/results.json)."""
     task = data.TASKS[cfg.task]
     backbone, variant, bert_tok, clip_tok = load_backbone(cfg)
     name, cfg = run_name(cfg, variant, model_size(backbone)), settled(cfg, model_size(backbone))
     runs = {os.path.join(cfg.out, f"{cfg.task}-{name}-seed{s}"): run_record(cfg, name, s)
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
     for run_dir, record in runs.items():  # before any training
-        old = results_in(run_dir)
-        theirs = {} if old is None else old.get("config", {})
-        if old is not None and not same_settings(old, record):
-            differ = ", ".join(f"{k} {theirs.get(k)!r} there, {record['config'][k]!r} here" for k in RUN_DEFINING
-                               if theirs.get(k) != record["config"][k])
+        if (old := results_in(run_dir)) is not None and (differ := differences(old, record)):
             raise ValueError(f"{run_dir} holds a run with other settings ({differ}): give another --name or --out, "
                              f"or delete it")
 
@@ -613,7 +574,7 @@ Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
-    """Every (task, encoder, seed) of a sweep in a stable order, each the config of a one-seed `finetune.py TASK`.
+    """Every (task, encoder, seed) of a sweep in a stable order, each the config of a one-seed `finetune.py TASK`;
     seeds: a number per task, or None for the paper's (App. C.2: 9 for RTE, 5 otherwise)."""
     jobs, facts = [], {}
     for task in tasks:
@@ -634,21 +595,21 @@ def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
 
 
 def shard(jobs, i, n) -> list[Job]:
-    """--shard I/N: every N-th job of the largest-first list, from the I-th; the N shares are disjoint, cover the
-    list and get a fair part of the big jobs each. The share keeps the largest-first order."""
+    """--shard I/N: every N-th job of the largest-first list from the I-th, so the N disjoint shares covering the
+    list each get a fair part of the big jobs, largest first."""
     return sorted(jobs, key=lambda j: -j.cost)[i - 1::n]
 
 
 def finished(job):
     """The job's results when its run is complete and was made with the job's settings, else None."""
     r = results_in(os.path.join(job.cfg.out, job.name))
-    return r if r is not None and same_settings(r, job.expected) else None
+    return r if r is not None and not differences(r, job.expected) else None
 
 
 def start_job(job, gpu, threads):
     """The job as `python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads),
-    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG), so a killed
-    sweep leaves no job running; elsewhere an orphaned job finishes, writing its files atomically."""
+    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG); elsewhere an
+    orphaned job finishes, writing its files atomically."""
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
@@ -670,8 +631,8 @@ def start_job(job, gpu, threads):
 def run_sweep(jobs, workers=None, log=print) -> list[Job]:
     """Run the unfinished jobs in list order, `workers` processes at a time (default: one per visible GPU, each job
     seeing its own), a failed job once more; logs progress and an ETA. Returns the jobs that failed twice."""
-    gpus = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(gpus)).split(",") if gpus else []  # the ids to give
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    gpus = gpus.split(",") if torch.cuda.is_available() else []
     workers = workers or max(1, len(gpus))
     todo = collections.deque(j for j in jobs if not finished(j))
     log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} finished before, {len(todo)} to run on {workers} worker(s)")
@@ -713,8 +674,8 @@ def run_sweep(jobs, workers=None, log=print) -> list[Job]:
 
 
 def sweep(argv, log=print) -> list[Job]:
-    """python finetune.py sweep: Table 1 in one command (the README's finetune.py). Runs its share of the jobs, then
-    the Table 1 printer over all finished ones (OUT/table1.md, .csv) and a GLUE submission zip per model."""
+    """python finetune.py sweep: runs its share of Table 1's jobs, then prints Table 1 over all finished ones (also
+    OUT/table1.md and .csv) and writes a GLUE submission zip per model."""
     base, s = parse_args(argv, sweep=True)
     if not (s["seeds"] == "paper" or s["seeds"].isdigit() and int(s["seeds"]) > 0):
         raise ValueError(f"--seeds {s['seeds']}: give paper or a positive number")
@@ -746,8 +707,7 @@ def main(argv=None):
                 raise ValueError("usage: python finetune.py table runs/*/results.json")
             print(table([read_results(path) for path in argv[1:]])[0])
         elif argv[:1] == ["sweep"]:
-            failed = sweep(argv[1:])
-            if failed:
+            if failed := sweep(argv[1:]):
                 raise SystemExit(f"{len(failed)} job(s) failed twice (listed above); rerun the same command to "
                                  f"retry them, finished jobs are skipped")
         else:
