@@ -122,8 +122,7 @@ def to_argv(cfg: FinetuneConfig) -> list[str]:
 
 
 def settled(cfg: FinetuneConfig, size: str) -> FinetuneConfig:
-    """cfg with its defaults filled in: Table 5's rate for the task and the encoder's size ('base' or 'large'), the
-    paper's seed count, the device and the precision."""
+    """cfg with Table 5's rate for its task and size ('base' or 'large'), the paper's seed count, device, dtype."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lr = TABLE5_LR[size][cfg.task not in TABLE5_HIGH_LR] if cfg.lr is None else cfg.lr
     return replace(cfg, lr=lr, seeds=cfg.seeds or PAPER_SEEDS.get(cfg.task, 5), device=device,
@@ -131,8 +130,7 @@ def settled(cfg: FinetuneConfig, size: str) -> FinetuneConfig:
 
 
 def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
-    """The table's row: --name or the checkpoint's (the adapt.py run's for runs/<run>/xdbert; X- for the full model),
-    then each recipe setting that differs from the preset's, e.g. bert-base-lr3e-05-ep1."""
+    """--name or the encoder's run (X- for --full-model), then each recipe setting that differs: bert-base-ep1."""
     name, path = cfg.name, os.path.normpath(cfg.encoder)
     if not name:
         name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "xdbert" else path)
@@ -151,8 +149,7 @@ def average_ranks(x) -> np.ndarray:
 
 
 def score(metric, labels, predictions) -> float:
-    """A metric of data.Task.metrics: F1 of class 1; MCC (multi-class as Gorodkin 2004), Pearson and Spearman as the
-    correlation of the centred one-hot classes, values or average ranks; 0.0 where a side is constant."""
+    """A metric of data.Task.metrics; MCC (Gorodkin 2004), Pearson, Spearman as correlations, 0.0 if a side is flat."""
     y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
     if y.shape != p.shape:
         raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
@@ -185,8 +182,7 @@ def score(metric, labels, predictions) -> float:
 
 
 def median_run(runs: list[dict]) -> dict:
-    """Sec. 3's median of several seeds: the run whose main metric is the median (for an even count the worse of the
-    two middle runs), so that every metric reported comes from that one run."""
+    """Sec. 3's median of seeds: the run whose main metric is the median (of two middle runs, the worse)."""
     def quality(r):
         value = r["metrics"][r["main_metric"]]
         return -value if r["main_metric"].startswith("rmse") else value
@@ -228,8 +224,7 @@ def results_in(run_dir):
 
 
 def table(results) -> tuple[str, str]:
-    """Table 1 from results dicts as (Markdown, CSV): per model and task the median run's metrics, the range of the
-    main metric and the seed count; GLUE as the benchmark scores it (a task's metrics averaged, then the tasks)."""
+    """Table 1 as (Markdown, CSV): median run, range and seed count per cell; GLUE averaged as the benchmark does."""
     cells = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in results:
         cells[r["model"]][r["task"]].append(r)
@@ -245,8 +240,8 @@ def table(results) -> tuple[str, str]:
             values = {k: [r["metrics"][k] for r in runs] for k in mid["metrics"]}
             spread = f" [{shown(main, min(values[main]))}, {shown(main, max(values[main]))}]" * (len(runs) > 1)
             out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
-            rows += [(name, t, len(runs), mid["seed"], k, v, min(values[k]), max(values[k])) for k, v in
-                     mid["metrics"].items()]
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(values[k]), max(values[k]))
+                     for k, v in mid["metrics"].items()]
         if set(TABLE1_GLUE) <= set(row):
             average = float(np.mean([np.mean(list(median_run(row[t])["metrics"].values())) for t in TABLE1_GLUE]))
             out["GLUE"] = f"{100 * average:.2f}"
@@ -270,25 +265,8 @@ def glue_submission(results, path):
 
 # ---------------------------------------------------------------------------------------------------- model, training
 
-class Head(nn.Module):
-    """features (B, D) -> dropout -> linear -> (B, outputs); ELECTRA's convention puts dense + GELU first."""
-
-    def __init__(self, dim, outputs, dropout, electra=False):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.dense = nn.Linear(dim, dim) if electra else None
-        self.out = nn.Linear(dim, outputs)
-        self.apply(model.init_weights)
-
-    def forward(self, x):
-        if self.dense is not None:
-            x = F.gelu(self.dense(self.drop(x)))
-        return self.out(self.drop(x))
-
-
 class Finetuner(nn.Module):
-    """A backbone (LanguageEncoder, CLIPTextTransformer or CrossModalTransformer) with a task head (Sec. 2.4):
-    forward(batch) -> classification logits (B, C), regression scores (B,) or choice scores (B, 4)."""
+    """A backbone with a task head (Sec. 2.4): logits (B, C), regression scores (B,) or choice scores (B, 4)."""
 
     def __init__(self, backbone, kind, num_labels, dropout=0.1, sentences=1):
         super().__init__()
@@ -301,7 +279,12 @@ class Finetuner(nn.Module):
             dim = backbone.config.projection_dim * sentences
         else:
             dim, electra = backbone.config.hidden_size, backbone.pooler is None
-        self.head = Head(dim, num_labels if kind == "classification" else 1, dropout, electra)
+        layers = [("drop", nn.Dropout(dropout))]  # the head; ELECTRA's convention puts dense + GELU before its linear
+        if electra:
+            layers += [("dense", nn.Linear(dim, dim)), ("gelu", nn.GELU()), ("drop2", nn.Dropout(dropout))]
+        outputs = num_labels if kind == "classification" else 1
+        self.head = nn.Sequential(collections.OrderedDict(layers + [("out", nn.Linear(dim, outputs))]))
+        self.head.apply(model.init_weights)
 
     def features(self, b):
         """One (B, D) vector per input: pooled [CLS], ELECTRA's [CLS], CLIP-T's pooled blocks or cross-modal [CLS]."""
@@ -336,8 +319,7 @@ def loss_fn(kind, outputs, labels):
 
 
 def layer_depth(name, num_layers, xlayers=0):
-    """ELECTRA's depth of a Finetuner parameter (App. C.2's "decay 0.9" read as Clark et al. 2020's layer-wise
-    decay): embeddings 0, layer i i + 1, cross-modal layer j L + 1 + j, the rest (head, poolers) L + xlayers + 2."""
+    """Clark et al. 2020's layer-wise decay depth (App. C.2): embeddings 0, layer i i+1, xlayer j L+1+j, rest L+X+2."""
     m = re.match(r"backbone\.(language\.|clip\.)?(embeddings|token_embedding|positional_embedding|blocks\.(\d+)|"
                  r"xlayers\.(\d+))(\.|$)", name)
     if m is None:
@@ -372,8 +354,7 @@ def autocast(device, bf16):
 
 
 def trimmed(batch, device):
-    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T); decided
-    on the CPU batch, copied to a GPU from pinned memory without waiting."""
+    """The batch without the padding columns all its rows share, (.., 128) -> (.., T), copied to `device`."""
     ends = {m: max(1, int(batch[m].sum(-1).max())) for m in ("attention_mask", "clip_mask") if m in batch}
     out = {k: v if k == "labels" else v[..., :ends["clip_mask" if k.startswith("clip_") else "attention_mask"]]
            for k, v in batch.items()}
@@ -400,8 +381,7 @@ def predict(net, tensors, cfg, batch_size=128):
 
 
 def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
-    """Finetune `net` (App. C.2; cfg settled), scoring every dev split ({metric suffix: tensors}) after each epoch;
-    the loss stays on the device, checked every CHECK_EVERY steps. Returns (per-epoch records, training seconds)."""
+    """Finetune `net` (App. C.2; cfg settled), scoring dev_sets after each epoch -> (epoch records, seconds)."""
     net.to(cfg.device)
     n, bf16, micro = len(train_set["labels"]), cfg.dtype == "bf16", math.ceil(cfg.batch_size / cfg.grad_accum)
     steps = math.ceil(n / cfg.batch_size)  # per epoch
@@ -435,23 +415,20 @@ def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
                     raise FloatingPointError(f"the training loss became {float(losses[i])} at step "
                                              f"{(epoch - 1) * steps + i + 1}: finetune again with a lower --lr")
         seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": {},
-                  "predictions": {}}
-        for suffix, tensors in dev_sets.items():
-            record["predictions"][suffix] = p = predict(net, tensors, cfg)
-            record["metrics"] |= {m + suffix: score(m, tensors["labels"].numpy(), p)
-                                  for m in data.TASKS[cfg.task].metrics}
-        history.append(record)
+        predictions = {suffix: predict(net, tensors, cfg) for suffix, tensors in dev_sets.items()}
+        metrics = {m + s: score(m, dev_sets[s]["labels"].numpy(), p) for s, p in predictions.items()
+                   for m in data.TASKS[cfg.task].metrics}
+        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": metrics,
+                        "predictions": predictions})
         if log:
-            log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, " + format_metrics(record["metrics"]))
+            log(f"  epoch {epoch}: loss {history[-1]['train_loss']:.4f}, " + format_metrics(metrics))
     return history, seconds
 
 
 # ---------------------------------------------------------------------------------------------------- one command
 
 def load_backbone(cfg: FinetuneConfig):
-    """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder; with --full-model the
-    cross-modal model of crossmodal.pt in or next to --encoder (App. C.3)."""
+    """(backbone, variant, BERT tokenizer, CLIP tokenizer) of --encoder, or of its crossmodal.pt (App. C.3)."""
     if not cfg.full_model:
         path = data.checkpoint_dir(cfg.encoder, cfg.data)
         backbone = model.from_hf(path)
@@ -482,8 +459,7 @@ def run_record(cfg: FinetuneConfig, name, seed) -> dict:
 
 
 def differences(old, new) -> str:
-    """The model, seed and run-defining settings in which two results differ (the precision, the accumulation and
-    the device may), as 'setting old there, new here, ...'; empty for runs of one experiment."""
+    """'setting old there, new here, ...' for the model, seed and run-defining settings two results differ in."""
     a, b = ({**r.get("config", {}), "model": r["model"], "seed": r["seed"]} for r in (old, new))
     return ", ".join(f"{k} {a.get(k)!r} there, {b[k]!r} here" for k in ("model", "seed", *RUN_DEFINING)
                      if a.get(k) != b[k])
@@ -500,15 +476,13 @@ def splits(cfg: FinetuneConfig, kind):
 
 
 def submission_tsv(task, ids, predictions, label_names):
-    """A GLUE submission file: index<TAB>prediction, one row per test line with the file's own index; a float for
-    STS-B, else the label as the task's files write it (entailment / not_entailment, MNLI's three, 0/1)."""
+    """GLUE's index<TAB>prediction file: STS-B's floats, else the labels as the task's files write them."""
     values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
     return "".join(f"{i}\t{v}\n" for i, v in zip(["index", *ids], ["prediction", *values]))
 
 
 def write_run(run_dir, result, net, dev, test, final, cfg):
-    """A finished seed's files: dev predictions (pwcca.py's grounding analysis reads them), GLUE test predictions
-    under the names GLUE's server expects, then results.json (last: its presence means the run is complete)."""
+    """Dev predictions (for pwcca.py grounding), GLUE test predictions, then results.json, which marks a done run."""
     task = data.TASKS[cfg.task]
     for suffix, (examples, tensors) in dev.items():
         lines = [{"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": y.item(), "prediction": p.item()}
@@ -528,8 +502,7 @@ def write_run(run_dir, result, net, dev, test, final, cfg):
 
 
 def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
-    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run. Returns the
-    results (also written to OUT/<task>-<model>-seed<k>/results.json)."""
+    """Load and encode once, then finetune a fresh copy per seed; prints each run and the median run."""
     task = data.TASKS[cfg.task]
     backbone, variant, bert_tok, clip_tok = load_backbone(cfg)
     name, cfg = run_name(cfg, variant, model_size(backbone)), settled(cfg, model_size(backbone))
@@ -574,8 +547,7 @@ Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
-    """Every (task, encoder, seed) of a sweep in a stable order, each the config of a one-seed `finetune.py TASK`;
-    seeds: a number per task, or None for the paper's (App. C.2: 9 for RTE, 5 otherwise)."""
+    """The (task, encoder, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
     jobs, facts = [], {}
     for task in tasks:
         for encoder in encoders:
@@ -595,8 +567,7 @@ def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
 
 
 def shard(jobs, i, n) -> list[Job]:
-    """--shard I/N: every N-th job of the largest-first list from the I-th, so the N disjoint shares covering the
-    list each get a fair part of the big jobs, largest first."""
+    """--shard I/N: every N-th job of the largest-first list from the I-th (disjoint shares, each with big jobs)."""
     return sorted(jobs, key=lambda j: -j.cost)[i - 1::n]
 
 
@@ -607,9 +578,8 @@ def finished(job):
 
 
 def start_job(job, gpu, threads):
-    """The job as `python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads),
-    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG); elsewhere an
-    orphaned job finishes, writing its files atomically."""
+    """`python finetune.py TASK ...` in its own process (one GPU or `threads` threads), output to job.log; on
+    Linux it dies with the sweep (prctl PR_SET_PDEATHSIG)."""
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
@@ -629,8 +599,7 @@ def start_job(job, gpu, threads):
 
 
 def run_sweep(jobs, workers=None, log=print) -> list[Job]:
-    """Run the unfinished jobs in list order, `workers` processes at a time (default: one per visible GPU, each job
-    seeing its own), a failed job once more; logs progress and an ETA. Returns the jobs that failed twice."""
+    """Run the unfinished jobs, `workers` at a time (default: one per GPU), failed ones twice -> jobs failing twice."""
     gpus = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
     gpus = gpus.split(",") if torch.cuda.is_available() else []
     workers = workers or max(1, len(gpus))
@@ -674,8 +643,7 @@ def run_sweep(jobs, workers=None, log=print) -> list[Job]:
 
 
 def sweep(argv, log=print) -> list[Job]:
-    """python finetune.py sweep: runs its share of Table 1's jobs, then prints Table 1 over all finished ones (also
-    OUT/table1.md and .csv) and writes a GLUE submission zip per model."""
+    """python finetune.py sweep: its share of the jobs, then Table 1 (OUT/table1.md, .csv) and GLUE zips per model."""
     base, s = parse_args(argv, sweep=True)
     if not (s["seeds"] == "paper" or s["seeds"].isdigit() and int(s["seeds"]) > 0):
         raise ValueError(f"--seeds {s['seeds']}: give paper or a positive number")
