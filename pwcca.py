@@ -202,8 +202,8 @@ def grounding_analysis(base_runs, adapted_runs, counts, tokenizer, threshold):
         for run in runs:
             predictions = read_predictions(run)
             if predictions.keys() != reference.keys():
-                raise ValueError(f"{run} has predictions for other dev examples than {base_runs[0]}: use runs of one "
-                                 f"task")
+                raise ValueError(f"{run} has predictions for other dev examples than {base_runs[0]}: "
+                                 f"use runs of one task")
             right[side] += [predictions[i]["prediction"] == r["label"] for i, r in reference.items()]
     pieces = [wordpieces(tokenizer, filter(None, (r["text_a"], r.get("text_b")))) for r in reference.values()]
     ratios = np.array([grounded_ratio(sum(p, []), counts, threshold) for p in pieces])
