@@ -1,31 +1,18 @@
-"""Finetuning XDBERT and its baselines on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3).
-
-    python finetune.py rte --encoder bert-base              # or a path to an adapted runs/<run>/xdbert
-    python finetune.py rte --toy                            # the toy kit: seconds on 2 CPU cores
-    python finetune.py rte --encoder runs/<run>/xdbert --full-model   # App. C.3: the whole cross-modal model
-    python finetune.py sst2 --encoder clip                  # Table 1's CLIP-T row
-    python finetune.py sweep --encoders bert-base,runs/<run>/xdbert   # Table 1: every task x encoder x seed
-    python finetune.py table runs/*/results.json            # a table like the paper's Table 1
-
-The recipe is App. C.2's with Table 5's learning rates (PRESETS["paper"]); the README explains the heads, the
-reading of "learning rate decay of 0.9" (--layer-decay) and the precision. Each seed writes
-OUT/<task>-<model>-seed<k>/ (results.json, dev predictions, GLUE test predictions), <model> naming every setting that
-differs from the recipe; the median of the seeds (Sec. 3) is the run whose main metric is the median.
-"""
+"""Finetuning XDBERT and its baselines on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3): `finetune.py TASK` runs
+one task over its seeds, `finetune.py sweep` runs every cell of Table 1 and `finetune.py table` prints it. The recipe,
+heads, run names and sweep: the README's finetune.py section."""
 import argparse
 import collections
 import copy
 import csv
 import ctypes
 import datetime
-import functools
 import io
 import json
 import math
 import os
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -92,8 +79,7 @@ SWEEP_SETS = ("task", "encoder", "name", "seeds", "seed")  # a sweep gives each 
 def parse_args(argv, sweep=False):
     """The command line -> FinetuneConfig; for a sweep, (the jobs' shared FinetuneConfig, the sweep's settings)."""
     p = argparse.ArgumentParser(prog="finetune.py" + " sweep" * sweep, description=__doc__, allow_abbrev=False,
-                                argument_default=argparse.SUPPRESS,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                argument_default=argparse.SUPPRESS)
     p.add_argument("--toy", action="store_true", help="the toy kit's preset: data/toy, bert-toy, lr 1e-3, 3 seeds")
     for f in fields(FinetuneConfig):
         if f.name != "preset" and not (sweep and f.name in SWEEP_SETS):
@@ -136,8 +122,7 @@ def to_argv(cfg: FinetuneConfig) -> list[str]:
 
 
 def settled(cfg: FinetuneConfig, size: str) -> FinetuneConfig:
-    """cfg with its defaults filled in: Table 5's rate for the task and the encoder's size ('base' or 'large'), the
-    paper's seed count, the device and the precision."""
+    """cfg with Table 5's rate for its task and size ('base' or 'large'), the paper's seed count, device, dtype."""
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lr = TABLE5_LR[size][cfg.task not in TABLE5_HIGH_LR] if cfg.lr is None else cfg.lr
     return replace(cfg, lr=lr, seeds=cfg.seeds or PAPER_SEEDS.get(cfg.task, 5), device=device,
@@ -145,8 +130,7 @@ def settled(cfg: FinetuneConfig, size: str) -> FinetuneConfig:
 
 
 def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
-    """The table's row: --name or the checkpoint's (the adapt.py run's for runs/<run>/xdbert; X- for the full model),
-    then each recipe setting that differs from the preset's, e.g. bert-base-lr3e-05-ep1."""
+    """--name or the encoder's run (X- for --full-model), then each recipe setting that differs: bert-base-ep1."""
     name, path = cfg.name, os.path.normpath(cfg.encoder)
     if not name:
         name = os.path.basename(os.path.dirname(path) if os.path.basename(path) == "xdbert" else path)
@@ -158,20 +142,6 @@ def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
 
 # ---------------------------------------------------------------------------------------------------- metrics, Table 1
 
-def _vectors(labels, predictions, classes):
-    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
-    if y.size == 0:
-        raise ValueError("no examples to score: the dev set is empty")
-    if not (np.isfinite(y).all() and np.isfinite(p).all()):
-        raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
-    if classes and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
-        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
-                         "numbers: score regression outputs with pearson, spearman or rmse")
-    return (y.astype(np.int64), p.astype(np.int64)) if classes else (y, p)
-
-
 def average_ranks(x) -> np.ndarray:
     """1-based ranks, ties sharing the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
     _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
@@ -179,9 +149,17 @@ def average_ranks(x) -> np.ndarray:
 
 
 def score(metric, labels, predictions) -> float:
-    """A metric of data.Task.metrics (F1 of class 1, MCC multi-class as Gorodkin 2004, Spearman as the Pearson of
-    the average ranks); 0.0 where undefined (the README), a constant side tested before centring's rounding residue."""
-    y, p = _vectors(labels, predictions, classes=metric in ("accuracy", "f1", "mcc"))
+    """A metric of data.Task.metrics; MCC (Gorodkin 2004), Pearson, Spearman as correlations, 0.0 if a side is flat."""
+    y, p = np.asarray(labels, dtype=np.float64).ravel(), np.asarray(predictions, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{y.size} labels but {p.size} predictions: score the same examples")
+    if y.size == 0:
+        raise ValueError("no examples to score: the dev set is empty")
+    if not (np.isfinite(y).all() and np.isfinite(p).all()):
+        raise ValueError("labels or predictions contain NaN or inf: training diverged, try a lower --lr")
+    if metric in ("accuracy", "f1", "mcc") and not (np.array_equal(y, np.round(y)) and np.array_equal(p, np.round(p))):
+        raise ValueError("classification metrics take class ids, and these labels or predictions are not whole "
+                         "numbers: score regression outputs with pearson, spearman or rmse")
     if metric == "accuracy":
         return float(np.mean(y == p))
     if metric == "rmse":
@@ -191,23 +169,20 @@ def score(metric, labels, predictions) -> float:
         return float(2 * tp / (2 * tp + wrong)) if tp + wrong else 0.0
     if metric == "mcc":
         classes, codes = np.unique(np.concatenate([y, p]), return_inverse=True)
-        confusion = np.zeros((len(classes), len(classes)))
-        np.add.at(confusion, (codes[:y.size], codes[y.size:]), 1)
-        t, q, n = confusion.sum(1), confusion.sum(0), y.size  # true and predicted class counts
-        cov_yp, cov_yy, cov_pp = np.trace(confusion) * n - t @ q, n * n - t @ t, n * n - q @ q
-        return float(cov_yp / math.sqrt(cov_yy * cov_pp)) if cov_yy * cov_pp > 0 else 0.0
-    if metric not in ("pearson", "spearman"):
+        y, p = np.eye(len(classes))[codes[:y.size]], np.eye(len(classes))[codes[y.size:]]  # (n, classes)
+    elif metric == "spearman":
+        y, p = average_ranks(y), average_ranks(p)
+    elif metric != "pearson":
         raise ValueError(f"unknown metric {metric!r}: choose accuracy, f1, mcc, pearson, spearman or rmse")
-    y, p = (average_ranks(y), average_ranks(p)) if metric == "spearman" else (y, p)
-    if np.ptp(y) == 0 or np.ptp(p) == 0:
+    y, p = y.reshape(y.shape[0], -1), p.reshape(p.shape[0], -1)
+    if not (np.ptp(y, axis=0).any() and np.ptp(p, axis=0).any()):  # tested before centring leaves rounding residue
         return 0.0
-    y, p = y - y.mean(), p - p.mean()
-    return float(np.clip((y @ p) / math.sqrt(float(y @ y) * float(p @ p)), -1.0, 1.0))
+    y, p = y - y.mean(axis=0), p - p.mean(axis=0)
+    return float(np.clip(np.sum(y * p) / math.sqrt(np.sum(y * y) * np.sum(p * p)), -1.0, 1.0))
 
 
 def median_run(runs: list[dict]) -> dict:
-    """Sec. 3's median of several seeds: the run whose main metric is the median (for an even count the worse of the
-    two middle runs), so that every metric reported comes from that one run."""
+    """Sec. 3's median of seeds: the run whose main metric is the median (of two middle runs, the worse)."""
     def quality(r):
         value = r["metrics"][r["main_metric"]]
         return -value if r["main_metric"].startswith("rmse") else value
@@ -249,8 +224,7 @@ def results_in(run_dir):
 
 
 def table(results) -> tuple[str, str]:
-    """Table 1 from results dicts as (Markdown, CSV): per model and task the median run's metrics, the range of the
-    main metric and the seed count; GLUE as the benchmark scores it (a task's metrics averaged, then the tasks)."""
+    """Table 1 as (Markdown, CSV): median run, range and seed count per cell; GLUE averaged as the benchmark does."""
     cells = collections.defaultdict(lambda: collections.defaultdict(list))
     for r in results:
         cells[r["model"]][r["task"]].append(r)
@@ -263,13 +237,13 @@ def table(results) -> tuple[str, str]:
         out = {}
         for t, runs in row.items():
             mid, main = median_run(runs), runs[0]["main_metric"]
-            lo, hi = (shown(main, f(r["metrics"][main] for r in runs)) for f in (min, max))
-            spread = f" [{lo}, {hi}]" if len(runs) > 1 else ""
+            values = {k: [r["metrics"][k] for r in runs] for k in mid["metrics"]}
+            spread = f" [{shown(main, min(values[main]))}, {shown(main, max(values[main]))}]" * (len(runs) > 1)
             out[t] = "/".join(shown(k, v) for k, v in mid["metrics"].items()) + f"{spread} ({len(runs)})"
-            rows += [(name, t, len(runs), mid["seed"], k, v, min(r["metrics"][k] for r in runs),
-                      max(r["metrics"][k] for r in runs)) for k, v in mid["metrics"].items()]
+            rows += [(name, t, len(runs), mid["seed"], k, v, min(values[k]), max(values[k]))
+                     for k, v in mid["metrics"].items()]
         if set(TABLE1_GLUE) <= set(row):
-            average = statistics.mean(statistics.mean(median_run(row[t])["metrics"].values()) for t in TABLE1_GLUE)
+            average = float(np.mean([np.mean(list(median_run(row[t])["metrics"].values())) for t in TABLE1_GLUE]))
             out["GLUE"] = f"{100 * average:.2f}"
             rows.append((name, "GLUE", "", "", "average", average, "", ""))
         lines.append(f"| {name} | " + " | ".join(out.get(c, "") for c in columns) + " |")
@@ -282,9 +256,8 @@ def glue_submission(results, path):
     """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
     names = []
     with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-        for task in GLUE:
-            runs = [r for r in results if r["task"] == task]
-            for tsv in median_run(runs).get("test_predictions", []) if runs else []:
+        for runs in filter(None, ([r for r in results if r["task"] == task] for task in GLUE)):
+            for tsv in median_run(runs).get("test_predictions", []):
                 names.append(os.path.basename(tsv))
                 z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
     return names
@@ -292,41 +265,26 @@ def glue_submission(results, path):
 
 # ---------------------------------------------------------------------------------------------------- model, training
 
-class Head(nn.Module):
-    """features (B, D) -> dropout -> linear -> (B, outputs); ELECTRA's convention puts dense + GELU first."""
-
-    def __init__(self, dim, outputs, dropout, electra=False):
-        super().__init__()
-        self.drop = nn.Dropout(dropout)
-        self.dense = nn.Linear(dim, dim) if electra else None
-        self.out = nn.Linear(dim, outputs)
-        self.apply(model.init_weights)
-
-    def forward(self, x):
-        if self.dense is not None:
-            x = F.gelu(self.dense(self.drop(x)))
-        return self.out(self.drop(x))
-
-
 class Finetuner(nn.Module):
-    """A backbone (LanguageEncoder, CLIPTextTransformer or CrossModalTransformer) with a task head (Sec. 2.4):
-    forward(batch) -> classification logits (B, C), regression scores (B,) or choice scores (B, 4)."""
+    """A backbone with a task head (Sec. 2.4): logits (B, C), regression scores (B,) or choice scores (B, 4)."""
 
     def __init__(self, backbone, kind, num_labels, dropout=0.1, sentences=1):
         super().__init__()
         self.backbone, self.kind, electra = backbone, kind, False
-        if isinstance(backbone, model.CrossModalTransformer):
+        if isinstance(backbone, model.CrossModalTransformer):  # App. C.3: the [CLS] pooler MATCH trained, else fresh
             dim = backbone.language.config.hidden_size
-            if "match" in backbone.tasks:
-                self.pooler = backbone.match_pooler  # App. C.3: the cross-modal [CLS] pooler MATCH trained
-            else:
-                self.pooler = model.Pooler(dim)  # adapted without MATCH: a fresh pooler
-                self.pooler.apply(model.init_weights)
+            self.pooler = backbone.match_pooler if "match" in backbone.tasks else model.Pooler(dim).apply(
+                model.init_weights)
         elif isinstance(backbone, model.CLIPTextTransformer):
             dim = backbone.config.projection_dim * sentences
         else:
             dim, electra = backbone.config.hidden_size, backbone.pooler is None
-        self.head = Head(dim, num_labels if kind == "classification" else 1, dropout, electra)
+        layers = [("drop", nn.Dropout(dropout))]  # the head; ELECTRA's convention puts dense + GELU before its linear
+        if electra:
+            layers += [("dense", nn.Linear(dim, dim)), ("gelu", nn.GELU()), ("drop2", nn.Dropout(dropout))]
+        outputs = num_labels if kind == "classification" else 1
+        self.head = nn.Sequential(collections.OrderedDict(layers + [("out", nn.Linear(dim, outputs))]))
+        self.head.apply(model.init_weights)
 
     def features(self, b):
         """One (B, D) vector per input: pooled [CLS], ELECTRA's [CLS], CLIP-T's pooled blocks or cross-modal [CLS]."""
@@ -361,8 +319,7 @@ def loss_fn(kind, outputs, labels):
 
 
 def layer_depth(name, num_layers, xlayers=0):
-    """ELECTRA's depth of a Finetuner parameter (App. C.2's "decay 0.9" read as Clark et al. 2020's layer-wise
-    decay): embeddings 0, layer i i + 1, cross-modal layer j L + 1 + j, the rest (head, poolers) L + xlayers + 2."""
+    """Clark et al. 2020's layer-wise decay depth (App. C.2): embeddings 0, layer i i+1, xlayer j L+1+j, rest L+X+2."""
     m = re.match(r"backbone\.(language\.|clip\.)?(embeddings|token_embedding|positional_embedding|blocks\.(\d+)|"
                  r"xlayers\.(\d+))(\.|$)", name)
     if m is None:
@@ -375,9 +332,7 @@ def param_groups(net: Finetuner, lr, layer_decay=None):
     params = [(n, p) for n, p in net.named_parameters() if p.requires_grad]
     if layer_decay is None:
         return [{"params": [p for _, p in params], "lr": lr}]
-    bb = net.backbone
-    cross = isinstance(bb, model.CrossModalTransformer)
-    L, X = (bb.language.config.num_layers, len(bb.xlayers)) if cross else (bb.config.num_layers, 0)
+    L, X = getattr(net.backbone, "language", net.backbone).config.num_layers, len(getattr(net.backbone, "xlayers", ()))
     groups = collections.defaultdict(list)
     for name, p in params:
         groups[layer_depth(name, L, X)].append(p)
@@ -399,17 +354,12 @@ def autocast(device, bf16):
 
 
 def trimmed(batch, device):
-    """Drop the padding columns every row of the batch shares (the masks hide them): (.., 128) -> (.., T); decided
-    on the CPU batch, copied to a GPU from pinned memory without waiting."""
-    out, device = {}, torch.device(device)
-    T = int(batch["attention_mask"].sum(-1).max()) if "attention_mask" in batch else None
-    C = int(batch["clip_mask"].sum(-1).max()) if "clip_mask" in batch else None
-    for k, v in batch.items():
-        if k in ("input_ids", "attention_mask", "token_type_ids"):
-            v = v[..., :T]
-        elif k in ("clip_ids", "clip_mask"):
-            v = v[..., :max(C, 1)]
-        out[k] = v.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else v
+    """The batch without the padding columns all its rows share, (.., 128) -> (.., T), copied to `device`."""
+    ends = {m: max(1, int(batch[m].sum(-1).max())) for m in ("attention_mask", "clip_mask") if m in batch}
+    out = {k: v if k == "labels" else v[..., :ends["clip_mask" if k.startswith("clip_") else "attention_mask"]]
+           for k, v in batch.items()}
+    if torch.device(device).type == "cuda":
+        out = {k: v.pin_memory().to(device, non_blocking=True) for k, v in out.items()}
     return out
 
 
@@ -430,87 +380,77 @@ def predict(net, tensors, cfg, batch_size=128):
     return (out.float() if net.kind == "regression" else out.argmax(-1)).cpu().numpy()
 
 
-def check_finite(losses, first_step):
-    """FloatingPointError naming the first optimizer step (counted from 1) of `losses` whose loss is NaN or inf;
-    one host sync for the whole window of steps."""
-    bad = torch.nonzero(~torch.isfinite(torch.stack(losses)))
-    if len(bad):
-        raise FloatingPointError(f"the training loss became {float(losses[int(bad[0])])} at step "
-                                 f"{first_step + int(bad[0])}: finetune again with a lower --lr")
-
-
 def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
-    """Finetune `net` (App. C.2; cfg settled), scoring every dev split ({metric suffix: tensors}) after each epoch;
-    the loss stays on the device, checked every CHECK_EVERY steps. Returns (per-epoch records, training seconds)."""
+    """Finetune `net` (App. C.2; cfg settled), scoring dev_sets after each epoch -> (epoch records, seconds)."""
     net.to(cfg.device)
     n, bf16, micro = len(train_set["labels"]), cfg.dtype == "bf16", math.ceil(cfg.batch_size / cfg.grad_accum)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    steps = math.ceil(n / cfg.batch_size)  # per epoch
     optimizer = adamw(param_groups(net, cfg.lr, cfg.layer_decay), cfg.device, cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(
-        model.linear_warmup_decay, total=steps_per_epoch * cfg.epochs, warmup_fraction=cfg.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: model.linear_warmup_decay(step, steps * cfg.epochs, cfg.warmup))
     order, params = torch.Generator().manual_seed(seed), [p for p in net.parameters() if p.requires_grad]
     history, seconds = [], 0.0
     for epoch in range(1, cfg.epochs + 1):
         net.train()
-        start, losses, checked = time.perf_counter(), [], 0  # losses: one 0-d device tensor per step
+        start, losses = time.perf_counter(), []  # one 0-d device tensor per step
         permutation = torch.randperm(n, generator=order)
-        for step in range(steps_per_epoch):
+        for step in range(steps):
             rows = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-            step_loss = 0.0
+            losses.append(0.0)
             for part in batches(train_set, rows, micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
                 b = trimmed(part, cfg.device)
                 with autocast(cfg.device, bf16):
                     loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part["labels"]) / len(rows))
                 loss.backward()
-                step_loss = step_loss + loss.detach()
+                losses[-1] = losses[-1] + loss.detach()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-            if len(losses) - checked == CHECK_EVERY or step == steps_per_epoch - 1:
-                check_finite(losses[checked:], (epoch - 1) * steps_per_epoch + checked + 1)
-                checked = len(losses)
+            if (step + 1) % CHECK_EVERY == 0 or step == steps - 1:  # one host sync per window of steps
+                window = step // CHECK_EVERY * CHECK_EVERY
+                bad = torch.nonzero(~torch.isfinite(torch.stack(losses[window:])))
+                if len(bad):
+                    i = window + int(bad[0])
+                    raise FloatingPointError(f"the training loss became {float(losses[i])} at step "
+                                             f"{(epoch - 1) * steps + i + 1}: finetune again with a lower --lr")
         seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": {},
-                  "predictions": {}}
-        for suffix, tensors in dev_sets.items():
-            record["predictions"][suffix] = p = predict(net, tensors, cfg)
-            record["metrics"] |= {m + suffix: score(m, tensors["labels"].numpy(), p)
-                                  for m in data.TASKS[cfg.task].metrics}
-        history.append(record)
+        predictions = {suffix: predict(net, tensors, cfg) for suffix, tensors in dev_sets.items()}
+        metrics = {m + s: score(m, dev_sets[s]["labels"].numpy(), p) for s, p in predictions.items()
+                   for m in data.TASKS[cfg.task].metrics}
+        history.append({"epoch": epoch, "train_loss": float(torch.stack(losses).double().mean()), "metrics": metrics,
+                        "predictions": predictions})
         if log:
-            log(f"  epoch {epoch}: loss {record['train_loss']:.4f}, " + format_metrics(record["metrics"]))
+            log(f"  epoch {epoch}: loss {history[-1]['train_loss']:.4f}, " + format_metrics(metrics))
     return history, seconds
 
 
 # ---------------------------------------------------------------------------------------------------- one command
 
 def load_backbone(cfg: FinetuneConfig):
-    """(backbone, variant, BERT tokenizer or None, CLIP tokenizer or None) for --encoder / --full-model."""
-    if cfg.full_model:
-        run = cfg.encoder.rstrip("/")
-        candidates = (os.path.join(run, "crossmodal.pt"), os.path.join(os.path.dirname(run), "crossmodal.pt"))
-        path = next((p for p in candidates if os.path.isfile(p)), None)
-        if path is None:
-            raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
-                                    f"runs/<run>/xdbert of a run of `python adapt.py`")
-        xm = model.load_crossmodal(path)
-        if xm.clip is None:
-            raise ValueError(f"{path} is the MLM-only baseline (no CLIP-T): finetune its xdbert/ without --full-model")
-        bert_tok = data.bert_tokenizer(os.path.join(os.path.dirname(path), "xdbert"))
-        return xm, "full-model", bert_tok, data.clip_tokenizer(data.checkpoint_dir(cfg.clip, cfg.data))
-    path = data.checkpoint_dir(cfg.encoder, cfg.data)
-    backbone = model.from_hf(path)
-    if isinstance(backbone, model.CLIPTextTransformer):
-        return backbone, "clip", None, data.clip_tokenizer(path)
-    return backbone, "encoder", data.bert_tokenizer(path), None
+    """(backbone, variant, BERT tokenizer, CLIP tokenizer) of --encoder, or of its crossmodal.pt (App. C.3)."""
+    if not cfg.full_model:
+        path = data.checkpoint_dir(cfg.encoder, cfg.data)
+        backbone = model.from_hf(path)
+        if isinstance(backbone, model.CLIPTextTransformer):
+            return backbone, "clip", None, data.clip_tokenizer(path)
+        return backbone, "encoder", data.bert_tokenizer(path), None
+    run = cfg.encoder.rstrip("/")
+    path = next((p for p in (run, os.path.dirname(run)) if os.path.isfile(os.path.join(p, "crossmodal.pt"))), None)
+    if path is None:
+        raise FileNotFoundError(f"--full-model needs crossmodal.pt in {run} or next to it: give --encoder "
+                                f"runs/<run>/xdbert of a run of `python adapt.py`")
+    crossmodal = model.load_crossmodal(os.path.join(path, "crossmodal.pt"))
+    if crossmodal.clip is None:
+        raise ValueError(f"{os.path.join(path, 'crossmodal.pt')} is the MLM-only baseline (no CLIP-T): finetune its "
+                         f"xdbert/ without --full-model")
+    return (crossmodal, "full-model", data.bert_tokenizer(os.path.join(path, "xdbert")),
+            data.clip_tokenizer(data.checkpoint_dir(cfg.clip, cfg.data)))
 
 
 def model_size(backbone):
     """Table 5's columns: 'large' for 1024-wide encoders, else 'base' (CLIP-T counts as base)."""
-    cfg = backbone.language.config if isinstance(backbone, model.CrossModalTransformer) else backbone.config
-    return "large" if getattr(cfg, "hidden_size", 0) >= 1024 else "base"
+    return "large" if getattr(getattr(backbone, "language", backbone).config, "hidden_size", 0) >= 1024 else "base"
 
 
 def run_record(cfg: FinetuneConfig, name, seed) -> dict:
@@ -518,33 +458,32 @@ def run_record(cfg: FinetuneConfig, name, seed) -> dict:
     return {"task": cfg.task, "model": name, "seed": seed, "config": asdict(replace(cfg, seed=seed, seeds=1))}
 
 
-def same_settings(a, b) -> bool:
-    """Two results of one experiment: model, seed and the run-defining settings agree (the precision, the
-    accumulation and the device may differ)."""
-    return (a["model"] == b["model"] and a["seed"] == b["seed"]
-            and all(a.get("config", {}).get(k) == b["config"][k] for k in RUN_DEFINING))
+def differences(old, new) -> str:
+    """'setting old there, new here, ...' for the model, seed and run-defining settings two results differ in."""
+    a, b = ({**r.get("config", {}), "model": r["model"], "seed": r["seed"]} for r in (old, new))
+    return ", ".join(f"{k} {a.get(k)!r} there, {b[k]!r} here" for k in ("model", "seed", *RUN_DEFINING)
+                     if a.get(k) != b[k])
+
+
+SUFFIXES = {"": "", "matched": "_m", "mismatched": "_mm", "ax": "_ax"}  # a split's metric suffix (MNLI's dev, test)
 
 
 def splits(cfg: FinetuneConfig, kind):
-    """{metric suffix: split} of the dev or test sets: MNLI's matched and mismatched (and AX); test sets only where
-    the GLUE test file is there."""
+    """{metric suffix: split} of the task's dev or test sets; test sets only where the GLUE test file is there."""
     task = data.TASKS[cfg.task]
-    names = {"_m": f"{kind}_matched", "_mm": f"{kind}_mismatched"} if cfg.task == "mnli" else {"": kind}
-    names |= {"_ax": "test_ax"} if cfg.task == "mnli" and kind == "test" else {}
-    return {s: split for s, split in names.items() if kind == "dev" or task.glue_dir and os.path.isfile(
-        os.path.join(cfg.data, task.folder, task.splits[split]))}
+    return {SUFFIXES[s.partition("_")[2]]: s for s in task.splits if s.partition("_")[0] == kind and (
+        kind == "dev" or task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, task.splits[s])))}
 
 
 def submission_tsv(task, ids, predictions, label_names):
-    """A GLUE submission file: index<TAB>prediction, one row per test line with the file's own index; a float for
-    STS-B, else the label as the task's files write it (entailment / not_entailment, MNLI's three, 0/1)."""
+    """GLUE's index<TAB>prediction file: STS-B's floats, else the labels as the task's files write them."""
     values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
     return "".join(f"{i}\t{v}\n" for i, v in zip(["index", *ids], ["prediction", *values]))
 
 
 def write_run(run_dir, result, net, dev, test, final, cfg):
-    """A finished seed's files: dev predictions (pwcca.py's grounding analysis reads them), GLUE test predictions
-    under the names GLUE's server expects, then results.json (last: its presence means the run is complete)."""
+    """Dev predictions (for pwcca.py grounding), GLUE test predictions, then results.json, which marks a done run."""
+    task = data.TASKS[cfg.task]
     for suffix, (examples, tensors) in dev.items():
         lines = [{"index": i, "text_a": ex.text_a, "text_b": ex.text_b, "label": y.item(), "prediction": p.item()}
                  for i, (ex, y, p) in enumerate(zip(examples, tensors["labels"].numpy(), final["predictions"][suffix]))]
@@ -553,29 +492,24 @@ def write_run(run_dir, result, net, dev, test, final, cfg):
             out.write("".join(json.dumps(line) + "\n" for line in lines))
     result["test_predictions"] = []
     for suffix, (examples, tensors) in test.items():
-        name = "AX.tsv" if suffix == "_ax" else f"{data.TASKS[cfg.task].glue_dir}{suffix.replace('_', '-')}.tsv"
+        name = "AX.tsv" if suffix == "_ax" else f"{task.glue_dir}{suffix.replace('_', '-')}.tsv"
         result["test_predictions"].append(os.path.join(run_dir, "glue_test", name))
         with model.atomic_file(result["test_predictions"][-1], "w") as out:
             out.write(submission_tsv(cfg.task, [ex.guid for ex in examples], predict(net, tensors, cfg),
-                                     data.TASKS[cfg.task].label_names))
+                                     task.label_names))
     with model.atomic_file(os.path.join(run_dir, "results.json"), "w") as out:
         out.write(json.dumps(result, indent=2) + "\n")
 
 
 def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
-    """Load and encode once, then finetune one fresh copy per seed; print each run and the median run.
-    Returns the results (also written to OUT/<task>-<model>-seed<k>/results.json)."""
+    """Load and encode once, then finetune a fresh copy per seed; prints each run and the median run."""
     task = data.TASKS[cfg.task]
     backbone, variant, bert_tok, clip_tok = load_backbone(cfg)
     name, cfg = run_name(cfg, variant, model_size(backbone)), settled(cfg, model_size(backbone))
     runs = {os.path.join(cfg.out, f"{cfg.task}-{name}-seed{s}"): run_record(cfg, name, s)
             for s in range(cfg.seed, cfg.seed + cfg.seeds)}
     for run_dir, record in runs.items():  # before any training
-        old = results_in(run_dir)
-        theirs = {} if old is None else old.get("config", {})
-        if old is not None and not same_settings(old, record):
-            differ = ", ".join(f"{k} {theirs.get(k)!r} there, {record['config'][k]!r} here" for k in RUN_DEFINING
-                               if theirs.get(k) != record["config"][k])
+        if (old := results_in(run_dir)) is not None and (differ := differences(old, record)):
             raise ValueError(f"{run_dir} holds a run with other settings ({differ}): give another --name or --out, "
                              f"or delete it")
 
@@ -613,8 +547,7 @@ Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
-    """Every (task, encoder, seed) of a sweep in a stable order, each the config of a one-seed `finetune.py TASK`.
-    seeds: a number per task, or None for the paper's (App. C.2: 9 for RTE, 5 otherwise)."""
+    """The (task, encoder, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
     jobs, facts = [], {}
     for task in tasks:
         for encoder in encoders:
@@ -634,21 +567,19 @@ def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
 
 
 def shard(jobs, i, n) -> list[Job]:
-    """--shard I/N: every N-th job of the largest-first list, from the I-th; the N shares are disjoint, cover the
-    list and get a fair part of the big jobs each. The share keeps the largest-first order."""
+    """--shard I/N: every N-th job of the largest-first list from the I-th (disjoint shares, each with big jobs)."""
     return sorted(jobs, key=lambda j: -j.cost)[i - 1::n]
 
 
 def finished(job):
     """The job's results when its run is complete and was made with the job's settings, else None."""
     r = results_in(os.path.join(job.cfg.out, job.name))
-    return r if r is not None and same_settings(r, job.expected) else None
+    return r if r is not None and not differences(r, job.expected) else None
 
 
 def start_job(job, gpu, threads):
-    """The job as `python finetune.py TASK ...` in a process of its own (seeing one GPU, or `threads` CPU threads),
-    its output appended to job.log. On Linux the job dies with the sweep (prctl PR_SET_PDEATHSIG), so a killed
-    sweep leaves no job running; elsewhere an orphaned job finishes, writing its files atomically."""
+    """`python finetune.py TASK ...` in its own process (one GPU or `threads` threads), output to job.log; on
+    Linux it dies with the sweep (prctl PR_SET_PDEATHSIG)."""
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
@@ -668,10 +599,9 @@ def start_job(job, gpu, threads):
 
 
 def run_sweep(jobs, workers=None, log=print) -> list[Job]:
-    """Run the unfinished jobs in list order, `workers` processes at a time (default: one per visible GPU, each job
-    seeing its own), a failed job once more; logs progress and an ETA. Returns the jobs that failed twice."""
-    gpus = [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    gpus = (os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(gpus)).split(",") if gpus else []  # the ids to give
+    """Run the unfinished jobs, `workers` at a time (default: one per GPU), failed ones twice -> jobs failing twice."""
+    gpus = os.environ.get("CUDA_VISIBLE_DEVICES") or ",".join(map(str, range(torch.cuda.device_count())))
+    gpus = gpus.split(",") if torch.cuda.is_available() else []
     workers = workers or max(1, len(gpus))
     todo = collections.deque(j for j in jobs if not finished(j))
     log(f"sweep: {len(jobs)} jobs, {len(jobs) - len(todo)} finished before, {len(todo)} to run on {workers} worker(s)")
@@ -713,8 +643,7 @@ def run_sweep(jobs, workers=None, log=print) -> list[Job]:
 
 
 def sweep(argv, log=print) -> list[Job]:
-    """python finetune.py sweep: Table 1 in one command (the README's finetune.py). Runs its share of the jobs, then
-    the Table 1 printer over all finished ones (OUT/table1.md, .csv) and a GLUE submission zip per model."""
+    """python finetune.py sweep: its share of the jobs, then Table 1 (OUT/table1.md, .csv) and GLUE zips per model."""
     base, s = parse_args(argv, sweep=True)
     if not (s["seeds"] == "paper" or s["seeds"].isdigit() and int(s["seeds"]) > 0):
         raise ValueError(f"--seeds {s['seeds']}: give paper or a positive number")
@@ -746,8 +675,7 @@ def main(argv=None):
                 raise ValueError("usage: python finetune.py table runs/*/results.json")
             print(table([read_results(path) for path in argv[1:]])[0])
         elif argv[:1] == ["sweep"]:
-            failed = sweep(argv[1:])
-            if failed:
+            if failed := sweep(argv[1:]):
                 raise SystemExit(f"{len(failed)} job(s) failed twice (listed above); rerun the same command to "
                                  f"retry them, finished jobs are skipped")
         else:

@@ -1,13 +1,5 @@
-"""Sec. 4 analyses: PWCCA between input word-embedding spaces (Table 2), the visually grounded ratio (Fig. 4, App. D).
-
-    python pwcca.py                                  # Table 2: BERT/ELECTRA, BERT/CLIP, ELECTRA/CLIP, BERT/RANDOM
-    python pwcca.py bert-base runs/a/xdbert          # any spaces: every pair in order, then the first against RANDOM
-    python pwcca.py --textbook --words 0             # Morcos et al.'s own PWCCA over every shared word
-    python pwcca.py --toy                            # the toy kit's bert-toy, electra-toy and clip-toy
-    python pwcca.py grounding --base runs/bert-rte-*/ --adapted runs/xdbert-rte-*/ [--svg fig4.svg]
-
-PWCCA's two readings (svcca's, the default, and --textbook), the word list and the pictures: see the README.
-"""
+"""Sec. 4's analyses: PWCCA between input word-embedding spaces (Table 2) and the visually grounded ratio of the dev
+examples that adaptation improved or worsened (Fig. 4, App. D). Commands and PWCCA's two readings: see the README."""
 import argparse
 import itertools
 import json
@@ -71,8 +63,8 @@ def canonical_correlations(x, y, epsilon=1e-8):
 
 
 def pwcca(x, y, reading="svcca", epsilon=1e-8):
-    """Projection-weighted CCA (Morcos et al. 2018; Table 2): sum_i alpha_i rho_i between x (n, p) and y (n, q), the
-    weights alpha from x. "textbook" is Morcos et al.'s definition; "svcca" is their code's (compute_pwcca)."""
+    """Projection-weighted CCA (Morcos et al. 2018; Table 2): sum_i alpha_i rho_i of x (n, p) and y (n, q), alpha
+    from x; "textbook" is Morcos et al.'s definition, "svcca" their code's (compute_pwcca)."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0]:
         raise ValueError(f"need two matrices over the same data points (rows), got {x.shape} and {y.shape}")
@@ -98,7 +90,7 @@ WORD = re.compile(r"[a-z]+")
 
 
 def load_space(name, data_root):
-    """A checkpoint's input word embeddings (V, H) and the tokenizer that indexes them (Table 2)."""
+    """A checkpoint's input word embeddings (V, H) and the tokenizer that indexes them."""
     path = data.checkpoint_dir(name, data_root)
     encoder = model.from_hf(path)
     if isinstance(encoder, model.CLIPTextTransformer):
@@ -107,8 +99,8 @@ def load_space(name, data_root):
 
 
 def common_words(tokenizers, size=None):
-    """Table 2's word list: the [a-z]+ words every tokenizer keeps whole, most frequent first (by their id in the
-    first tokenizer's vocabulary), the first `size` of them; the words and their ids in each tokenizer, (T, W)."""
+    """Table 2's word list: the [a-z]+ words every tokenizer keeps whole, by their id in the first one (most
+    frequent first), the first `size`: (words, their ids in each tokenizer (T, W))."""
     vocabularies = [{w for w in (t.removesuffix("</w>") for t in tok.get_vocab()) if WORD.fullmatch(w)}
                     for tok in tokenizers]
     words = np.array(sorted(set.intersection(*vocabularies)), dtype=object)
@@ -120,18 +112,17 @@ def common_words(tokenizers, size=None):
 
 
 def table_2(cfg: PWCCAConfig) -> None:
-    """Table 2's rows: every pair of the named spaces in order, then the first against RANDOM (a seeded
-    standard-normal table of the first space's shape), all over one common word list."""
-    names = list(cfg.names)
-    spaces = [load_space(n, cfg.data) for n in names]
+    """Table 2: every pair of the named spaces in order, then the first against RANDOM (a seeded standard-normal
+    table of its shape), over one common word list."""
+    spaces = [load_space(n, cfg.data) for n in cfg.names]
     words, ids = common_words([tok for _, tok in spaces], cfg.words or None)
     if len(words) < 2:
-        raise ValueError(f"the word list of {', '.join(names)} has {len(words)} words: PWCCA needs more (--words)")
-    tables = {n: table[i] for n, (table, _), i in zip(names, spaces, ids)}          # (W, H) each
+        raise ValueError(f"the word list of {', '.join(cfg.names)} has {len(words)} words: PWCCA needs more (--words)")
+    tables = {n: table[i] for n, (table, _), i in zip(cfg.names, spaces, ids)}          # (W, H) each
     tables["random"] = np.random.default_rng(RANDOM_SEED).standard_normal(spaces[0][0].shape)[ids[0]]
-    print(f"Table 2, PWCCA ({cfg.reading} reading) over the {len(words):,} most frequent words all {len(names)} "
+    print(f"Table 2, PWCCA ({cfg.reading} reading) over the {len(words):,} most frequent words all {len(cfg.names)} "
           f"tokenizers keep whole")
-    for a, b in [*itertools.combinations(names, 2), (names[0], "random")]:
+    for a, b in [*itertools.combinations(cfg.names, 2), (cfg.names[0], "random")]:
         reference = PUBLISHED_TABLE_2.get((a, b), PUBLISHED_TABLE_2.get((b, a)))
         score = pwcca(tables[a], tables[b], cfg.reading, cfg.epsilon)
         print(f"{a + '/' + (b.upper() if b == 'random' else b):<30} {score:.4f}"
@@ -151,7 +142,7 @@ there these they this those through to too under until up ve very was wasn we we
 while who whom why will with won wouldn y you your yours yourself yourselves
 """.split())
 GROUPS = ("improved", "worsened", "unchanged")
-FIG_4_STATS = {"q1": "Q1", "median": "median", "q3": "Q3", "mean": "mean"}
+FIG_4_STATS = ("Q1", "median", "Q3", "mean")
 
 
 def wordpieces(tokenizer, texts):
@@ -174,8 +165,7 @@ def caption_counts(path, tokenizer):
 
 
 def grounded_ratio(pieces, counts, threshold):
-    """Sec. 4: the share of a text's non-stopword WordPieces occurring more than `threshold` times in the captions
-    (NaN for a text without any)."""
+    """Sec. 4: the share of a text's non-stopword WordPieces seen over `threshold` times in the captions (or NaN)."""
     content = [p for p in pieces if not is_stopword(p)]
     return sum(counts[p] > threshold for p in content) / len(content) if content else float("nan")
 
@@ -186,25 +176,12 @@ def mark_grounded(pieces, counts, threshold):
 
 
 def read_predictions(run):
-    """One run's dev predictions, {index: record}, from run/dev_predictions.jsonl (or the file itself) as finetune.py
-    writes it: {"index": i, "text_a": str, "text_b": str or null, "label": gold, "prediction": predicted} a line."""
+    """{index: record} of a run's dev_predictions.jsonl (or that file), as finetune.py writes it."""
     path = os.path.join(run, "dev_predictions.jsonl") if os.path.isdir(run) else run
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no dev predictions at {path}: finetune the run with `python finetune.py` first")
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return {r["index"]: r for r in records}
-
-
-def correct_counts(runs, reference):
-    """Per dev example, the number of runs that predicted its gold label: (N,) in the order of reference's keys."""
-    counts = np.zeros(len(reference), np.int64)
-    for run in runs:
-        predictions = read_predictions(run)
-        if predictions.keys() != reference.keys():
-            raise ValueError(f"{run} has predictions for other dev examples than {runs[0]}: use runs of one task")
-        counts += [predictions[i]["prediction"] == r["label"] for i, r in reference.items()]
-    return counts
+        return {r["index"]: r for r in map(json.loads, filter(str.strip, f))}
 
 
 def summary(ratios):
@@ -212,26 +189,33 @@ def summary(ratios):
     r = ratios[~np.isnan(ratios)]
     if r.size == 0:
         return {"n": 0}
-    q1, median, q3 = np.quantile(r, [0.25, 0.5, 0.75])
-    return {"n": int(r.size), "q1": q1, "median": median, "q3": q3, "mean": float(r.mean())}
+    return dict(zip(("n", *FIG_4_STATS), (r.size, *np.quantile(r, [0.25, 0.5, 0.75]), r.mean())))
 
 
 def grounding_analysis(base_runs, adapted_runs, counts, tokenizer, threshold):
-    """Fig. 4: per example correct-run counts, WordPieces per text, grounded ratio and group (Sec. 4: improved if a
-    larger share of the adapted runs is right than of the base runs, worsened if smaller); each group's statistics."""
+    """Fig. 4: per dev example the runs right, WordPieces, grounded ratio and group (Sec. 4: improved if a larger
+    share of the adapted runs than of the base runs is right, worsened if smaller); each group's statistics."""
     reference = read_predictions(base_runs[0])
-    base, adapted = correct_counts(base_runs, reference), correct_counts(adapted_runs, reference)
+    right = {}
+    for side, runs in (("base", base_runs), ("adapted", adapted_runs)):
+        right[side] = np.zeros(len(reference), np.int64)
+        for run in runs:
+            predictions = read_predictions(run)
+            if predictions.keys() != reference.keys():
+                raise ValueError(f"{run} has predictions for other dev examples than {base_runs[0]}: "
+                                 f"use runs of one task")
+            right[side] += [predictions[i]["prediction"] == r["label"] for i, r in reference.items()]
     pieces = [wordpieces(tokenizer, filter(None, (r["text_a"], r.get("text_b")))) for r in reference.values()]
     ratios = np.array([grounded_ratio(sum(p, []), counts, threshold) for p in pieces])
-    gain = adapted / len(adapted_runs) - base / len(base_runs)
+    gain = right["adapted"] / len(adapted_runs) - right["base"] / len(base_runs)
     groups = np.select([gain > 0, gain < 0], ["improved", "worsened"], "unchanged")
-    return {"records": list(reference.values()), "pieces": pieces, "base": base, "adapted": adapted,
-            "groups": groups, "ratios": ratios, "stats": {g: summary(ratios[groups == g]) for g in GROUPS}}
+    return {"records": list(reference.values()), "pieces": pieces, **right, "groups": groups, "ratios": ratios,
+            "stats": {g: summary(ratios[groups == g]) for g in GROUPS}}
 
 
 def grounding(cfg: PWCCAConfig) -> None:
     """Fig. 4 / App. D: each group's statistics, its most changed examples marked as App. D does, and Fig. 4's bars
-    (the statistics of the improved and the worsened examples; Sec. 4 sets the unchanged ones aside)."""
+    of the improved and the worsened examples (Sec. 4 sets the unchanged ones aside)."""
     tokenizer = data.bert_tokenizer(data.checkpoint_dir(cfg.encoder, cfg.data))
     counts = caption_counts(cfg.captions or os.path.join(cfg.data, "coco", "captions_train2017.json"), tokenizer)
     result = grounding_analysis(cfg.base, cfg.adapted, counts, tokenizer, cfg.threshold)
@@ -239,40 +223,36 @@ def grounding(cfg: PWCCAConfig) -> None:
     gain = adapted.sum() - base.sum()
     print(f"dev examples: {len(records)}; correct per run: base {base.sum():.2f}, adapted {adapted.sum():.2f} "
           f"({gain:+.2f}, {100 * gain / len(records):+.2f}%)")
-    print(f"{'group':<10} {'n':>5} {'Q1':>7} {'median':>7} {'Q3':>7} {'mean':>7}")
+    print(f"{'group':<10} {'n':>5}" + "".join(f" {k:>7}" for k in FIG_4_STATS))
     for g, s in result["stats"].items():
         print(f"{g:<10} {s['n']:>5}" + ("".join(f" {s[k]:7.4f}" for k in FIG_4_STATS) if s["n"] else ""))
     order = np.argsort(-np.abs(adapted - base), kind="stable")   # App. D: the most changed examples first
     for g in GROUPS:
-        for i in [i for i in order if result["groups"][i] == g][:cfg.examples]:
+        for i in order[result["groups"][order] == g][:cfg.examples]:
             print(f"\n[{g}] index {records[i]['index']}: grounded ratio {result['ratios'][i]:.4f}, base right "
                   f"{result['base'][i]}/{len(cfg.base)}, adapted right {result['adapted'][i]}/{len(cfg.adapted)}")
-            for pieces in result["pieces"][i]:
-                print("  " + mark_grounded(pieces, counts, cfg.threshold))
+            print("\n".join("  " + mark_grounded(pieces, counts, cfg.threshold) for pieces in result["pieces"][i]))
     stats = {f"{g} (n={s['n']})": s for g, s in result["stats"].items() if g != "unchanged" and s["n"]}
     if not stats:
         raise ValueError("no dev example was improved or worsened, so there is no Fig. 4 to draw")
-    bars = {label: {g: s[key] for g, s in stats.items()} for key, label in FIG_4_STATS.items()}
     run = os.path.normpath(cfg.adapted[0] if os.path.isdir(cfg.adapted[0]) else os.path.dirname(cfg.adapted[0]))
     path = cfg.svg or os.path.join(os.path.dirname(run), "grounding.svg")
     with model.atomic_file(path, "w") as f:
-        f.write(data.svg_bars(bars, "Fig. 4: visually grounded ratio of the dev examples", "visually grounded ratio"))
+        f.write(data.svg_bars({k: {g: s[k] for g, s in stats.items()} for k in FIG_4_STATS},
+                              "Fig. 4: visually grounded ratio of the dev examples", "visually grounded ratio"))
     print(f"\nFig. 4 chart: {path}")
 
 
 def parse_args(argv, for_grounding=False) -> PWCCAConfig:
     """The command line over a preset: --toy takes the toy kit's (data/toy, bert-toy, ...), the flags given win."""
-    p = argparse.ArgumentParser(prog="pwcca.py grounding" if for_grounding else "pwcca.py",
-                                argument_default=argparse.SUPPRESS)
+    p = argparse.ArgumentParser(prog="pwcca.py" + " grounding" * for_grounding, argument_default=argparse.SUPPRESS)
     p.add_argument("--toy", action="store_true")
     p.add_argument("--data")
     if for_grounding:
         p.add_argument("--base", nargs="+", required=True, help="run dirs (or dev_predictions.jsonl), base model")
         p.add_argument("--adapted", nargs="+", required=True, help="run dirs of the adapted (XDBERT) model")
-        for name in ("encoder", "captions", "svg"):
-            p.add_argument(f"--{name}")
-        for name in ("threshold", "examples"):
-            p.add_argument(f"--{name}", type=int)
+        for name, kind in (("encoder", str), ("captions", str), ("svg", str), ("threshold", int), ("examples", int)):
+            p.add_argument(f"--{name}", type=kind)
     else:
         p.add_argument("names", nargs="*", help="names under DATA/ckpt/ or checkpoint dirs (default Table 2's)")
         p.add_argument("--words", type=int)
