@@ -256,8 +256,7 @@ class Finetuner(nn.Module):
         self.backbone, self.kind, electra = backbone, kind, False
         if isinstance(backbone, model.CrossModalTransformer):  # App. C.3: the [CLS] pooler MATCH trained, else fresh
             dim = backbone.language.config.hidden_size
-            self.pooler = backbone.match_pooler if "match" in backbone.tasks else model.Pooler(dim).apply(
-                model.init_weights)
+            self.pooler = getattr(backbone, "match_pooler", None) or model.Pooler(dim).apply(model.init_weights)
         elif isinstance(backbone, model.CLIPTextTransformer):
             dim = backbone.config.projection_dim * sentences
         else:
@@ -439,13 +438,6 @@ def differences(old, new) -> str:
 SUFFIXES = {"": "", "matched": "_m", "mismatched": "_mm", "ax": "_ax"}  # a split's metric suffix (MNLI's dev, test)
 
 
-def splits(cfg: FinetuneConfig, kind):
-    """{metric suffix: split} of the task's dev or test sets; test sets only where the GLUE test file is there."""
-    task = data.TASKS[cfg.task]
-    return {SUFFIXES[s.partition("_")[2]]: s for s in task.splits if s.partition("_")[0] == kind and (
-        kind == "dev" or task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, task.splits[s])))}
-
-
 def submission_tsv(task, ids, predictions, label_names):
     """GLUE's index<TAB>prediction file: STS-B's floats, else the labels as the task's files write them."""
     values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
@@ -483,13 +475,14 @@ def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
         if (old := results_in(run_dir)) is not None and (differ := differences(old, record)):
             raise ValueError(f"{run_dir} holds a run with other settings ({differ}): give another --name or --out, "
                              f"or delete it")
-
-    def encode(split, limit=None):
-        examples = data.read_task(cfg.task, split, cfg.data)[:limit]
-        return examples, data.encode(examples, cfg.task, bert_tok, cfg.max_len, clip_tok)
-
-    _, train_set = encode("train", cfg.max_train_examples)
-    dev, test = ({suffix: encode(split) for suffix, split in splits(cfg, kind).items()} for kind in ("dev", "test"))
+    sets = collections.defaultdict(dict)  # train, dev, test: {metric suffix: (examples, tensors)}
+    for split, file in task.splits.items():  # test sets only where GLUE's test file is there
+        kind, _, which = split.partition("_")
+        if kind == "test" and not (task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, file))):
+            continue
+        examples = data.read_task(cfg.task, split, cfg.data)[:cfg.max_train_examples if kind == "train" else None]
+        sets[kind][SUFFIXES[which]] = examples, data.encode(examples, cfg.task, bert_tok, cfg.max_len, clip_tok)
+    (_, train_set), dev, test = sets["train"][""], sets["dev"], sets["test"]
     sentences = train_set["clip_ids"].shape[-2] // 2 if variant == "clip" else 1
     n_train, results = len(train_set["labels"]), []
     for run_dir, record in runs.items():
@@ -516,15 +509,13 @@ Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
-    """The (task, encoder, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
-    jobs, facts = [], {}
-    for task in tasks:
-        for encoder in encoders:
+    """The (encoder, task, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
+    jobs = []
+    for encoder in encoders:
+        backbone, variant, *_ = load_backbone(replace(base, encoder=encoder))
+        size, params = model_size(backbone), model.count_parameters(backbone)
+        for task in tasks:
             cfg = check(replace(base, task=task, encoder=encoder, seeds=1))
-            if encoder not in facts:
-                backbone, variant, *_ = load_backbone(cfg)
-                facts[encoder] = variant, model_size(backbone), model.count_parameters(backbone)
-            variant, size, params = facts[encoder]
             spec, name = data.TASKS[task], run_name(cfg, variant, size)
             train_file = os.path.join(cfg.data, spec.folder, spec.splits["train"])
             cost = (os.path.getsize(train_file) if os.path.isfile(train_file) else 1) * cfg.epochs * params
