@@ -1,6 +1,5 @@
-"""Finetuning XDBERT and its baselines on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3): `finetune.py TASK` runs
-one task over its seeds, `finetune.py sweep` runs every cell of Table 1 and `finetune.py table` prints it. The recipe,
-heads, run names and sweep: the README's finetune.py section."""
+"""Finetuning on GLUE, SWAG and READ (Sec. 2.4, 3, App. C.2, C.3): `finetune.py TASK` runs one task over its seeds,
+`finetune.py sweep` runs every cell of Table 1 and `finetune.py table` prints it."""
 import argparse
 import collections
 import copy
@@ -23,7 +22,6 @@ from dataclasses import asdict, dataclass, fields, replace
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import data
 import model
@@ -140,8 +138,6 @@ def run_name(cfg: FinetuneConfig, variant: str, size: str) -> str:
                           if getattr(mine, k) != getattr(recipe, k))
 
 
-# ---------------------------------------------------------------------------------------------------- metrics, Table 1
-
 def average_ranks(x) -> np.ndarray:
     """1-based ranks, ties sharing the mean of the ranks they span (scipy.stats.rankdata's 'average')."""
     _, inverse, counts = np.unique(np.asarray(x), return_inverse=True, return_counts=True)
@@ -252,19 +248,6 @@ def table(results) -> tuple[str, str]:
     return "\n".join(lines), text.getvalue()
 
 
-def glue_submission(results, path):
-    """A GLUE submission zip of the median run of each GLUE task (its glue_test/*.tsv); returns the file names."""
-    names = []
-    with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
-        for runs in filter(None, ([r for r in results if r["task"] == task] for task in GLUE)):
-            for tsv in median_run(runs).get("test_predictions", []):
-                names.append(os.path.basename(tsv))
-                z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", names[-1]), names[-1])
-    return names
-
-
-# ---------------------------------------------------------------------------------------------------- model, training
-
 class Finetuner(nn.Module):
     """A backbone with a task head (Sec. 2.4): logits (B, C), regression scores (B,) or choice scores (B, 4)."""
 
@@ -273,8 +256,7 @@ class Finetuner(nn.Module):
         self.backbone, self.kind, electra = backbone, kind, False
         if isinstance(backbone, model.CrossModalTransformer):  # App. C.3: the [CLS] pooler MATCH trained, else fresh
             dim = backbone.language.config.hidden_size
-            self.pooler = backbone.match_pooler if "match" in backbone.tasks else model.Pooler(dim).apply(
-                model.init_weights)
+            self.pooler = getattr(backbone, "match_pooler", None) or model.Pooler(dim).apply(model.init_weights)
         elif isinstance(backbone, model.CLIPTextTransformer):
             dim = backbone.config.projection_dim * sentences
         else:
@@ -314,8 +296,8 @@ class Finetuner(nn.Module):
 def loss_fn(kind, outputs, labels):
     """Cross-entropy for classification and over the 4 choices of SWAG; mean squared error for regression."""
     if kind == "regression":
-        return F.mse_loss(outputs.float(), labels.float())
-    return F.cross_entropy(outputs.float(), labels)
+        return nn.functional.mse_loss(outputs.float(), labels.float())
+    return nn.functional.cross_entropy(outputs.float(), labels)
 
 
 def layer_depth(name, num_layers, xlayers=0):
@@ -363,20 +345,14 @@ def trimmed(batch, device):
     return out
 
 
-def batches(tensors, indices, size):
-    """Consecutive slices of `indices` of at most `size`, as dicts of the tensors' rows."""
-    for start in range(0, len(indices), size):
-        yield {k: v[indices[start:start + size]] for k, v in tensors.items()}
-
-
 @torch.no_grad()
 def predict(net, tensors, cfg, batch_size=128):
     """Dev or test predictions: class ids, regression scores or chosen endings, as a numpy vector."""
     net.eval()
-    inputs = {k: v for k, v in tensors.items() if k != "labels"}
-    rows = torch.arange(len(next(iter(inputs.values()))))
+    rows = torch.arange(len(next(iter(tensors.values()))))
     with autocast(cfg.device, cfg.dtype == "bf16"):
-        out = torch.cat([net(trimmed(b, cfg.device)) for b in batches(inputs, rows, batch_size)])
+        out = torch.cat([net(trimmed({k: v[part] for k, v in tensors.items()}, cfg.device))
+                         for part in rows.split(batch_size)])
     return (out.float() if net.kind == "regression" else out.argmax(-1)).cpu().numpy()
 
 
@@ -393,27 +369,23 @@ def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
     for epoch in range(1, cfg.epochs + 1):
         net.train()
         start, losses = time.perf_counter(), []  # one 0-d device tensor per step
-        permutation = torch.randperm(n, generator=order)
-        for step in range(steps):
-            rows = permutation[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+        for step, rows in enumerate(torch.randperm(n, generator=order).split(cfg.batch_size)):
             losses.append(0.0)
-            for part in batches(train_set, rows, micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
-                b = trimmed(part, cfg.device)
+            for part in rows.split(micro):  # gradient accumulation: 32 = 4 x 8 in the authors' runs
+                b = trimmed({k: v[part] for k, v in train_set.items()}, cfg.device)
                 with autocast(cfg.device, bf16):
-                    loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part["labels"]) / len(rows))
+                    loss = loss_fn(net.kind, net(b), b["labels"]) * (len(part) / len(rows))
                 loss.backward()
                 losses[-1] = losses[-1] + loss.detach()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            if (step + 1) % CHECK_EVERY == 0 or step == steps - 1:  # one host sync per window of steps
-                window = step // CHECK_EVERY * CHECK_EVERY
-                bad = torch.nonzero(~torch.isfinite(torch.stack(losses[window:])))
-                if len(bad):
-                    i = window + int(bad[0])
-                    raise FloatingPointError(f"the training loss became {float(losses[i])} at step "
-                                             f"{(epoch - 1) * steps + i + 1}: finetune again with a lower --lr")
+            checked = (step + 1) % CHECK_EVERY == 0 or step == steps - 1  # one host sync per window of steps
+            if checked and not torch.isfinite(torch.stack(losses)).all():
+                i = next(i for i, loss in enumerate(losses) if not math.isfinite(loss))
+                raise FloatingPointError(f"the training loss became {float(losses[i])} at step "
+                                         f"{(epoch - 1) * steps + i + 1}: finetune again with a lower --lr")
         seconds += time.perf_counter() - start
         predictions = {suffix: predict(net, tensors, cfg) for suffix, tensors in dev_sets.items()}
         metrics = {m + s: score(m, dev_sets[s]["labels"].numpy(), p) for s, p in predictions.items()
@@ -424,8 +396,6 @@ def train(net, train_set, dev_sets, cfg: FinetuneConfig, seed, log=None):
             log(f"  epoch {epoch}: loss {history[-1]['train_loss']:.4f}, " + format_metrics(metrics))
     return history, seconds
 
-
-# ---------------------------------------------------------------------------------------------------- one command
 
 def load_backbone(cfg: FinetuneConfig):
     """(backbone, variant, BERT tokenizer, CLIP tokenizer) of --encoder, or of its crossmodal.pt (App. C.3)."""
@@ -468,13 +438,6 @@ def differences(old, new) -> str:
 SUFFIXES = {"": "", "matched": "_m", "mismatched": "_mm", "ax": "_ax"}  # a split's metric suffix (MNLI's dev, test)
 
 
-def splits(cfg: FinetuneConfig, kind):
-    """{metric suffix: split} of the task's dev or test sets; test sets only where the GLUE test file is there."""
-    task = data.TASKS[cfg.task]
-    return {SUFFIXES[s.partition("_")[2]]: s for s in task.splits if s.partition("_")[0] == kind and (
-        kind == "dev" or task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, task.splits[s])))}
-
-
 def submission_tsv(task, ids, predictions, label_names):
     """GLUE's index<TAB>prediction file: STS-B's floats, else the labels as the task's files write them."""
     values = (f"{float(p):.6f}" if task == "stsb" else label_names[int(p)] for p in predictions)
@@ -512,13 +475,14 @@ def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
         if (old := results_in(run_dir)) is not None and (differ := differences(old, record)):
             raise ValueError(f"{run_dir} holds a run with other settings ({differ}): give another --name or --out, "
                              f"or delete it")
-
-    def encode(split, limit=None):
-        examples = data.read_task(cfg.task, split, cfg.data)[:limit]
-        return examples, data.encode(examples, cfg.task, bert_tok, cfg.max_len, clip_tok)
-
-    _, train_set = encode("train", cfg.max_train_examples)
-    dev, test = ({suffix: encode(split) for suffix, split in splits(cfg, kind).items()} for kind in ("dev", "test"))
+    sets = collections.defaultdict(dict)  # train, dev, test: {metric suffix: (examples, tensors)}
+    for split, file in task.splits.items():  # test sets only where GLUE's test file is there
+        kind, _, which = split.partition("_")
+        if kind == "test" and not (task.glue_dir and os.path.isfile(os.path.join(cfg.data, task.folder, file))):
+            continue
+        examples = data.read_task(cfg.task, split, cfg.data)[:cfg.max_train_examples if kind == "train" else None]
+        sets[kind][SUFFIXES[which]] = examples, data.encode(examples, cfg.task, bert_tok, cfg.max_len, clip_tok)
+    (_, train_set), dev, test = sets["train"][""], sets["dev"], sets["test"]
     sentences = train_set["clip_ids"].shape[-2] // 2 if variant == "clip" else 1
     n_train, results = len(train_set["labels"]), []
     for run_dir, record in runs.items():
@@ -541,21 +505,17 @@ def run_seeds(cfg: FinetuneConfig, log=print) -> list[dict]:
     return results
 
 
-# ---------------------------------------------------------------------------------------------------- sweep
-
 Job = collections.namedtuple("Job", "name cfg expected cost log")  # cost: train file bytes x epochs x parameters
 
 
 def sweep_jobs(base: FinetuneConfig, encoders, tasks, seeds=None) -> list[Job]:
-    """The (task, encoder, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
-    jobs, facts = [], {}
-    for task in tasks:
-        for encoder in encoders:
+    """The (encoder, task, seed) jobs of a sweep, each a one-seed config; seeds None: the paper's (App. C.2)."""
+    jobs = []
+    for encoder in encoders:
+        backbone, variant, *_ = load_backbone(replace(base, encoder=encoder))
+        size, params = model_size(backbone), model.count_parameters(backbone)
+        for task in tasks:
             cfg = check(replace(base, task=task, encoder=encoder, seeds=1))
-            if encoder not in facts:
-                backbone, variant, *_ = load_backbone(cfg)
-                facts[encoder] = variant, model_size(backbone), model.count_parameters(backbone)
-            variant, size, params = facts[encoder]
             spec, name = data.TASKS[task], run_name(cfg, variant, size)
             train_file = os.path.join(cfg.data, spec.folder, spec.splits["train"])
             cost = (os.path.getsize(train_file) if os.path.isfile(train_file) else 1) * cfg.epochs * params
@@ -578,8 +538,7 @@ def finished(job):
 
 
 def start_job(job, gpu, threads):
-    """`python finetune.py TASK ...` in its own process (one GPU or `threads` threads), output to job.log; on
-    Linux it dies with the sweep (prctl PR_SET_PDEATHSIG)."""
+    """`python finetune.py TASK ...` on one GPU or `threads` threads, output to job.log, dying with the sweep."""
     env = os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
     env |= {"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}
     sweep_pid, prctl = os.getpid(), getattr(ctypes.CDLL(None), "prctl", None)
@@ -592,8 +551,7 @@ def start_job(job, gpu, threads):
 
     os.makedirs(os.path.dirname(job.log), exist_ok=True)
     with open(job.log, "a", encoding="utf-8") as log:
-        log.write(f"$ python finetune.py {' '.join(to_argv(job.cfg))}\n")
-        log.flush()
+        print(f"$ python finetune.py {' '.join(to_argv(job.cfg))}", file=log, flush=True)
         return subprocess.Popen([sys.executable, os.path.abspath(__file__), *to_argv(job.cfg)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, preexec_fn=die_with_sweep)
 
@@ -661,9 +619,14 @@ def sweep(argv, log=print) -> list[Job]:
         with model.atomic_file(os.path.join(base.out, file), "w") as f:
             f.write(text)
     log(markdown + f"\n(written to {os.path.join(base.out, 'table1.md')} and table1.csv)")
-    for name in dict.fromkeys(r["model"] for r in results if r.get("test_predictions")):
-        path = os.path.join(base.out, f"glue-submission-{name}.zip")
-        log(f"GLUE submission {path}: {', '.join(glue_submission([r for r in results if r['model'] == name], path))}")
+    for name in dict.fromkeys(r["model"] for r in results if r.get("test_predictions")):  # each GLUE task's median run
+        path, files = os.path.join(base.out, f"glue-submission-{name}.zip"), []
+        with model.atomic_file(path, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as z:
+            for runs in filter(None, ([r for r in results if (r["model"], r["task"]) == (name, t)] for t in GLUE)):
+                for tsv in median_run(runs).get("test_predictions", []):
+                    files.append(os.path.basename(tsv))
+                    z.write(os.path.join(median_run(runs)["run_dir"], "glue_test", files[-1]), files[-1])
+        log(f"GLUE submission {path}: {', '.join(files)}")
     return failed
 
 
