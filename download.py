@@ -204,12 +204,9 @@ def expand(names) -> list[Item]:
     """Command-line names (items and GROUPS) -> items, in order, without repeats."""
     out = {}
     for name in names:
-        if name in GROUPS:
-            out.update((item.name, item) for item in expand(GROUPS[name]))
-        elif name in ITEMS:
-            out[name] = ITEMS[name]
-        else:
+        if name not in GROUPS and name not in ITEMS:
             raise DownloadError(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
+        out.update((item.name, item) for item in (expand(GROUPS[name]) if name in GROUPS else [ITEMS[name]]))
     return list(out.values())
 
 
@@ -257,7 +254,13 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with requests.Session() as session, open(part, "ab") as f:
-        lock(f, part, dest)
+        held = False
+        with contextlib.suppress(BlockingIOError, FileNotFoundError):  # a second download of the file stops at once
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.path.samestat(os.stat(part), os.fstat(f.fileno()))  # not renamed into place meanwhile
+        if not held:
+            raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run "
+                                f"the same command again")
         size = size or remote_size(session, url, cfg.timeout)
         failures, best = 0, f.tell()
         try:
@@ -282,16 +285,6 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
         os.fsync(f.fileno())  # the bytes on disk before the name: a power loss cannot leave an empty dest
         os.replace(part, dest)
     return dest
-
-
-def lock(f, part: Path, dest: Path) -> None:
-    """An exclusive lock on the open .part file: a second download of the file stops at once with this error."""
-    with contextlib.suppress(BlockingIOError, FileNotFoundError):
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.path.samestat(os.stat(part), os.fstat(f.fileno())):  # not renamed into place meanwhile
-            return
-    raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
-                        f"same command again")
 
 
 def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> str | None:
@@ -395,25 +388,9 @@ def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
     return fetch(last, cfg.data / remote.dest, cfg, remote.size, remote.sha256)
 
 
-def get(item: Item, cfg: DownloadConfig) -> None:
-    """Fetch and build an item unless it is done (or cfg.force); then check it."""
-    if item.remotes and (cfg.force or not item.done(cfg.data)):
-        for remote in item.remotes:
-            fetch_remote(remote, cfg)
-        if item.build:
-            item.build(cfg.data)
-            for remote in item.remotes:
-                (cfg.data / remote.dest).unlink()
-            with contextlib.suppress(OSError):  # downloads/, once empty
-                (cfg.data / "downloads").rmdir()
-    if item.check:
-        item.check(cfg.data)
-    print(f"{item.name}: ok")
-
-
 def download(cfg: DownloadConfig) -> None:
-    """What will be fetched, with sizes (published, else from a HEAD request), then every item; one that fails is
-    reported and the others go on."""
+    """What will be fetched, with sizes (published, else from a HEAD request); then each item is fetched and built
+    unless it is done (or cfg.force), and checked. One that fails is reported and the others go on."""
     items, total, unknown = expand(cfg.names), 0, 0
     print(f"data directory: {cfg.data}")
     with requests.Session() as session:
@@ -434,7 +411,18 @@ def download(cfg: DownloadConfig) -> None:
     failed = []
     for item in items:
         try:
-            get(item, cfg)
+            if item.remotes and (cfg.force or not item.done(cfg.data)):
+                for remote in item.remotes:
+                    fetch_remote(remote, cfg)
+                if item.build:
+                    item.build(cfg.data)
+                    for remote in item.remotes:
+                        (cfg.data / remote.dest).unlink()
+                    with contextlib.suppress(OSError):  # downloads/, once empty
+                        (cfg.data / "downloads").rmdir()
+            if item.check:
+                item.check(cfg.data)
+            print(f"{item.name}: ok")
         except DownloadError as err:
             print(f"{item.name}: {err}", file=sys.stderr)
             failed.append(item.name)
