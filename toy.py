@@ -1,13 +1,9 @@
-"""The toy kit: an offline miniature of every data set and checkpoint, made from a small world, and a controlled
-experiment on it (README, "The toy world").
+"""The toy kit (README, "The toy world"): an offline miniature of every data set and checkpoint, made from a small
+world of things that a corpus describes without ever saying how they look, and captioned pictures show; and a
+controlled experiment on it.
 
     python toy.py                  # build data/toy (about half a minute; `python download.py --toy` runs this)
     python toy.py experiment       # BERT, the MLM-only baseline and XDBERT on a visual and a control task
-
-Things with visual attributes (colour, material, build) and non-visual ones (town, use, kind) are described twice:
-by an encyclopedic corpus in WikiText-103's raw format that never says how a thing looks, and by captioned synthetic
-images (the toy MSCOCO). bert-toy and electra-toy are pretrained with MLM on the corpus alone, clip-toy contrastively
-on (caption, image) with a small image tower that is then dropped, as XDBERT drops CLIP's (Sec. 2.2).
 """
 import argparse
 import csv
@@ -33,6 +29,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 import data
 import model
+from download import COMMONLIT_HEADER, MRPC_HEADER
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Words
@@ -57,8 +54,6 @@ PALETTE, MATERIALS, BUILDS = COLOURS[:6], ("wooden", "metal", "glass", "stone"),
 USES = ("fishing", "cooking", "music", "trade", "farming", "weaving", "healing", "building", "games", "prayer")
 KINDS = ("tool", "toy", "instrument", "vessel", "ornament", "charm", "lamp", "game")
 BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
-COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
@@ -149,8 +144,7 @@ def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
 
 
 def toy_corpus(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw; the train split is about 1,200 adaptation steps of 32
-    windows of 16 tokens (adapt.py --toy)."""
+    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw (train: about 1,200 steps of adapt.py --toy)."""
     for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):
         path = root / "wikitext-103-raw" / f"wiki.{split}.raw"
         if not path.exists():
@@ -179,9 +173,8 @@ def image(picture: Picture, rng: np.random.Generator) -> np.ndarray:
 
 
 def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
-    """n / len(world) pictures of each thing. A caption names the thing, each of its visual attributes with
-    probability SAY_ATTRIBUTE and the scene with SAY_SCENE: to match a caption that says no colour to its picture, a
-    text tower must know the thing's colour."""
+    """n / len(world) pictures of each thing; a caption names the thing, each of its visual attributes with
+    probability SAY_ATTRIBUTE and the scene with SAY_SCENE."""
     rng, out = random.Random(f"{seed}-pictures"), []
     for i in range(n):
         thing, scene = world[i % len(world)], rng.choice(SCENES)
@@ -209,10 +202,9 @@ def toy_coco(root: Path, album: list[Picture]) -> None:
 
 
 def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
-    """BPE (Sennrich et al. 2016) on word counts {symbols: count}: join the most frequent adjacent pair, n_merges times.
-    Ties go to the smallest pair, so that the result is the same on every run (the `tokenizers` trainers order equal
-    counts differently from run to run); a pair whose join is already a token is skipped (vocabularies hold each
-    token once)."""
+    """BPE (Sennrich et al. 2016) on {symbols: count}: join the most frequent adjacent pair, n_merges times; ties go
+    to the smallest pair (the `tokenizers` trainers break them differently from run to run), a join that is already a
+    token is skipped."""
     merges, made = [], set()
     for _ in range(n_merges):
         pairs = Counter()
@@ -230,14 +222,12 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
 
 
 def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if word[i:i + 2] == pair:
-            out.append(joined)
-            i += 2
+    out = []
+    for symbol in word:
+        if out and (out[-1], symbol) == pair:  # a join is longer than pair[0]: it never joins again
+            out[-1] = joined
         else:
-            out.append(word[i])
-            i += 1
+            out.append(symbol)
     return tuple(out)
 
 
@@ -246,10 +236,9 @@ def corpus_words(text: str, tok: Tokenizer) -> Counter:
     return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
 
 
-def train_wordpiece(text: str, n_merges: int = 1200) -> Tokenizer:
-    """An uncased BERT-style WordPiece: [PAD] = 0, a few [unusedN], then [UNK] [CLS] [SEP] [MASK] (ids unlike
-    bert-base's on purpose, so that code must read them from the tokenizer), the characters, then the learnt pieces;
-    written as a vocab.txt that data.bert_tokenizer reads as it reads bert-base's."""
+def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
+    """An uncased BERT-style WordPiece in folder/vocab.txt: [PAD] = 0, a few [unusedN], [UNK] [CLS] [SEP] [MASK] (ids
+    unlike bert-base's, so that code must read them), the characters, the learnt pieces."""
     splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -257,23 +246,21 @@ def train_wordpiece(text: str, n_merges: int = 1200) -> Tokenizer:
     merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
     symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
     pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_lines(Path(tmp, "vocab.txt"), BERT_TOY_SPECIALS + list(pieces))
-        return data.bert_tokenizer(tmp)
+    write_lines(folder / "vocab.txt", BERT_TOY_SPECIALS + list(pieces))
+    return data.bert_tokenizer(folder)
 
 
-def train_clip_bpe(text: str, n_merges: int = 1200) -> Tokenizer:
-    """A CLIP-style byte-level BPE: merges learnt on the words CLIP's own normalizer and pre-tokenizer make of the
-    text, laid out by data.clip_tokenizer_json_from_bpe exactly as CLIP's vocabulary (256 byte symbols, the same
-    with '</w>', the merges, <|startoftext|> and <|endoftext|> last)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_merges(Path(tmp, "none.txt.gz"), [])
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "none.txt.gz"), Path(tmp, "none.json"))
-        splitter = Tokenizer.from_file(str(Path(tmp, "none.json")))
-        words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(text, splitter).items()})
-        write_merges(Path(tmp, "toy.txt.gz"), learn_merges(words, n_merges, str.__add__))
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "toy.txt.gz"), Path(tmp, "toy.json"))
-        return Tokenizer.from_file(str(Path(tmp, "toy.json")))
+def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
+    """A CLIP-style byte-level BPE in folder/tokenizer.json: merges learnt on the words CLIP's normalizer and
+    pre-tokenizer make of the text, laid out as CLIP's vocabulary by data.clip_tokenizer_json_from_bpe."""
+    folder.mkdir(parents=True)
+    write_merges(folder / "none.txt.gz", [])
+    data.clip_tokenizer_json_from_bpe(folder / "none.txt.gz", folder / "tokenizer.json")
+    splitter = Tokenizer.from_file(str(folder / "tokenizer.json"))  # no merges: CLIP's normalizer and pre-tokenizer
+    words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(text, splitter).items()})
+    write_merges(folder / "toy.txt.gz", learn_merges(words, n_merges, str.__add__))
+    data.clip_tokenizer_json_from_bpe(folder / "toy.txt.gz", folder / "tokenizer.json")
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
 def write_merges(path: Path, merges: list) -> None:
@@ -289,8 +276,10 @@ MLM_BATCH, MLM_LEN, CLIP_BATCH = 32, 64, 128
 INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of adapt.py's new layers (README)
 
 
-def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: float) -> float:
-    """AdamW with 5% warm-up then linear decay, gradient clipping 1.0. Returns the mean loss of the last 10% steps."""
+def fit(name: str, params: list, loss_at: Callable[[int], torch.Tensor]) -> None:
+    """PRETRAIN[name]'s steps of AdamW, 5% warm-up then linear decay, gradient clipping 1.0; prints the mean loss of
+    the last 10% of the steps."""
+    (steps, lr), start = PRETRAIN[name], time.process_time()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
                                                    anneal_strategy="linear", cycle_momentum=False)
@@ -303,14 +292,15 @@ def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: fl
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return sum(losses[-max(1, steps // 10):]) / max(1, steps // 10)
+    print(f"{name}: {steps} pretraining steps, final loss {statistics.mean(losses[-max(1, steps // 10):]):.3f}, "
+          f"{time.process_time() - start:.1f} CPU-s", flush=True)
 
 
-def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, steps: int, lr: float,
-                 seed: int) -> float:
+def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed: int) -> model.LanguageEncoder:
     """MLM (Devlin et al. 2019) on corpus windows: AdaptationData's masking, model.token_loss through a fresh
     TokenPredictionHead tied to the word embeddings."""
-    cfg = encoder.config
+    cfg = dataclasses.replace(model.PRESETS[name], dropout=0.0, vocab_size=vocab_size, initializer_range=INIT_STD)
+    encoder = model.LanguageEncoder(cfg)
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
                                      cfg.layer_norm_eps)
     head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
@@ -322,13 +312,15 @@ def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, s
         return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
                                 encoder.embeddings.word_embeddings.weight)
 
-    return fit([*encoder.parameters(), *head.parameters()], loss_at, steps, lr)
+    fit(name, [*encoder.parameters(), *head.parameters()], loss_at)
+    return encoder
 
 
-def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: list[Picture], steps: int,
-                  lr: float, seed: int) -> float:
+def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model.CLIPTextTransformer:
     """CLIP's contrastive loss (Radford et al. 2021): the symmetric cross-entropy of the batch's caption x image
     cosine similarities, scaled by a learnt temperature. The image tower and the temperature are then dropped."""
+    cfg = dataclasses.replace(model.PRESETS["clip-toy"], vocab_size=clip_tok.get_vocab_size())
+    text = model.CLIPTextTransformer(cfg)
     P = text.config.projection_dim
     tower = nn.Sequential(nn.Linear(IMAGE_DIM, 2 * P), nn.GELU(), nn.Linear(2 * P, P))  # pictures -> CLIP's space
     log_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's initial temperature
@@ -345,58 +337,41 @@ def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: l
         target = torch.arange(len(picked))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
-    return fit([*text.parameters(), *tower.parameters(), log_scale], loss_at, steps, lr)
-
-
-def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
-    """model.save_hf + tokenizer.json (+ vocab.txt), the folder appearing only when complete."""
-    with model.atomic_dir(folder) as tmp:
-        model.save_hf(encoder, tmp)
-        tok.save(str(Path(tmp, "tokenizer.json")))
-        if vocab_txt:
-            write_lines(Path(tmp, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+    fit("clip-toy", [*text.parameters(), *tower.parameters(), log_scale], loss_at)
+    return text
 
 
 def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
-    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy: model.PRESETS sizes with the
-    trained tokenizers' vocabularies, pretrained as the module docstring says."""
+    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy in the hub layout, at
+    model.PRESETS sizes with the trained tokenizers' vocabularies."""
     missing = [name for name in PRETRAIN if not (root / "ckpt" / name).exists()]
     if not missing:
         return
-    corpus = (root / "wikitext-103-raw" / "wiki.train.raw").read_text(encoding="utf-8")
-    wordpiece = train_wordpiece(corpus)
-    clip_tok = train_clip_bpe(corpus + "\n".join(c for p in album for c in p.captions))
+    corpus = root / "wikitext-103-raw" / "wiki.train.raw"
+    text = corpus.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, tok in (("bert", wordpiece), ("clip", clip_tok)):
-            Path(tmp, name).mkdir()
-            tok.save(str(Path(tmp, name, "tokenizer.json")))
-        cache = data.build_cache(root / "wikitext-103-raw" / "wiki.train.raw", Path(tmp, "bert"), Path(tmp, "clip"),
-                                 Path(tmp, "cache"), seq_len=MLM_LEN, n_blocks=1, log=lambda _: None)
+        bert_dir, clip_dir = Path(tmp, "bert"), Path(tmp, "clip")
+        wordpiece = train_wordpiece(text, bert_dir)
+        clip_tok = train_clip_bpe(text + "\n".join(c for p in album for c in p.captions), clip_dir)
+        cache = data.build_cache(corpus, bert_dir, clip_dir, Path(tmp, "cache"), seq_len=MLM_LEN, n_blocks=1,
+                                 log=lambda _: None)
         windows = data.AdaptationData(cache, match_prob=0.0)
         for name in missing:
             torch.manual_seed(seed)
-            steps, lr = PRETRAIN[name]
-            start = time.process_time()
             if name == "clip-toy":
-                net = model.CLIPTextTransformer(dataclasses.replace(model.PRESETS[name],
-                                                                    vocab_size=clip_tok.get_vocab_size()))
-                loss = pretrain_clip(net, clip_tok, album, steps, lr, seed)
+                net, tok = pretrain_clip(clip_tok, album, seed), clip_tok
             else:
-                net = model.LanguageEncoder(dataclasses.replace(model.PRESETS[name], dropout=0.0,
-                                                                vocab_size=wordpiece.get_vocab_size(),
-                                                                initializer_range=INIT_STD))
-                loss = pretrain_mlm(net, windows, steps, lr, seed)
-            print(f"{name}: {steps} pretraining steps, final loss {loss:.3f}, "
-                  f"{time.process_time() - start:.1f} CPU-s", flush=True)
-            save_checkpoint(net, clip_tok if name == "clip-toy" else wordpiece, root / "ckpt" / name,
-                            vocab_txt=name != "clip-toy")
+                net, tok = pretrain_mlm(name, wordpiece.get_vocab_size(), windows, seed), wordpiece
+            with model.atomic_dir(root / "ckpt" / name) as folder:
+                model.save_hf(net, folder)
+                tok.save(str(Path(folder, "tokenizer.json")))
+                if tok is wordpiece:
+                    vocab = tok.get_vocab()
+                    write_lines(Path(folder, "vocab.txt"), sorted(vocab, key=vocab.get))
 
 # ----------------------------------------------------------------------------------------------------------------------
-# GLUE-format tasks about the words of the world. Each maker gives (fields, label) examples; TOY_GLUE says how rows and
-# headers look (GLUE's own formats) and what rule decides the label. The pair rules mix a cue that one sentence
-# shows (a negation, a word left out, an added detail: what the 2-layer toy encoder learns from random weights in
-# the recipe's 3 epochs) with a comparison of the two sentences (what it mostly does not): the toy scores sit clearly
-# above chance and below 100, and a bag-of-words model that also sees the shared words reaches ~100 (the tests).
+# GLUE-format tasks about the words of the world: each maker gives (fields, label), TOY_GLUE writes GLUE's formats.
+# The pair rules mix a cue in one sentence (a negation, a word left out, a detail added) with a comparison of the two.
 
 DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
 
@@ -427,9 +402,8 @@ def sst2_example(rng: random.Random) -> tuple[list[str], str]:
 
 
 def stsb_example(rng: random.Random) -> tuple[list[str], str]:
-    """Similarity 0-5: 5/3 for each slot (colour, object, scene) the second sentence shares with the first, plus
-    uniform noise of +-0.25; a slot it does not share holds another word (1 in 4) or is left out (no colour,
-    "thing", "somewhere")."""
+    """Similarity 0-5: 5/3 per slot (colour, object, scene) the second sentence shares with the first, +-0.25 noise;
+    a slot not shared holds another word (1 in 4) or is left out (no colour, "thing", "somewhere")."""
     slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
     other = [rng.choices((v, rng.choice([w for w in pool if w != v]), None), (0.4, 0.15, 0.45))[0]
              for v, pool in zip(slots, (COLOURS, OBJECTS, SCENES))]
@@ -475,23 +449,24 @@ class ToyTask:
     header: str | None                 # train/dev header (CoLA has none)
     row: Callable[[int, list[str], str], list[str]]
     test_header: str
-    test_row: Callable[[int, list[str]], list[str]]
+    test_row: Callable[[int, list[str]], list[str]] = lambda i, f: [str(i), *f]
 
 
+def stsb_meta(i: int) -> list[str]:
+    """STS-B's columns before the sentences."""
+    return [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none"]
+
+
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
 TOY_GLUE = {
     "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
-                   "index\tsentence1\tsentence2", lambda i, f: [str(i), *f]),
-    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y],
-                     "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "STS-B": ToyTask(stsb_example, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
-                                   "score",
-                     lambda i, f, y: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f, y],
-                     "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
-                     lambda i, f: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f]),
+                   "index\tsentence1\tsentence2"),
+    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y], "index\tsentence"),
+    "STS-B": ToyTask(stsb_example, STSB_HEADER + "\tscore", lambda i, f, y: [*stsb_meta(i), *f, y], STSB_HEADER,
+                     lambda i, f: [*stsb_meta(i), *f]),
     "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
-                    "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f],
-                    "index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, f: [str(i), *f]),
+                    "index\tsentence"),
+    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f], "index" + MRPC_HEADER.removeprefix("Quality")),
 }
 TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 steps of 32 in 3 epochs
 
@@ -581,9 +556,8 @@ EXPERIMENT_TASKS = {"colour": colour_rows, "review": review_rows}
 
 
 def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv (finetune.py reads them as SST-2 with --data): statements
-    about one half of the world to train on, about the other half to score, so that what a model knows about a dev
-    thing comes from its encoder, not from the training set."""
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv: statements about one half of the world to train on, about
+    the other half to score, so that what a model knows about a dev thing comes from its encoder."""
     rng = random.Random(f"{seed}-experiment")
     things = rng.sample(world, len(world))
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
@@ -638,9 +612,8 @@ def seed_runs(folder: Path) -> list[Path]:
 
 
 def experiment(root: Path, out: Path, seeds: int) -> dict:
-    """BERT, BERT after one more epoch of plain MLM (Sec. 3's fair baseline), XDBERT, the whole adapted model (X-BERT,
-    App. C.3) and CLIP-T alone, each finetuned on both tasks over `seeds` seeds.
-    Returns {task: {row: [dev accuracy per seed]}}."""
+    """Each row of ROWS (BERT + MLM: Sec. 3's fair baseline; X-BERT: App. C.3) finetuned on both tasks over `seeds`
+    seeds -> {task: {row: [dev accuracy per seed]}}."""
     if out.exists():
         raise ValueError(f"{out} exists: remove it or pass another --out, so that no earlier run is mixed in")
     out.mkdir(parents=True)
@@ -662,24 +635,25 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
     return scores
 
 
+def percent(accuracies: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest over the seeds, in percent."""
+    return tuple(100 * f(accuracies) for f in (statistics.median, min, max))
+
+
 def experiment_chart(scores: dict) -> str:
-    """Table 1 as bars: one cluster per task, one bar per model at its median, whiskers from the lowest seed to the
+    """Table 1 as bars: a cluster per task, a bar per model at its median, whiskers from the lowest seed to the
     highest."""
-    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
-    medians = {t: {row: 100 * statistics.median(scores[t][row]) for row in ROWS} for t in tasks}
-    spread = {t: {row: (100 * min(scores[t][row]), 100 * max(scores[t][row])) for row in ROWS} for t in tasks}
+    medians = {t: {row: percent(scores[t][row])[0] for row in ROWS} for t in scores}
+    spread = {t: {row: percent(scores[t][row])[1:] for row in ROWS} for t in scores}
     return data.svg_bars(medians, "The toy experiment: dev accuracy, median over seeds", "accuracy (%)", spread)
 
 
 def experiment_table(scores: dict) -> str:
-    """Table 1's layout: a row per model, a column per task; each cell the median dev accuracy over the seeds and
-    their range."""
-    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
-    lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in tasks) + " |",
-             "|---" * (len(tasks) + 1) + "|"]
+    """Table 1's layout: a row per model, a column per task, each cell the median over the seeds [lowest, highest]."""
+    lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in scores) + " |",
+             "|---" * (len(scores) + 1) + "|"]
     for row in ROWS:
-        cells = [f"{100 * statistics.median(scores[t][row]):.1f} [{100 * min(scores[t][row]):.1f}, "
-                 f"{100 * max(scores[t][row]):.1f}]" for t in tasks]
+        cells = ["{:.1f} [{:.1f}, {:.1f}]".format(*percent(scores[t][row])) for t in scores]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -699,8 +673,7 @@ def main(argv=None) -> None:
         try:
             scores = experiment(Path(args.data), out, args.seeds)
             table = experiment_table(scores)
-            with model.atomic_file(out / "table.md", "w") as f:
-                f.write(table + "\n")
+            write_lines(out / "table.md", [table])
             with model.atomic_file(out / "experiment.svg", "w") as f:
                 f.write(experiment_chart(scores))
             print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
