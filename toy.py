@@ -1,9 +1,8 @@
-"""The toy kit (README, "The toy world"): an offline miniature of every data set and checkpoint, made from a small
-world of things that a corpus describes without ever saying how they look, and captioned pictures show; and a
-controlled experiment on it.
+"""The toy kit (README, "The toy world"): a miniature of every data set and checkpoint, built offline from a small
+world, and a controlled experiment on it.
 
-    python toy.py                  # build data/toy (about half a minute; `python download.py --toy` runs this)
-    python toy.py experiment       # BERT, the MLM-only baseline and XDBERT on a visual and a control task
+    python toy.py                  # build data/toy (`python download.py --toy` runs this)
+    python toy.py experiment       # five models finetuned on a visual and a control task
 """
 import argparse
 import csv
@@ -11,6 +10,7 @@ import dataclasses
 import gzip
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -32,7 +32,7 @@ import model
 from download import COMMONLIT_HEADER, MRPC_HEADER
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Words
+# The world: things, the corpus that tells of them, the pictures that show them
 
 COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
@@ -70,9 +70,6 @@ def write_csv(path: Path, rows: list[list]) -> None:
 
 def capitalise(text: str) -> str:
     return text[0].upper() + text[1:]
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The world: things, the corpus that tells of them, the pictures that show them
 
 
 @dataclass(frozen=True)
@@ -126,8 +123,7 @@ def town_sentence(town: str, rng: random.Random) -> str:
 
 
 def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
-    """WikiText-103 raw lines (' = Title = ', ' = = Section = = ', blank ' ' lines, paragraphs with a leading and a
-    trailing space) about a town or a thing, each of whose facts it states at most once."""
+    """WikiText-103's raw lines (headings, ' ' lines, paragraphs) about a town, or a thing and two of its FACTS."""
     if rng.random() < 0.1:
         town = rng.choice(TOWNS)
         body = " ".join(capitalise(town_sentence(town, rng)) for _ in range(rng.randint(3, 6)))
@@ -173,8 +169,7 @@ def image(picture: Picture, rng: np.random.Generator) -> np.ndarray:
 
 
 def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
-    """n / len(world) pictures of each thing; a caption names the thing, each of its visual attributes with
-    probability SAY_ATTRIBUTE and the scene with SAY_SCENE."""
+    """n / len(world) pictures of each thing, captions naming it and some of its looks and the scene."""
     rng, out = random.Random(f"{seed}-pictures"), []
     for i in range(n):
         thing, scene = world[i % len(world)], rng.choice(SCENES)
@@ -198,18 +193,19 @@ def toy_coco(root: Path, album: list[Picture]) -> None:
                                        "images": images, "annotations": annotations})])
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers trained on the toy text
+# The checkpoints: tokenizers trained on the toy text, encoders pretrained on it
 
 
 def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
-    """BPE (Sennrich et al. 2016) on {symbols: count}: join the most frequent adjacent pair, n_merges times; ties go
-    to the smallest pair (the `tokenizers` trainers break them differently from run to run), a join that is already a
-    token is skipped."""
+    """BPE as Sennrich et al. (2016) learn it, on {'s y m b o l s': count}: join the most frequent adjacent pair,
+    n_merges times; ties go to the smallest pair (the `tokenizers` trainers break them differently from run to run),
+    a join that is already a token is skipped."""
     merges, made = [], set()
     for _ in range(n_merges):
         pairs = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            symbols = word.split()
+            for pair in zip(symbols, symbols[1:]):
                 if join(*pair) not in made:
                     pairs[pair] += count
         if not pairs:
@@ -217,18 +213,9 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
         merges.append(best)
         made.add(join(*best))
-        words = Counter({merge_pair(word, best, join(*best)): count for word, count in words.items()})
+        pattern = re.compile(rf"(?<!\S){re.escape(best[0])} {re.escape(best[1])}(?!\S)")
+        words = Counter({pattern.sub(join(*best), word): count for word, count in words.items()})
     return merges
-
-
-def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
-    out = []
-    for symbol in word:
-        if out and (out[-1], symbol) == pair:  # a join is longer than pair[0]: it never joins again
-            out[-1] = joined
-        else:
-            out.append(symbol)
-    return tuple(out)
 
 
 def corpus_words(text: str, tok: Tokenizer) -> Counter:
@@ -237,27 +224,25 @@ def corpus_words(text: str, tok: Tokenizer) -> Counter:
 
 
 def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
-    """An uncased BERT-style WordPiece in folder/vocab.txt: [PAD] = 0, a few [unusedN], [UNK] [CLS] [SEP] [MASK] (ids
-    unlike bert-base's, so that code must read them), the characters, the learnt pieces."""
+    """An uncased WordPiece in folder/vocab.txt; its special ids are unlike bert-base's, so code must read them."""
     splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
     splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in corpus_words(text, splitter).items()})
+    words = Counter({" ##".join(w): n for w, n in corpus_words(text, splitter).items()})
     merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
-    symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
+    symbols = sorted({s for word in words for s in word.split()}, key=lambda s: (s.startswith("##"), s))
     pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
     write_lines(folder / "vocab.txt", BERT_TOY_SPECIALS + list(pieces))
     return data.bert_tokenizer(folder)
 
 
 def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
-    """A CLIP-style byte-level BPE in folder/tokenizer.json: merges learnt on the words CLIP's normalizer and
-    pre-tokenizer make of the text, laid out as CLIP's vocabulary by data.clip_tokenizer_json_from_bpe."""
+    """A CLIP-style byte-level BPE in folder/tokenizer.json, laid out as CLIP's by data.clip_tokenizer_json_from_bpe."""
     folder.mkdir(parents=True)
     write_merges(folder / "none.txt.gz", [])
     data.clip_tokenizer_json_from_bpe(folder / "none.txt.gz", folder / "tokenizer.json")
     splitter = Tokenizer.from_file(str(folder / "tokenizer.json"))  # no merges: CLIP's normalizer and pre-tokenizer
-    words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(text, splitter).items()})
+    words = Counter({" ".join(w) + "</w>": n for w, n in corpus_words(text, splitter).items()})
     write_merges(folder / "toy.txt.gz", learn_merges(words, n_merges, str.__add__))
     data.clip_tokenizer_json_from_bpe(folder / "toy.txt.gz", folder / "tokenizer.json")
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -268,8 +253,6 @@ def write_merges(path: Path, merges: list) -> None:
     with gzip.open(path, "wt", encoding="utf-8") as f:
         f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pretraining: MLM for bert-toy and electra-toy on the corpus, contrastive for clip-toy on the pictures
 
 PRETRAIN = {"bert-toy": (500, 3e-3), "electra-toy": (300, 3e-3), "clip-toy": (250, 2e-3)}  # steps, peak lr
 MLM_BATCH, MLM_LEN, CLIP_BATCH = 32, 64, 128
@@ -277,8 +260,7 @@ INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of ad
 
 
 def fit(name: str, params: list, loss_at: Callable[[int], torch.Tensor]) -> None:
-    """PRETRAIN[name]'s steps of AdamW, 5% warm-up then linear decay, gradient clipping 1.0; prints the mean loss of
-    the last 10% of the steps."""
+    """PRETRAIN[name]'s steps of AdamW (5% warm-up, linear decay, clipping 1.0); prints the last 10%'s mean loss."""
     (steps, lr), start = PRETRAIN[name], time.process_time()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
@@ -297,8 +279,7 @@ def fit(name: str, params: list, loss_at: Callable[[int], torch.Tensor]) -> None
 
 
 def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed: int) -> model.LanguageEncoder:
-    """MLM (Devlin et al. 2019) on corpus windows: AdaptationData's masking, model.token_loss through a fresh
-    TokenPredictionHead tied to the word embeddings."""
+    """MLM (Devlin et al. 2019) on corpus windows, AdaptationData's masking, a fresh head tied to the embeddings."""
     cfg = dataclasses.replace(model.PRESETS[name], dropout=0.0, vocab_size=vocab_size, initializer_range=INIT_STD)
     encoder = model.LanguageEncoder(cfg)
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
@@ -317,8 +298,7 @@ def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed:
 
 
 def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model.CLIPTextTransformer:
-    """CLIP's contrastive loss (Radford et al. 2021): the symmetric cross-entropy of the batch's caption x image
-    cosine similarities, scaled by a learnt temperature. The image tower and the temperature are then dropped."""
+    """CLIP's contrastive loss (Radford et al. 2021) through a small image tower, which is then dropped."""
     cfg = dataclasses.replace(model.PRESETS["clip-toy"], vocab_size=clip_tok.get_vocab_size())
     text = model.CLIPTextTransformer(cfg)
     P = text.config.projection_dim
@@ -342,8 +322,7 @@ def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model
 
 
 def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
-    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy in the hub layout, at
-    model.PRESETS sizes with the trained tokenizers' vocabularies."""
+    """bert-toy, electra-toy (one WordPiece, as the real ones share) and clip-toy in the hub layout."""
     missing = [name for name in PRETRAIN if not (root / "ckpt" / name).exists()]
     if not missing:
         return
@@ -366,17 +345,16 @@ def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
                 model.save_hf(net, folder)
                 tok.save(str(Path(folder, "tokenizer.json")))
                 if tok is wordpiece:
-                    vocab = tok.get_vocab()
-                    write_lines(Path(folder, "vocab.txt"), sorted(vocab, key=vocab.get))
+                    Path(folder, "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
 
 # ----------------------------------------------------------------------------------------------------------------------
-# GLUE-format tasks about the words of the world: each maker gives (fields, label), TOY_GLUE writes GLUE's formats.
+# GLUE's tasks about the words of the world: each maker gives an example's train/dev row and test row, as GLUE's.
 # The pair rules mix a cue in one sentence (a negation, a word left out, a detail added) with a comparison of the two.
 
 DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
 
 
-def rte_example(rng: random.Random) -> tuple[list[str], str]:
+def rte_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Entailment iff the hypothesis is "Something <colour> is in the <scene>." with one of the premise's two colours;
     the other half says "Nothing" of a premise colour (a contradiction) or names a third colour (half each)."""
     (c1, c2, c3), (o1, o2), s = rng.sample(COLOURS, 3), rng.sample(OBJECTS, 2), rng.choice(SCENES)
@@ -385,11 +363,11 @@ def rte_example(rng: random.Random) -> tuple[list[str], str]:
                           f"in the {s}."))
     kind = rng.choice(("entailed", "entailed", "negated", "third"))
     quantifier = "Nothing" if kind == "negated" else "Something"
-    hypothesis = f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."
-    return [premise, hypothesis], "entailment" if kind == "entailed" else "not_entailment"
+    fields = [str(i), premise, f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."]
+    return [*fields, "entailment" if kind == "entailed" else "not_entailment"], fields
 
 
-def sst2_example(rng: random.Random) -> tuple[list[str], str]:
+def sst2_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Positive (1) iff most of its sentiment words are positive."""
     k = rng.choice((1, 3))
     n_pos = rng.randint(0, k)
@@ -398,10 +376,10 @@ def sst2_example(rng: random.Random) -> tuple[list[str], str]:
     feel = words[0] if k == 1 else f"{words[0]} , {words[1]} and {words[2]}"
     c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
     text = rng.choice((f"a {feel} film about a {c} {o} at the {s} .", f"the {c} {o} in the {s} looks {feel} ."))
-    return [text], str(int(2 * n_pos > k))
+    return [text + " ", str(int(2 * n_pos > k))], [str(i), text]
 
 
-def stsb_example(rng: random.Random) -> tuple[list[str], str]:
+def stsb_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Similarity 0-5: 5/3 per slot (colour, object, scene) the second sentence shares with the first, +-0.25 noise;
     a slot not shared holds another word (1 in 4) or is left out (no colour, "thing", "somewhere")."""
     slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
@@ -412,21 +390,24 @@ def stsb_example(rng: random.Random) -> tuple[list[str], str]:
     pose = rng.choice(POSES_ING)
     c, o, s = other
     second = f"A {c + ' ' if c else ''}{o or 'thing'} is {pose} {f'in the {s}' if s else 'somewhere'}."
-    return [f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second], f"{score:.3f}"
+    meta = [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none"]  # STS-B's first columns
+    test = [*meta, f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second]
+    return [*test, f"{score:.3f}"], test
 
 
-def cola_example(rng: random.Random) -> tuple[list[str], str]:
+def cola_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Acceptable (1) iff the words are in English order; the unacceptable ones swap or drop words."""
     words = ["the", rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(POSES), rng.choice(PLACES), "the",
              rng.choice(SCENES)]
     acceptable = rng.random() < 0.6
     if not acceptable:
-        i = rng.choice((1, 3, 5))
-        words[i:i + 2] = [words[i + 1], words[i]] if rng.random() < 0.7 else words[i + 1:i + 2]
-    return [capitalise(" ".join(words)) + "."], str(int(acceptable))
+        j = rng.choice((1, 3, 5))
+        words[j:j + 2] = [words[j + 1], words[j]] if rng.random() < 0.7 else words[j + 1:j + 2]
+    sentence = capitalise(" ".join(words)) + "."
+    return [f"toy{i % 7}", str(int(acceptable)), "" if acceptable else "*", sentence], [str(i), sentence]
 
 
-def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
+def mrpc_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """A paraphrase (1) says the same colour, object and scene in another order; a non-paraphrase adds a detail the
     first sentence does not give ("at night", 2 in 3) or changes the colour, the object or the scene (1 in 3)."""
     c, (o, o2), s, pose, place = rng.choice(COLOURS), rng.sample(OBJECTS, 2), rng.choice(SCENES), \
@@ -437,54 +418,35 @@ def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
         detail = " " + rng.choice(DETAILS)
     elif not paraphrase:
         slot = rng.randrange(3)
-        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if i == slot else v
-                   for i, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
+        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if k == slot else v
+                   for k, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
     ids = [str(rng.randint(1000, 3_999_999)) for _ in range(2)]
-    return [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."], str(int(paraphrase))
-
-
-@dataclass(frozen=True)
-class ToyTask:
-    example: Callable[[random.Random], tuple[list[str], str]]
-    header: str | None                 # train/dev header (CoLA has none)
-    row: Callable[[int, list[str], str], list[str]]
-    test_header: str
-    test_row: Callable[[int, list[str]], list[str]] = lambda i, f: [str(i), *f]
-
-
-def stsb_meta(i: int) -> list[str]:
-    """STS-B's columns before the sentences."""
-    return [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none"]
+    fields = [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."]
+    return [str(int(paraphrase)), *fields], [str(i), *fields]
 
 
 STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
-TOY_GLUE = {
-    "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
-                   "index\tsentence1\tsentence2"),
-    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y], "index\tsentence"),
-    "STS-B": ToyTask(stsb_example, STSB_HEADER + "\tscore", lambda i, f, y: [*stsb_meta(i), *f, y], STSB_HEADER,
-                     lambda i, f: [*stsb_meta(i), *f]),
-    "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
-                    "index\tsentence"),
-    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f], "index" + MRPC_HEADER.removeprefix("Quality")),
+TOY_GLUE = {  # task -> (maker, train/dev header (CoLA has none), test header)
+    "RTE": (rte_example, "index\tsentence1\tsentence2\tlabel", "index\tsentence1\tsentence2"),
+    "SST-2": (sst2_example, "sentence\tlabel", "index\tsentence"),
+    "STS-B": (stsb_example, STSB_HEADER + "\tscore", STSB_HEADER),
+    "CoLA": (cola_example, None, "index\tsentence"),
+    "MRPC": (mrpc_example, MRPC_HEADER, "index" + MRPC_HEADER.removeprefix("Quality")),
 }
 TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 steps of 32 in 3 epochs
 
 
 def toy_glue(root: Path, seed: int) -> None:
-    for name, task in TOY_GLUE.items():
+    for name, (example, header, test_header) in TOY_GLUE.items():
         folder = root / "glue" / name
         if all((folder / f).exists() for f in TOY_SIZES):
             continue
         rng = random.Random(f"{seed}-glue-{name}")
         for file, n in TOY_SIZES.items():
-            examples = [task.example(rng) for _ in range(n)]
-            if file == "test.tsv":
-                lines = [task.test_header, *("\t".join(task.test_row(i, f)) for i, (f, _) in enumerate(examples))]
-            else:
-                lines = [task.header] * (task.header is not None) + [
-                    "\t".join(task.row(i, f, y)) for i, (f, y) in enumerate(examples)]
-            write_lines(folder / file, lines)
+            test = file == "test.tsv"
+            rows = ["\t".join(example(rng, i)[test]) for i in range(n)]
+            top = test_header if test else header
+            write_lines(folder / file, [top] * (top is not None) + rows)
 
 
 def toy_swag(root: Path, seed: int) -> None:
@@ -528,10 +490,26 @@ def toy_read(root: Path, world: list[Thing], seed: int) -> None:
     write_csv(path, rows)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The experiment's tasks, in SST-2's format (a sentence, 0/1, accuracy), each in its own data root
+def build_toy(root: Path, seed: int = 0) -> None:
+    """The whole toy kit under root; parts that exist are kept."""
+    start, cpu = time.time(), time.process_time()
+    world = make_world(seed)
+    toy_corpus(root, world, seed)
+    album = pictures(world, seed)
+    toy_coco(root, album)
+    toy_checkpoints(root, album, seed)
+    toy_glue(root, seed)
+    toy_experiment_tasks(root, world, seed)
+    toy_swag(root, seed)
+    toy_read(root, world, seed)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s ({time.process_time() - cpu:.1f} "
+          f"CPU-s)")
 
-REPEATS = {"colour": {"train": 5, "dev": 1}, "review": {"train": 1, "dev": 1}}  # (true, false) pairs per thing
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The controlled experiment (README, "The toy world"): its two tasks in SST-2's format (each in its own data root),
+# then adapt.py and finetune.py run as a user runs them
 
 
 def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
@@ -552,42 +530,22 @@ def review_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[st
     return rows
 
 
-EXPERIMENT_TASKS = {"colour": colour_rows, "review": review_rows}
+EXPERIMENT_TASKS = {"colour": (colour_rows, 5), "review": (review_rows, 1)}  # (true, false) pairs per train thing
 
 
 def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv: statements about one half of the world to train on, about
-    the other half to score, so that what a model knows about a dev thing comes from its encoder."""
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv: train on statements about one half of the world, score on
+    the other half, so that what a model knows about a dev thing comes from its encoder."""
     rng = random.Random(f"{seed}-experiment")
     things = rng.sample(world, len(world))
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
-    for task, rows_of in EXPERIMENT_TASKS.items():
+    for task, (rows_of, repeats) in EXPERIMENT_TASKS.items():
         for split, half in halves.items():
             path = root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv"
-            rows = [row for thing in half for row in rows_of(thing, rng, REPEATS[task][split])]
+            rows = [row for thing in half for row in rows_of(thing, rng, repeats if split == "train" else 1)]
             if not path.exists():
                 write_lines(path, ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
 
-
-def build_toy(root: Path, seed: int = 0) -> None:
-    """The whole toy kit under root; parts that exist are kept."""
-    start, cpu = time.time(), time.process_time()
-    world = make_world(seed)
-    toy_corpus(root, world, seed)
-    album = pictures(world, seed)
-    toy_coco(root, album)
-    toy_checkpoints(root, album, seed)
-    toy_glue(root, seed)
-    toy_experiment_tasks(root, world, seed)
-    toy_swag(root, seed)
-    toy_read(root, world, seed)
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s ({time.process_time() - cpu:.1f} "
-          f"CPU-s)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The controlled experiment (README, "The toy world"): adapt.py and finetune.py run as a user runs them
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
 ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy", "X-BERT": "x-bert-toy",
@@ -612,8 +570,7 @@ def seed_runs(folder: Path) -> list[Path]:
 
 
 def experiment(root: Path, out: Path, seeds: int) -> dict:
-    """Each row of ROWS (BERT + MLM: Sec. 3's fair baseline; X-BERT: App. C.3) finetuned on both tasks over `seeds`
-    seeds -> {task: {row: [dev accuracy per seed]}}."""
+    """{task: {row of ROWS: [dev accuracy per seed]}} (BERT + MLM: Sec. 3's fair baseline; X-BERT: App. C.3)."""
     if out.exists():
         raise ValueError(f"{out} exists: remove it or pass another --out, so that no earlier run is mixed in")
     out.mkdir(parents=True)
@@ -635,32 +592,22 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
     return scores
 
 
-def percent(accuracies: list[float]) -> tuple[float, float, float]:
-    """Median, lowest and highest over the seeds, in percent."""
-    return tuple(100 * f(accuracies) for f in (statistics.median, min, max))
-
-
-def experiment_chart(scores: dict) -> str:
-    """Table 1 as bars: a cluster per task, a bar per model at its median, whiskers from the lowest seed to the
-    highest."""
-    medians = {t: {row: percent(scores[t][row])[0] for row in ROWS} for t in scores}
-    spread = {t: {row: percent(scores[t][row])[1:] for row in ROWS} for t in scores}
-    return data.svg_bars(medians, "The toy experiment: dev accuracy, median over seeds", "accuracy (%)", spread)
-
-
-def experiment_table(scores: dict) -> str:
-    """Table 1's layout: a row per model, a column per task, each cell the median over the seeds [lowest, highest]."""
+def experiment_report(scores: dict) -> tuple[str, str]:
+    """Table 1's layout (a row per model, a column per task, each cell the median over the seeds [lowest, highest])
+    and the same as SVG bars."""
+    cells = {t: {row: [100 * f(scores[t][row]) for f in (statistics.median, min, max)] for row in ROWS} for t in scores}
     lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in scores) + " |",
              "|---" * (len(scores) + 1) + "|"]
-    for row in ROWS:
-        cells = ["{:.1f} [{:.1f}, {:.1f}]".format(*percent(scores[t][row])) for t in scores]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    lines += [f"| {row} | " + " | ".join("{:.1f} [{:.1f}, {:.1f}]".format(*cells[t][row]) for t in scores) + " |"
+              for row in ROWS]
+    chart = data.svg_bars({t: {row: c[0] for row, c in cells[t].items()} for t in cells},
+                          "The toy experiment: dev accuracy, median over seeds", "accuracy (%)",
+                          {t: {row: tuple(c[1:]) for row, c in cells[t].items()} for t in cells})
+    return "\n".join(lines), chart
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", default="build", choices=("build", "experiment"))
     parser.add_argument("--data", default="data/toy", help="where the kit is (default data/toy)")
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
@@ -671,11 +618,9 @@ def main(argv=None) -> None:
     if args.command == "experiment":
         start, out = time.time(), Path(args.out)
         try:
-            scores = experiment(Path(args.data), out, args.seeds)
-            table = experiment_table(scores)
+            table, chart = experiment_report(experiment(Path(args.data), out, args.seeds))
             write_lines(out / "table.md", [table])
-            with model.atomic_file(out / "experiment.svg", "w") as f:
-                f.write(experiment_chart(scores))
+            write_lines(out / "experiment.svg", [chart])
             print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
                   f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
             print(run(["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
