@@ -18,21 +18,19 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 import data
 import model
 from download import COMMONLIT_HEADER, MRPC_HEADER
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The world: things, the corpus that tells of them, the pictures that show them
+# ----------------------------------------------------------------------------- the world, its corpus, its pictures
 
 COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
@@ -57,22 +55,24 @@ BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]"
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    """Lines with '\\n' endings, atomically."""
-    with model.atomic_file(path, "w") as f:
-        f.writelines(line + "\n" for line in lines)
+    """Lines with '\\n' endings, atomically; a file that exists is kept (the kit's parts are built once)."""
+    if not path.exists():
+        with model.atomic_file(path, "w") as f:
+            f.writelines(line + "\n" for line in lines)
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
-    """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
-    with model.atomic_file(path, "w") as f:
-        csv.writer(f).writerows(rows)
+    """A CSV with double-quote quoting (fields may hold commas and newlines), as write_lines."""
+    if not path.exists():
+        with model.atomic_file(path, "w") as f:
+            csv.writer(f).writerows(rows)
 
 
 def capitalise(text: str) -> str:
     return text[0].upper() + text[1:]
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Thing:
     name: str
     colour: str      # visual: shown by every picture, said by some captions, never by the corpus
@@ -142,13 +142,12 @@ def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
 def toy_corpus(root: Path, world: list[Thing], seed: int) -> None:
     """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw (train: about 1,200 steps of adapt.py --toy)."""
     for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):
-        path = root / "wikitext-103-raw" / f"wiki.{split}.raw"
-        if not path.exists():
-            rng = random.Random(f"{seed}-wiki-{split}")
-            write_lines(path, [line for _ in range(articles) for line in wiki_article(world, rng)])
+        rng = random.Random(f"{seed}-wiki-{split}")
+        write_lines(root / "wikitext-103-raw" / f"wiki.{split}.raw",
+                    [line for _ in range(articles) for line in wiki_article(world, rng)])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Picture:
     """A synthetic image of a thing in a scene with 5 captions, as an MSCOCO image has."""
     thing: Thing
@@ -184,22 +183,19 @@ def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
 
 def toy_coco(root: Path, album: list[Picture]) -> None:
     """DATA/coco/captions_train2017.json: the pictures' captions in MSCOCO's format."""
-    path = root / "coco" / "captions_train2017.json"
-    if not path.exists():
-        images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
-        annotations = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
-                       for j, c in enumerate(p.captions)]
-        write_lines(path, [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [],
-                                       "images": images, "annotations": annotations})])
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
+    annotations = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
+                   for j, c in enumerate(p.captions)]
+    info = {"description": "XDBERT toy kit captions"}
+    write_lines(root / "coco" / "captions_train2017.json",
+                [json.dumps({"info": info, "licenses": [], "images": images, "annotations": annotations})])
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The checkpoints: tokenizers trained on the toy text, encoders pretrained on it
+# ----------------------------------------------------------------------------- checkpoints: tokenizers, pretraining
 
 
 def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
-    """BPE as Sennrich et al. (2016) learn it, on {'s y m b o l s': count}: join the most frequent adjacent pair,
-    n_merges times; ties go to the smallest pair (the `tokenizers` trainers break them differently from run to run),
-    a join that is already a token is skipped."""
+    """Sennrich et al.'s (2016) BPE on {'s y m b o l s': count}, n_merges times; ties go to the smallest pair (the
+    `tokenizers` trainers break them differently from run to run), a join that is already a token is skipped."""
     merges, made = [], set()
     for _ in range(n_merges):
         pairs = Counter()
@@ -218,17 +214,15 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
     return merges
 
 
-def corpus_words(text: str, tok: Tokenizer) -> Counter:
-    """The text's words as the tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
-    return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
+def corpus_words(text: str, normalizer, pre_tokenizer) -> Counter:
+    """The text's words as a tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
+    return Counter(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
 
 
 def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
     """An uncased WordPiece in folder/vocab.txt; its special ids are unlike bert-base's, so code must read them."""
-    splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words = Counter({" ##".join(w): n for w, n in corpus_words(text, splitter).items()})
+    counts = corpus_words(text, normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer())
+    words = Counter({" ##".join(w): n for w, n in counts.items()})
     merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
     symbols = sorted({s for word in words for s in word.split()}, key=lambda s: (s.startswith("##"), s))
     pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
@@ -242,7 +236,8 @@ def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
     write_merges(folder / "none.txt.gz", [])
     data.clip_tokenizer_json_from_bpe(folder / "none.txt.gz", folder / "tokenizer.json")
     splitter = Tokenizer.from_file(str(folder / "tokenizer.json"))  # no merges: CLIP's normalizer and pre-tokenizer
-    words = Counter({" ".join(w) + "</w>": n for w, n in corpus_words(text, splitter).items()})
+    counts = corpus_words(text, splitter.normalizer, splitter.pre_tokenizer)
+    words = Counter({" ".join(w) + "</w>": n for w, n in counts.items()})
     write_merges(folder / "toy.txt.gz", learn_merges(words, n_merges, str.__add__))
     data.clip_tokenizer_json_from_bpe(folder / "toy.txt.gz", folder / "tokenizer.json")
     return Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -347,9 +342,9 @@ def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
                 if tok is wordpiece:
                     Path(folder, "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# GLUE's tasks about the words of the world: each maker gives an example's train/dev row and test row, as GLUE's.
-# The pair rules mix a cue in one sentence (a negation, a word left out, a detail added) with a comparison of the two.
+# ----------------------------------------------------------------------------- GLUE, SWAG and READ
+# A GLUE maker gives an example's train/dev and test rows. The pair rules mix a cue in one sentence (a negation, a
+# word left out, a detail added) with a comparison of the two.
 
 DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
 
@@ -438,15 +433,12 @@ TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 
 
 def toy_glue(root: Path, seed: int) -> None:
     for name, (example, header, test_header) in TOY_GLUE.items():
-        folder = root / "glue" / name
-        if all((folder / f).exists() for f in TOY_SIZES):
-            continue
         rng = random.Random(f"{seed}-glue-{name}")
         for file, n in TOY_SIZES.items():
             test = file == "test.tsv"
             rows = ["\t".join(example(rng, i)[test]) for i in range(n)]
             top = test_header if test else header
-            write_lines(folder / file, [top] * (top is not None) + rows)
+            write_lines(root / "glue" / name / file, [top] * (top is not None) + rows)
 
 
 def toy_swag(root: Path, seed: int) -> None:
@@ -454,9 +446,6 @@ def toy_swag(root: Path, seed: int) -> None:
     header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
               "ending2", "ending3", "label"]
     for split, n in (("train", 200), ("val", 50), ("test", 50)):
-        path = root / "swag" / f"{split}.csv"
-        if path.exists():
-            continue
         rng, rows = random.Random(f"{seed}-swag-{split}"), []
         for i in range(n):
             c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
@@ -470,14 +459,11 @@ def toy_swag(root: Path, seed: int) -> None:
             endings.insert(label, endings.pop(0))
             row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
             rows.append(row if split != "test" else row[:-1])
-        write_csv(path, [header if split != "test" else header[:-1], *rows])
+        write_csv(root / "swag" / f"{split}.csv", [header if split != "test" else header[:-1], *rows])
 
 
 def toy_read(root: Path, world: list[Thing], seed: int) -> None:
     """CommonLit's train.csv: multi-line excerpts; the target (reading ease) falls with the sentence length."""
-    path = root / "read" / "train.csv"
-    if path.exists():
-        return
     rng, rows = random.Random(f"{seed}-read"), [COMMONLIT_HEADER]
     for i in range(300):
         long = rng.random()
@@ -487,7 +473,7 @@ def toy_read(root: Path, world: list[Thing], seed: int) -> None:
         target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
         excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
         rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
-    write_csv(path, rows)
+    write_csv(root / "read" / "train.csv", rows)
 
 
 def build_toy(root: Path, seed: int = 0) -> None:
@@ -507,9 +493,7 @@ def build_toy(root: Path, seed: int = 0) -> None:
           f"CPU-s)")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The controlled experiment (README, "The toy world"): its two tasks in SST-2's format (each in its own data root),
-# then adapt.py and finetune.py run as a user runs them
+# ----------------------------------------------------------------------------- the controlled experiment (README)
 
 
 def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
@@ -541,10 +525,9 @@ def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
     for task, (rows_of, repeats) in EXPERIMENT_TASKS.items():
         for split, half in halves.items():
-            path = root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv"
             rows = [row for thing in half for row in rows_of(thing, rng, repeats if split == "train" else 1)]
-            if not path.exists():
-                write_lines(path, ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
+            write_lines(root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv",
+                        ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
 
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
@@ -593,8 +576,7 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
 
 
 def experiment_report(scores: dict) -> tuple[str, str]:
-    """Table 1's layout (a row per model, a column per task, each cell the median over the seeds [lowest, highest])
-    and the same as SVG bars."""
+    """Table 1's layout (each cell the median over the seeds [lowest, highest]) and the same as SVG bars."""
     cells = {t: {row: [100 * f(scores[t][row]) for f in (statistics.median, min, max)] for row in ROWS} for t in scores}
     lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in scores) + " |",
              "|---" * (len(scores) + 1) + "|"]
