@@ -1,5 +1,4 @@
-"""The toy kit (README, "The toy world"): a miniature of every data set and checkpoint, built offline from a small
-world, and a controlled experiment on it.
+"""The toy kit (README, "The toy world"): every data set and checkpoint in miniature, and a controlled experiment.
 
     python toy.py                  # build data/toy (`python download.py --toy` runs this)
     python toy.py experiment       # five models finetuned on a visual and a control task
@@ -51,6 +50,7 @@ SYLLABLES = (("ba", "ko", "ta", "mi", "lu", "re", "zo", "pe", "da", "vi", "nu", 
 PALETTE, MATERIALS, BUILDS = COLOURS[:6], ("wooden", "metal", "glass", "stone"), ("small", "large", "huge")
 USES = ("fishing", "cooking", "music", "trade", "farming", "weaving", "healing", "building", "games", "prayer")
 KINDS = ("tool", "toy", "instrument", "vessel", "ornament", "charm", "lamp", "game")
+DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
 BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
@@ -139,32 +139,23 @@ def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
     return lines
 
 
-def toy_corpus(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw (train: about 1,200 steps of adapt.py --toy)."""
-    for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):
-        rng = random.Random(f"{seed}-wiki-{split}")
-        write_lines(root / "wikitext-103-raw" / f"wiki.{split}.raw",
-                    [line for _ in range(articles) for line in wiki_article(world, rng)])
-
-
-@dataclasses.dataclass(frozen=True)
-class Picture:
-    """A synthetic image of a thing in a scene with 5 captions, as an MSCOCO image has."""
-    thing: Thing
-    scene: str
-    captions: tuple[str, ...]
-
-
 IMAGE_PARTS = (("colour", PALETTE), ("material", MATERIALS), ("build", BUILDS))
 IMAGE_DIM = sum(len(values) for _, values in IMAGE_PARTS) + len(SCENES)
 IMAGE_NOISE, SAY_ATTRIBUTE, SAY_SCENE = 0.3, 0.3, 0.6
 
 
-def image(picture: Picture, rng: np.random.Generator) -> np.ndarray:
-    """The picture's pixels (IMAGE_DIM,): one-hot colour, material, build and scene, plus Gaussian noise."""
-    parts = [(values, getattr(picture.thing, part)) for part, values in IMAGE_PARTS] + [(SCENES, picture.scene)]
-    hot = np.concatenate([np.eye(len(values))[values.index(v)] for values, v in parts])
-    return hot + rng.normal(0, IMAGE_NOISE, IMAGE_DIM)
+@dataclasses.dataclass(frozen=True)
+class Picture:
+    """A synthetic image of a thing in a scene, with 5 captions as an MSCOCO image has."""
+    thing: Thing
+    scene: str
+    captions: tuple[str, ...]
+
+    def pixels(self, rng: np.random.Generator) -> np.ndarray:
+        """(IMAGE_DIM,): one-hot colour, material, build and scene, plus Gaussian noise."""
+        parts = [(values, getattr(self.thing, part)) for part, values in IMAGE_PARTS] + [(SCENES, self.scene)]
+        hot = np.concatenate([np.eye(len(values))[values.index(v)] for values, v in parts])
+        return hot + rng.normal(0, IMAGE_NOISE, IMAGE_DIM)
 
 
 def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
@@ -179,16 +170,6 @@ def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
         out.append(Picture(thing, scene, tuple(" ".join(sentence() for _ in range(rng.choice((1, 2))))
                                                 for _ in range(5))))
     return out
-
-
-def toy_coco(root: Path, album: list[Picture]) -> None:
-    """DATA/coco/captions_train2017.json: the pictures' captions in MSCOCO's format."""
-    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
-    annotations = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
-                   for j, c in enumerate(p.captions)]
-    info = {"description": "XDBERT toy kit captions"}
-    write_lines(root / "coco" / "captions_train2017.json",
-                [json.dumps({"info": info, "licenses": [], "images": images, "annotations": annotations})])
 
 # ----------------------------------------------------------------------------- checkpoints: tokenizers, pretraining
 
@@ -233,20 +214,18 @@ def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
 def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
     """A CLIP-style byte-level BPE in folder/tokenizer.json, laid out as CLIP's by data.clip_tokenizer_json_from_bpe."""
     folder.mkdir(parents=True)
-    write_merges(folder / "none.txt.gz", [])
-    data.clip_tokenizer_json_from_bpe(folder / "none.txt.gz", folder / "tokenizer.json")
-    splitter = Tokenizer.from_file(str(folder / "tokenizer.json"))  # no merges: CLIP's normalizer and pre-tokenizer
+    splitter = clip_bpe(folder, [])  # no merges: CLIP's normalizer and pre-tokenizer
     counts = corpus_words(text, splitter.normalizer, splitter.pre_tokenizer)
     words = Counter({" ".join(w) + "</w>": n for w, n in counts.items()})
-    write_merges(folder / "toy.txt.gz", learn_merges(words, n_merges, str.__add__))
-    data.clip_tokenizer_json_from_bpe(folder / "toy.txt.gz", folder / "tokenizer.json")
-    return Tokenizer.from_file(str(folder / "tokenizer.json"))
+    return clip_bpe(folder, learn_merges(words, n_merges, str.__add__))
 
 
-def write_merges(path: Path, merges: list) -> None:
-    """A merges list in open_clip's bpe_simple_vocab_16e6.txt.gz format: a version line, then 'a b' per merge."""
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+def clip_bpe(folder: Path, merges: list) -> Tokenizer:
+    """folder/tokenizer.json from merges written as open_clip's bpe_simple_vocab_16e6.txt.gz ('a b' per line)."""
+    with gzip.open(folder / "merges.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
+    data.clip_tokenizer_json_from_bpe(folder / "merges.txt.gz", folder / "tokenizer.json")
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
 
 PRETRAIN = {"bert-toy": (500, 3e-3), "electra-toy": (300, 3e-3), "clip-toy": (250, 2e-3)}  # steps, peak lr
@@ -280,14 +259,12 @@ def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed:
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
                                      cfg.layer_norm_eps)
     head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
-
     def loss_at(step):
         picked = np.random.default_rng((seed, step)).choice(len(windows), MLM_BATCH, replace=False)
         b = windows.batch(picked, seed, step)
         hidden, _ = encoder(b["input_ids"])  # (B, T) -> (B, T, H)
         return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
                                 encoder.embeddings.word_embeddings.weight)
-
     fit(name, [*encoder.parameters(), *head.parameters()], loss_at)
     return encoder
 
@@ -302,16 +279,14 @@ def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model
     captions = [(p, c) for p in album for c in p.captions]
     ids = data.encode([data.Example(c) for _, c in captions], "sst2", None, clip_tok=clip_tok)["clip_ids"][:, 0]
     ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # (N, 77) -> (N, L): causal, so the padding after changes nothing
-
     def loss_at(step):
         rng = np.random.default_rng((seed, step))
         picked = rng.choice(len(captions), CLIP_BATCH, replace=False)
-        images = torch.tensor(np.stack([image(captions[i][0], rng) for i in picked]), dtype=torch.float32)
+        images = torch.tensor(np.stack([captions[i][0].pixels(rng) for i in picked]), dtype=torch.float32)
         _, texts = text(ids[picked])                                                    # (B, P)
         logits = log_scale.exp().clamp(max=100) * F.normalize(texts, dim=-1) @ F.normalize(tower(images), dim=-1).T
         target = torch.arange(len(picked))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
     fit("clip-toy", [*text.parameters(), *tower.parameters(), log_scale], loss_at)
     return text
 
@@ -343,10 +318,7 @@ def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
                     Path(folder, "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
 
 # ----------------------------------------------------------------------------- GLUE, SWAG and READ
-# A GLUE maker gives an example's train/dev and test rows. The pair rules mix a cue in one sentence (a negation, a
-# word left out, a detail added) with a comparison of the two.
-
-DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
+# A GLUE maker gives an example's train/dev and test rows; a pair rule mixes a cue in one sentence with a comparison.
 
 
 def rte_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
@@ -477,20 +449,27 @@ def toy_read(root: Path, world: list[Thing], seed: int) -> None:
 
 
 def build_toy(root: Path, seed: int = 0) -> None:
-    """The whole toy kit under root; parts that exist are kept."""
+    """The whole toy kit under root; files that exist are kept."""
     start, cpu = time.time(), time.process_time()
     world = make_world(seed)
-    toy_corpus(root, world, seed)
+    for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):  # train: ~1,200 steps of adapt.py --toy
+        rng = random.Random(f"{seed}-wiki-{split}")
+        write_lines(root / "wikitext-103-raw" / f"wiki.{split}.raw",
+                    [line for _ in range(articles) for line in wiki_article(world, rng)])
     album = pictures(world, seed)
-    toy_coco(root, album)
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
+    captions = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
+                for j, c in enumerate(p.captions)]
+    info = {"description": "XDBERT toy kit captions"}
+    write_lines(root / "coco" / "captions_train2017.json",  # MSCOCO's format
+                [json.dumps({"info": info, "licenses": [], "images": images, "annotations": captions})])
     toy_checkpoints(root, album, seed)
     toy_glue(root, seed)
     toy_experiment_tasks(root, world, seed)
     toy_swag(root, seed)
     toy_read(root, world, seed)
     size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s ({time.process_time() - cpu:.1f} "
-          f"CPU-s)")
+    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s, {time.process_time() - cpu:.1f} CPU-s")
 
 
 # ----------------------------------------------------------------------------- the controlled experiment (README)
@@ -518,8 +497,8 @@ EXPERIMENT_TASKS = {"colour": (colour_rows, 5), "review": (review_rows, 1)}  # (
 
 
 def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv: train on statements about one half of the world, score on
-    the other half, so that what a model knows about a dev thing comes from its encoder."""
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv, about disjoint halves of the world: what a model knows
+    about a dev thing comes from its encoder."""
     rng = random.Random(f"{seed}-experiment")
     things = rng.sample(world, len(world))
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
