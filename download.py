@@ -6,8 +6,6 @@
     python download.py bert-base --force     # fetch again and replace files already there (a damaged checkpoint)
     python download.py bert-base --mirror hf=https://hf-mirror.com   # another base URL (or XDBERT_MIRROR_HF=...)
     python download.py --toy                 # the offline toy kit in data/toy: runs `python toy.py` (no network)
-
-Files land under --data (default data) as README.md's "Data layout" says, each verified before it takes its name.
 """
 import argparse
 import contextlib
@@ -97,8 +95,7 @@ def new_folder(path: Path):
 
 
 def unpack(root: Path, archive: str, folder: str, suffix: str, out: str) -> None:
-    """Unpack the files directly in the zip's `folder` ending in `suffix` into DATA/<out>; a corrupt or wrong zip
-    is removed."""
+    """The zip's files directly in `folder` ending in `suffix`, into DATA/<out>; a corrupt or wrong zip is removed."""
     path = root / archive
     try:
         with zipfile.ZipFile(path) as zf:
@@ -238,15 +235,12 @@ class DownloadConfig:
     force: bool = False     # fetch again and replace what is there
     dry_run: bool = False
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Fetching one file: stream into a locked .part, resume with Range, retry, verify, rename
+# ----------------------------------------------------------------------------- fetching one file
 
 
 def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sha256: str | None = None) -> Path:
-    """Download url to dest unless dest is there and matches the published size and sha256 (or cfg.force): GETs into
-    the locked <dest>.part, sized by a HEAD request where nothing is published, until it is complete (a failed try is
-    printed with its reason and retried, with doubling waits once tries stop making progress); it takes its name once
-    size and sha256 match."""
+    """url to dest (README, "download.py"), unless dest is there with the published size and sha256 and not cfg.force;
+    failed tries are printed with their reason and retried, with doubling waits once they stop making progress."""
     if dest.exists() and not cfg.force:
         if not (problem := mismatch(dest, size, sha256)):
             return dest
@@ -288,9 +282,8 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
 
 
 def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> str | None:
-    """One GET into the open .part file f: a 206 answer to our Range request appends, a 200 starts over. Returns why
-    the try failed, in a few words (a 5xx, a refused resume, a body shorter than announced by Content-Length, else by
-    `size`, a network error), or None once the body is complete; a 4xx is a DownloadError."""
+    """One GET into the open .part file f (a 206 to our Range appends, a 200 starts over): None once the body is
+    complete, else why the try failed, in a few words; a 4xx is a DownloadError."""
     have = f.tell()
     headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     try:
@@ -373,8 +366,7 @@ class Progress:
         print(f"\r{line:79}" if self.tty else line, end=end, file=sys.stderr, flush=True)
         self.shown, self.shown_at = have, now
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Items: plan, fetch, build
+# ----------------------------------------------------------------------------- items: plan, fetch, build
 
 
 def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
