@@ -6,9 +6,6 @@
     python download.py bert-base --force     # fetch again and replace files already there (a damaged checkpoint)
     python download.py bert-base --mirror hf=https://hf-mirror.com   # another base URL (or XDBERT_MIRROR_HF=...)
     python download.py --toy                 # the offline toy kit in data/toy: runs `python toy.py` (no network)
-
-Files land under --data (default data) in README.md's "Data layout", checkpoints as the hub publishes them, each
-verified before it takes its name; README.md ("download.py") says how downloads resume, retry and are checked.
 """
 import argparse
 import contextlib
@@ -31,9 +28,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import requests
-
-# ----------------------------------------------------------------------------------------------------------------------
-# What to fetch (README.md, "Data layout")
 
 SOURCES = {  # name -> base URLs, tried in order (only WikiText-103 has more than one; the original S3 zip is gone)
     "hf": ("https://huggingface.co",),
@@ -58,7 +52,7 @@ class Remote:
 @dataclass(frozen=True)
 class Item:
     """A name on the command line: its remotes are fetched, `build` makes its outputs from them, `check` validates
-    them. Done when every output (else every remote's dest) exists."""
+    them; done when every output (else every remote's dest) exists."""
     name: str
     remotes: tuple[Remote, ...]
     outputs: tuple[str, ...] = ()
@@ -73,20 +67,15 @@ class DownloadError(Exception):
     """A failure the user has to act on; the message names the URL or file and says what to do next."""
 
 
-def checkpoint(name: str, hub_id: str, files: tuple[str, ...]) -> Item:
-    """A hub checkpoint as published: DATA/ckpt/<name>/<file> from huggingface.co/<hub_id>/resolve/main/<file>."""
-    return Item(name, tuple(Remote("hf", f"{hub_id}/resolve/main/{f}", f"ckpt/{name}/{f}") for f in files))
-
-
 BERT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt")
 ELECTRA_FILES = ("config.json", "pytorch_model.bin", "tokenizer.json", "vocab.txt")  # no safetensors on main
-CHECKPOINTS = (
-    checkpoint("bert-base", "google-bert/bert-base-uncased", BERT_FILES),
-    checkpoint("bert-large", "google-bert/bert-large-uncased", BERT_FILES),
-    checkpoint("electra-base", "google/electra-base-discriminator", ELECTRA_FILES),
-    checkpoint("electra-large", "google/electra-large-discriminator", ELECTRA_FILES),
-    checkpoint("clip", "openai/clip-vit-base-patch32", ("config.json", "pytorch_model.bin", "tokenizer.json")),
-)
+HUB = {"bert-base": ("google-bert/bert-base-uncased", BERT_FILES),  # name -> (hub id, the files as published)
+       "bert-large": ("google-bert/bert-large-uncased", BERT_FILES),
+       "electra-base": ("google/electra-base-discriminator", ELECTRA_FILES),
+       "electra-large": ("google/electra-large-discriminator", ELECTRA_FILES),
+       "clip": ("openai/clip-vit-base-patch32", ("config.json", "pytorch_model.bin", "tokenizer.json"))}
+CHECKPOINTS = tuple(Item(name, tuple(Remote("hf", f"{hub}/resolve/main/{f}", f"ckpt/{name}/{f}") for f in files))
+                    for name, (hub, files) in HUB.items())  # DATA/ckpt/<name>/<file>
 
 
 @contextlib.contextmanager
@@ -106,8 +95,7 @@ def new_folder(path: Path):
 
 
 def unpack(root: Path, archive: str, folder: str, suffix: str, out: str) -> None:
-    """Unpack the files directly in the zip's `folder` whose names end in `suffix` into DATA/<out>; an archive that
-    is corrupt or has no such file is removed."""
+    """The zip's files directly in `folder` ending in `suffix`, into DATA/<out>; a corrupt or wrong zip is removed."""
     path = root / archive
     try:
         with zipfile.ZipFile(path) as zf:
@@ -213,12 +201,9 @@ def expand(names) -> list[Item]:
     """Command-line names (items and GROUPS) -> items, in order, without repeats."""
     out = {}
     for name in names:
-        if name in GROUPS:
-            out.update((item.name, item) for item in expand(GROUPS[name]))
-        elif name in ITEMS:
-            out[name] = ITEMS[name]
-        else:
+        if name not in GROUPS and name not in ITEMS:
             raise DownloadError(f"unknown name {name!r}: choose from {', '.join([*GROUPS, *ITEMS])}")
+        out.update((item.name, item) for item in (expand(GROUPS[name]) if name in GROUPS else [ITEMS[name]]))
     return list(out.values())
 
 
@@ -250,20 +235,12 @@ class DownloadConfig:
     force: bool = False     # fetch again and replace what is there
     dry_run: bool = False
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Fetching one file: stream into a locked .part, resume with Range, retry, verify, rename
-
-
-class _Transient(Exception):
-    """A failure worth another try (a 5xx, a short body, a refused resume)."""
-
-
-TRANSIENT = (_Transient, requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
+# ----------------------------------------------------------------------------- fetching one file
 
 
 def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sha256: str | None = None) -> Path:
-    """Download url to dest unless dest is there and matches the published size and sha256 (or cfg.force): into the
-    locked <dest>.part, sized by a HEAD request where nothing is published, renamed once size and sha256 match."""
+    """url to dest (README, "download.py"), unless dest is there with the published size and sha256 and not cfg.force;
+    failed tries are printed with their reason and retried, with doubling waits once they stop making progress."""
     if dest.exists() and not cfg.force:
         if not (problem := mismatch(dest, size, sha256)):
             return dest
@@ -271,10 +248,25 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     with requests.Session() as session, open(part, "ab") as f:
-        lock(f, part, dest)
+        held = False
+        with contextlib.suppress(BlockingIOError, FileNotFoundError):  # a second download of the file stops at once
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            held = os.path.samestat(os.stat(part), os.fstat(f.fileno()))  # not renamed into place meanwhile
+        if not held:
+            raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run "
+                                f"the same command again")
         size = size or remote_size(session, url, cfg.timeout)
+        failures, best = 0, f.tell()
         try:
-            stream_with_retries(session, url, f, size, cfg)
+            while why := stream(session, url, f, size, cfg.timeout):
+                failures, best = (0 if f.tell() > best else failures + 1), max(best, f.tell())
+                if failures > cfg.retries:
+                    raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {why}); check the "
+                                        f"network or pass another --mirror, then run the same command to resume")
+                wait = cfg.backoff * 2 ** (failures - 1) if failures else 0
+                then = f"retry {failures} of {cfg.retries} in {wait:g} s" if failures else "resuming"
+                print(f"{url}: {why}; {then}", file=sys.stderr)
+                time.sleep(wait)
         except BaseException:
             if f.tell() == 0:
                 part.unlink()
@@ -289,67 +281,36 @@ def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sh
     return dest
 
 
-def lock(f, part: Path, dest: Path) -> None:
-    """An exclusive lock on the open .part file: a second download of the file stops at once with this error."""
-    with contextlib.suppress(BlockingIOError, FileNotFoundError):
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        if os.path.samestat(os.stat(part), os.fstat(f.fileno())):  # not renamed into place meanwhile
-            return
-    raise DownloadError(f"another process is downloading {dest} (it holds {part}): let it finish, then run the "
-                        f"same command again")
-
-
-def stream_with_retries(session: requests.Session, url: str, f, size: int | None, cfg: DownloadConfig) -> None:
-    """GETs into the open .part file f until the body is complete; each failed try is printed with its reason."""
-    failures, best = 0, f.tell()
-    while True:
-        try:
-            return stream(session, url, f, size, cfg.timeout)
-        except TRANSIENT as err:
-            why = reason(err, cfg.timeout)
-            failures, best = (0 if f.tell() > best else failures + 1), max(best, f.tell())
-            if failures > cfg.retries:
-                raise DownloadError(f"{url}: no progress in {failures} attempt(s) (the last: {why}); check the network "
-                                    f"or pass another --mirror, then run the same command to resume") from None
-            wait = cfg.backoff * 2 ** (failures - 1) if failures else 0
-            print(f"{url}: {why}; " + (f"retry {failures} of {cfg.retries} in {wait:g} s" if failures else "resuming"),
-                  file=sys.stderr)
-            time.sleep(wait)
-
-
-def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> None:
-    """One GET into the open .part file f: a 206 answer to our Range request appends, a 200 starts over. A body
-    shorter than announced (Content-Length, else `size`) is a transient failure."""
+def stream(session: requests.Session, url: str, f, size: int | None, timeout: float) -> str | None:
+    """One GET into the open .part file f (a 206 to our Range appends, a 200 starts over): None once the body is
+    complete, else why the try failed, in a few words; a 4xx is a DownloadError."""
     have = f.tell()
     headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
-    with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
-        if r.status_code >= 500:
-            raise _Transient(f"HTTP {r.status_code} {r.reason}")
-        if r.status_code >= 400 and r.status_code != 416:
-            raise DownloadError(f"HTTP {r.status_code} {r.reason} for {url}: check the URL (or the --mirror base)")
-        if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
-            f.seek(0)
-            f.truncate()
-            if r.status_code != 200:  # 416, or a range we did not ask for
-                raise _Transient(f"the server cannot resume at byte {have} (HTTP {r.status_code}); starting over")
-            have = 0
-        total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
-        progress = Progress(Path(f.name).name.removesuffix(".part"), have, total)
-        for chunk in r.iter_content(1 << 16):
-            f.write(chunk)
-            have += len(chunk)
-            progress.update(have)
-        progress.update(have, last=True)
-    if total is not None and have < total:
-        raise _Transient(f"the connection closed after {have} of {total} bytes")
-
-
-def reason(err: Exception, timeout: float) -> str:
-    """A failed try's cause in a few words, not urllib3's paragraph."""
-    if isinstance(err, requests.Timeout) or "timed out" in str(err):
-        return f"no data for {timeout:g} s (--timeout)"
-    cause = re.search(r"\[Errno -?\d+\] ([^'\"]+)|(Connection broken)", str(err))
-    return (cause[1] or cause[2]) if cause else str(err)
+    try:
+        with session.get(url, headers=headers, stream=True, timeout=timeout) as r:
+            if r.status_code >= 500:
+                return f"HTTP {r.status_code} {r.reason}"
+            if r.status_code >= 400 and r.status_code != 416:
+                raise DownloadError(f"HTTP {r.status_code} {r.reason} for {url}: check the URL (or the --mirror base)")
+            if r.status_code != 206 or not r.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
+                f.seek(0)
+                f.truncate()
+                if r.status_code != 200:  # 416, or a range we did not ask for
+                    return f"the server cannot resume at byte {have} (HTTP {r.status_code}); starting over"
+                have = 0
+            total = have + int(r.headers["Content-Length"]) if "Content-Length" in r.headers else size
+            progress = Progress(Path(f.name).name.removesuffix(".part"), have, total)
+            for chunk in r.iter_content(1 << 16):
+                f.write(chunk)
+                have += len(chunk)
+                progress.update(have)
+            progress.update(have, last=True)
+    except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
+        if isinstance(err, requests.Timeout) or "timed out" in str(err):
+            return f"no data for {timeout:g} s (--timeout)"
+        cause = re.search(r"\[Errno -?\d+\] ([^'\"]+)|(Connection broken)", str(err))  # not urllib3's paragraph
+        return (cause[1] or cause[2]) if cause else str(err)
+    return f"the connection closed after {have} of {total} bytes" if total is not None and have < total else None
 
 
 def remote_size(session: requests.Session, url: str, timeout: float) -> int | None:
@@ -405,8 +366,7 @@ class Progress:
         print(f"\r{line:79}" if self.tty else line, end=end, file=sys.stderr, flush=True)
         self.shown, self.shown_at = have, now
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Items: plan, fetch, build
+# ----------------------------------------------------------------------------- items: plan, fetch, build
 
 
 def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
@@ -420,26 +380,11 @@ def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
     return fetch(last, cfg.data / remote.dest, cfg, remote.size, remote.sha256)
 
 
-def get(item: Item, cfg: DownloadConfig) -> None:
-    """Fetch and build an item unless it is done (or cfg.force); then check it."""
-    if item.remotes and (cfg.force or not item.done(cfg.data)):
-        for remote in item.remotes:
-            fetch_remote(remote, cfg)
-        if item.build:
-            item.build(cfg.data)
-            for remote in item.remotes:
-                (cfg.data / remote.dest).unlink()
-            with contextlib.suppress(OSError):  # downloads/, once empty
-                (cfg.data / "downloads").rmdir()
-    if item.check:
-        item.check(cfg.data)
-    print(f"{item.name}: ok")
-
-
-def show_plan(items: list[Item], cfg: DownloadConfig) -> None:
-    """What will be fetched, with sizes (published, else from a HEAD request), before anything is."""
+def download(cfg: DownloadConfig) -> None:
+    """What will be fetched, with sizes (published, else from a HEAD request); then each item is fetched and built
+    unless it is done (or cfg.force), and checked. One that fails is reported and the others go on."""
+    items, total, unknown = expand(cfg.names), 0, 0
     print(f"data directory: {cfg.data}")
-    total, unknown = 0, 0
     with requests.Session() as session:
         for item in items:
             if item.done(cfg.data) and not cfg.force:
@@ -453,18 +398,23 @@ def show_plan(items: list[Item], cfg: DownloadConfig) -> None:
                 total, unknown = total + (size or 0), unknown + (size is None)
                 print(f"  {item.name:14} {url}  {human(size) if size else 'size unknown'}")
     print(f"to fetch: {human(total)}" + (f" + {unknown} files of unknown size" if unknown else ""))
-
-
-def download(cfg: DownloadConfig) -> None:
-    """The plan, then every item; one that fails is reported and the others go on."""
-    items = expand(cfg.names)
-    show_plan(items, cfg)
     if cfg.dry_run:
         return
     failed = []
     for item in items:
         try:
-            get(item, cfg)
+            if item.remotes and (cfg.force or not item.done(cfg.data)):
+                for remote in item.remotes:
+                    fetch_remote(remote, cfg)
+                if item.build:
+                    item.build(cfg.data)
+                    for remote in item.remotes:
+                        (cfg.data / remote.dest).unlink()
+                    with contextlib.suppress(OSError):  # downloads/, once empty
+                        (cfg.data / "downloads").rmdir()
+            if item.check:
+                item.check(cfg.data)
+            print(f"{item.name}: ok")
         except DownloadError as err:
             print(f"{item.name}: {err}", file=sys.stderr)
             failed.append(item.name)

@@ -1745,10 +1745,11 @@ def test_toy_experiment_table_gives_medians_and_ranges():
     scores = {"colour": {row: [0.5, 0.6, 0.55] for row in toy.ROWS},
               "review": {row: [0.9, 0.8, 1.0, 0.7] for row in toy.ROWS}}
     scores["colour"]["XDBERT"] = [0.7, 0.9, 0.8]
-    lines = toy.experiment_table(scores).splitlines()
+    table, chart = toy.experiment_report(scores)
+    lines = table.splitlines()
     assert lines[0] == "| model | colour (visual) | review (control) |" and len(lines) == 2 + len(toy.ROWS)
     assert "| XDBERT | 80.0 [70.0, 90.0] | 85.0 [70.0, 100.0] |" in lines
-    _, bars, legend = svg_parse(toy.experiment_chart(scores))
+    _, bars, legend = svg_parse(chart)
     assert legend == list(bars) == list(toy.ROWS) and all(len(b) == 2 for b in bars.values())
     assert [b.find("{http://www.w3.org/2000/svg}title").text for b in bars["XDBERT"]] == ["colour, XDBERT: 80",
                                                                                            "review, XDBERT: 85"]

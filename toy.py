@@ -1,13 +1,7 @@
-"""The toy kit: an offline miniature of every data set and checkpoint, made from a small world, and a controlled
-experiment on it (README, "The toy world").
+"""The toy kit (README, "The toy world"): every data set and checkpoint in miniature, and a controlled experiment.
 
-    python toy.py                  # build data/toy (about half a minute; `python download.py --toy` runs this)
-    python toy.py experiment       # BERT, the MLM-only baseline and XDBERT on a visual and a control task
-
-Things with visual attributes (colour, material, build) and non-visual ones (town, use, kind) are described twice:
-by an encyclopedic corpus in WikiText-103's raw format that never says how a thing looks, and by captioned synthetic
-images (the toy MSCOCO). bert-toy and electra-toy are pretrained with MLM on the corpus alone, clip-toy contrastively
-on (caption, image) with a small image tower that is then dropped, as XDBERT drops CLIP's (Sec. 2.2).
+    python toy.py                  # build data/toy (`python download.py --toy` runs this)
+    python toy.py experiment       # five models finetuned on a visual and a control task
 """
 import argparse
 import csv
@@ -15,6 +9,7 @@ import dataclasses
 import gzip
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -22,20 +17,19 @@ import tempfile
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, normalizers, pre_tokenizers
 
 import data
 import model
+from download import COMMONLIT_HEADER, MRPC_HEADER
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Words
+# ----------------------------------------------------------------------------- the world, its corpus, its pictures
 
 COLOURS = ("red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "black", "white", "grey", "golden")
 SHAPES = ("circle", "square", "triangle", "star", "ring", "cube", "sphere", "stripe", "spiral", "arch")
@@ -56,31 +50,29 @@ SYLLABLES = (("ba", "ko", "ta", "mi", "lu", "re", "zo", "pe", "da", "vi", "nu", 
 PALETTE, MATERIALS, BUILDS = COLOURS[:6], ("wooden", "metal", "glass", "stone"), ("small", "large", "huge")
 USES = ("fishing", "cooking", "music", "trade", "farming", "weaving", "healing", "building", "games", "prayer")
 KINDS = ("tool", "toy", "instrument", "vessel", "ornament", "charm", "lamp", "game")
+DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
 BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-MRPC_HEADER = "Quality\t#1 ID\t#2 ID\t#1 String\t#2 String"
-COMMONLIT_HEADER = ["id", "url_legal", "license", "excerpt", "target", "standard_error"]
 
 
 def write_lines(path: Path, lines: list[str]) -> None:
-    """Lines with '\\n' endings, atomically."""
-    with model.atomic_file(path, "w") as f:
-        f.writelines(line + "\n" for line in lines)
+    """Lines with '\\n' endings, atomically; a file that exists is kept (the kit's parts are built once)."""
+    if not path.exists():
+        with model.atomic_file(path, "w") as f:
+            f.writelines(line + "\n" for line in lines)
 
 
 def write_csv(path: Path, rows: list[list]) -> None:
-    """A CSV with double-quote quoting (fields may hold commas and newlines), atomically."""
-    with model.atomic_file(path, "w") as f:
-        csv.writer(f).writerows(rows)
+    """A CSV with double-quote quoting (fields may hold commas and newlines), as write_lines."""
+    if not path.exists():
+        with model.atomic_file(path, "w") as f:
+            csv.writer(f).writerows(rows)
 
 
 def capitalise(text: str) -> str:
     return text[0].upper() + text[1:]
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The world: things, the corpus that tells of them, the pictures that show them
 
-
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Thing:
     name: str
     colour: str      # visual: shown by every picture, said by some captions, never by the corpus
@@ -131,8 +123,7 @@ def town_sentence(town: str, rng: random.Random) -> str:
 
 
 def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
-    """WikiText-103 raw lines (' = Title = ', ' = = Section = = ', blank ' ' lines, paragraphs with a leading and a
-    trailing space) about a town or a thing, each of whose facts it states at most once."""
+    """WikiText-103's raw lines (headings, ' ' lines, paragraphs) about a town, or a thing and two of its FACTS."""
     if rng.random() < 0.1:
         town = rng.choice(TOWNS)
         body = " ".join(capitalise(town_sentence(town, rng)) for _ in range(rng.randint(3, 6)))
@@ -148,40 +139,27 @@ def wiki_article(world: list[Thing], rng: random.Random) -> list[str]:
     return lines
 
 
-def toy_corpus(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/wikitext-103-raw/wiki.{train,valid,test}.raw; the train split is about 1,200 adaptation steps of 32
-    windows of 16 tokens (adapt.py --toy)."""
-    for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):
-        path = root / "wikitext-103-raw" / f"wiki.{split}.raw"
-        if not path.exists():
-            rng = random.Random(f"{seed}-wiki-{split}")
-            write_lines(path, [line for _ in range(articles) for line in wiki_article(world, rng)])
-
-
-@dataclass(frozen=True)
-class Picture:
-    """A synthetic image of a thing in a scene with 5 captions, as an MSCOCO image has."""
-    thing: Thing
-    scene: str
-    captions: tuple[str, ...]
-
-
 IMAGE_PARTS = (("colour", PALETTE), ("material", MATERIALS), ("build", BUILDS))
 IMAGE_DIM = sum(len(values) for _, values in IMAGE_PARTS) + len(SCENES)
 IMAGE_NOISE, SAY_ATTRIBUTE, SAY_SCENE = 0.3, 0.3, 0.6
 
 
-def image(picture: Picture, rng: np.random.Generator) -> np.ndarray:
-    """The picture's pixels (IMAGE_DIM,): one-hot colour, material, build and scene, plus Gaussian noise."""
-    parts = [(values, getattr(picture.thing, part)) for part, values in IMAGE_PARTS] + [(SCENES, picture.scene)]
-    hot = np.concatenate([np.eye(len(values))[values.index(v)] for values, v in parts])
-    return hot + rng.normal(0, IMAGE_NOISE, IMAGE_DIM)
+@dataclasses.dataclass(frozen=True)
+class Picture:
+    """A synthetic image of a thing in a scene, with 5 captions as an MSCOCO image has."""
+    thing: Thing
+    scene: str
+    captions: tuple[str, ...]
+
+    def pixels(self, rng: np.random.Generator) -> np.ndarray:
+        """(IMAGE_DIM,): one-hot colour, material, build and scene, plus Gaussian noise."""
+        parts = [(values, getattr(self.thing, part)) for part, values in IMAGE_PARTS] + [(SCENES, self.scene)]
+        hot = np.concatenate([np.eye(len(values))[values.index(v)] for values, v in parts])
+        return hot + rng.normal(0, IMAGE_NOISE, IMAGE_DIM)
 
 
 def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
-    """n / len(world) pictures of each thing. A caption names the thing, each of its visual attributes with
-    probability SAY_ATTRIBUTE and the scene with SAY_SCENE: to match a caption that says no colour to its picture, a
-    text tower must know the thing's colour."""
+    """n / len(world) pictures of each thing, captions naming it and some of its looks and the scene."""
     rng, out = random.Random(f"{seed}-pictures"), []
     for i in range(n):
         thing, scene = world[i % len(world)], rng.choice(SCENES)
@@ -193,31 +171,18 @@ def pictures(world: list[Thing], seed: int, n: int = 2000) -> list[Picture]:
                                                 for _ in range(5))))
     return out
 
-
-def toy_coco(root: Path, album: list[Picture]) -> None:
-    """DATA/coco/captions_train2017.json: the pictures' captions in MSCOCO's format."""
-    path = root / "coco" / "captions_train2017.json"
-    if not path.exists():
-        images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
-        annotations = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
-                       for j, c in enumerate(p.captions)]
-        write_lines(path, [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [],
-                                       "images": images, "annotations": annotations})])
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Tokenizers trained on the toy text
+# ----------------------------------------------------------------------------- checkpoints: tokenizers, pretraining
 
 
 def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str]) -> list[tuple[str, str]]:
-    """BPE (Sennrich et al. 2016) on word counts {symbols: count}: join the most frequent adjacent pair, n_merges times.
-    Ties go to the smallest pair, so that the result is the same on every run (the `tokenizers` trainers order equal
-    counts differently from run to run); a pair whose join is already a token is skipped (vocabularies hold each
-    token once)."""
+    """Sennrich et al.'s (2016) BPE on {'s y m b o l s': count}, n_merges times; ties go to the smallest pair (the
+    `tokenizers` trainers break them differently from run to run), a join that is already a token is skipped."""
     merges, made = [], set()
     for _ in range(n_merges):
         pairs = Counter()
         for word, count in words.items():
-            for pair in zip(word, word[1:]):
+            symbols = word.split()
+            for pair in zip(symbols, symbols[1:]):
                 if join(*pair) not in made:
                     pairs[pair] += count
         if not pairs:
@@ -225,72 +190,52 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
         best = min(pairs, key=lambda pair: (-pairs[pair], pair))
         merges.append(best)
         made.add(join(*best))
-        words = Counter({merge_pair(word, best, join(*best)): count for word, count in words.items()})
+        pattern = re.compile(rf"(?<!\S){re.escape(best[0])} {re.escape(best[1])}(?!\S)")
+        words = Counter({pattern.sub(join(*best), word): count for word, count in words.items()})
     return merges
 
 
-def merge_pair(word: tuple[str, ...], pair: tuple[str, str], joined: str) -> tuple[str, ...]:
-    out, i = [], 0
-    while i < len(word):
-        if word[i:i + 2] == pair:
-            out.append(joined)
-            i += 2
-        else:
-            out.append(word[i])
-            i += 1
-    return tuple(out)
+def corpus_words(text: str, normalizer, pre_tokenizer) -> Counter:
+    """The text's words as a tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
+    return Counter(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
 
 
-def corpus_words(text: str, tok: Tokenizer) -> Counter:
-    """The text's words as the tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
-    return Counter(w for w, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text)))
-
-
-def train_wordpiece(text: str, n_merges: int = 1200) -> Tokenizer:
-    """An uncased BERT-style WordPiece: [PAD] = 0, a few [unusedN], then [UNK] [CLS] [SEP] [MASK] (ids unlike
-    bert-base's on purpose, so that code must read them from the tokenizer), the characters, then the learnt pieces;
-    written as a vocab.txt that data.bert_tokenizer reads as it reads bert-base's."""
-    splitter = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    splitter.normalizer = normalizers.BertNormalizer(lowercase=True)
-    splitter.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    words = Counter({(w[0], *(f"##{c}" for c in w[1:])): n for w, n in corpus_words(text, splitter).items()})
+def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
+    """An uncased WordPiece in folder/vocab.txt; its special ids are unlike bert-base's, so code must read them."""
+    counts = corpus_words(text, normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer())
+    words = Counter({" ##".join(w): n for w, n in counts.items()})
     merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
-    symbols = sorted({s for word in words for s in word}, key=lambda s: (s.startswith("##"), s))
+    symbols = sorted({s for word in words for s in word.split()}, key=lambda s: (s.startswith("##"), s))
     pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
-    with tempfile.TemporaryDirectory() as tmp:
-        write_lines(Path(tmp, "vocab.txt"), BERT_TOY_SPECIALS + list(pieces))
-        return data.bert_tokenizer(tmp)
+    write_lines(folder / "vocab.txt", BERT_TOY_SPECIALS + list(pieces))
+    return data.bert_tokenizer(folder)
 
 
-def train_clip_bpe(text: str, n_merges: int = 1200) -> Tokenizer:
-    """A CLIP-style byte-level BPE: merges learnt on the words CLIP's own normalizer and pre-tokenizer make of the
-    text, laid out by data.clip_tokenizer_json_from_bpe exactly as CLIP's vocabulary (256 byte symbols, the same
-    with '</w>', the merges, <|startoftext|> and <|endoftext|> last)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        write_merges(Path(tmp, "none.txt.gz"), [])
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "none.txt.gz"), Path(tmp, "none.json"))
-        splitter = Tokenizer.from_file(str(Path(tmp, "none.json")))
-        words = Counter({(*w[:-1], w[-1] + "</w>"): n for w, n in corpus_words(text, splitter).items()})
-        write_merges(Path(tmp, "toy.txt.gz"), learn_merges(words, n_merges, str.__add__))
-        data.clip_tokenizer_json_from_bpe(Path(tmp, "toy.txt.gz"), Path(tmp, "toy.json"))
-        return Tokenizer.from_file(str(Path(tmp, "toy.json")))
+def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
+    """A CLIP-style byte-level BPE in folder/tokenizer.json, laid out as CLIP's by data.clip_tokenizer_json_from_bpe."""
+    folder.mkdir(parents=True)
+    splitter = clip_bpe(folder, [])  # no merges: CLIP's normalizer and pre-tokenizer
+    counts = corpus_words(text, splitter.normalizer, splitter.pre_tokenizer)
+    words = Counter({" ".join(w) + "</w>": n for w, n in counts.items()})
+    return clip_bpe(folder, learn_merges(words, n_merges, str.__add__))
 
 
-def write_merges(path: Path, merges: list) -> None:
-    """A merges list in open_clip's bpe_simple_vocab_16e6.txt.gz format: a version line, then 'a b' per merge."""
-    with gzip.open(path, "wt", encoding="utf-8") as f:
+def clip_bpe(folder: Path, merges: list) -> Tokenizer:
+    """folder/tokenizer.json from merges written as open_clip's bpe_simple_vocab_16e6.txt.gz ('a b' per line)."""
+    with gzip.open(folder / "merges.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n".join(["#version: toy", *(" ".join(m) for m in merges)]))
+    data.clip_tokenizer_json_from_bpe(folder / "merges.txt.gz", folder / "tokenizer.json")
+    return Tokenizer.from_file(str(folder / "tokenizer.json"))
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Pretraining: MLM for bert-toy and electra-toy on the corpus, contrastive for clip-toy on the pictures
 
 PRETRAIN = {"bert-toy": (500, 3e-3), "electra-toy": (300, 3e-3), "clip-toy": (250, 2e-3)}  # steps, peak lr
 MLM_BATCH, MLM_LEN, CLIP_BATCH = 32, 64, 128
 INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of adapt.py's new layers (README)
 
 
-def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: float) -> float:
-    """AdamW with 5% warm-up then linear decay, gradient clipping 1.0. Returns the mean loss of the last 10% steps."""
+def fit(name: str, params: list, loss_at: Callable[[int], torch.Tensor]) -> None:
+    """PRETRAIN[name]'s steps of AdamW (5% warm-up, linear decay, clipping 1.0); prints the last 10%'s mean loss."""
+    (steps, lr), start = PRETRAIN[name], time.process_time()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
                                                    anneal_strategy="linear", cycle_momentum=False)
@@ -303,105 +248,80 @@ def fit(params: list, loss_at: Callable[[int], torch.Tensor], steps: int, lr: fl
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-    return sum(losses[-max(1, steps // 10):]) / max(1, steps // 10)
+    print(f"{name}: {steps} pretraining steps, final loss {statistics.mean(losses[-max(1, steps // 10):]):.3f}, "
+          f"{time.process_time() - start:.1f} CPU-s", flush=True)
 
 
-def pretrain_mlm(encoder: model.LanguageEncoder, windows: data.AdaptationData, steps: int, lr: float,
-                 seed: int) -> float:
-    """MLM (Devlin et al. 2019) on corpus windows: AdaptationData's masking, model.token_loss through a fresh
-    TokenPredictionHead tied to the word embeddings."""
-    cfg = encoder.config
+def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed: int) -> model.LanguageEncoder:
+    """MLM (Devlin et al. 2019) on corpus windows, AdaptationData's masking, a fresh head tied to the embeddings."""
+    cfg = dataclasses.replace(model.PRESETS[name], dropout=0.0, vocab_size=vocab_size, initializer_range=INIT_STD)
+    encoder = model.LanguageEncoder(cfg)
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
                                      cfg.layer_norm_eps)
     head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
-
     def loss_at(step):
         picked = np.random.default_rng((seed, step)).choice(len(windows), MLM_BATCH, replace=False)
         b = windows.batch(picked, seed, step)
         hidden, _ = encoder(b["input_ids"])  # (B, T) -> (B, T, H)
         return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
                                 encoder.embeddings.word_embeddings.weight)
+    fit(name, [*encoder.parameters(), *head.parameters()], loss_at)
+    return encoder
 
-    return fit([*encoder.parameters(), *head.parameters()], loss_at, steps, lr)
 
-
-def pretrain_clip(text: model.CLIPTextTransformer, clip_tok: Tokenizer, album: list[Picture], steps: int,
-                  lr: float, seed: int) -> float:
-    """CLIP's contrastive loss (Radford et al. 2021): the symmetric cross-entropy of the batch's caption x image
-    cosine similarities, scaled by a learnt temperature. The image tower and the temperature are then dropped."""
+def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model.CLIPTextTransformer:
+    """CLIP's contrastive loss (Radford et al. 2021) through a small image tower, which is then dropped."""
+    cfg = dataclasses.replace(model.PRESETS["clip-toy"], vocab_size=clip_tok.get_vocab_size())
+    text = model.CLIPTextTransformer(cfg)
     P = text.config.projection_dim
     tower = nn.Sequential(nn.Linear(IMAGE_DIM, 2 * P), nn.GELU(), nn.Linear(2 * P, P))  # pictures -> CLIP's space
     log_scale = nn.Parameter(torch.tensor(np.log(1 / 0.07), dtype=torch.float32))  # CLIP's initial temperature
     captions = [(p, c) for p in album for c in p.captions]
     ids = data.encode([data.Example(c) for _, c in captions], "sst2", None, clip_tok=clip_tok)["clip_ids"][:, 0]
     ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # (N, 77) -> (N, L): causal, so the padding after changes nothing
-
     def loss_at(step):
         rng = np.random.default_rng((seed, step))
         picked = rng.choice(len(captions), CLIP_BATCH, replace=False)
-        images = torch.tensor(np.stack([image(captions[i][0], rng) for i in picked]), dtype=torch.float32)
+        images = torch.tensor(np.stack([captions[i][0].pixels(rng) for i in picked]), dtype=torch.float32)
         _, texts = text(ids[picked])                                                    # (B, P)
         logits = log_scale.exp().clamp(max=100) * F.normalize(texts, dim=-1) @ F.normalize(tower(images), dim=-1).T
         target = torch.arange(len(picked))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-
-    return fit([*text.parameters(), *tower.parameters(), log_scale], loss_at, steps, lr)
-
-
-def save_checkpoint(encoder, tok: Tokenizer, folder: Path, vocab_txt: bool) -> None:
-    """model.save_hf + tokenizer.json (+ vocab.txt), the folder appearing only when complete."""
-    with model.atomic_dir(folder) as tmp:
-        model.save_hf(encoder, tmp)
-        tok.save(str(Path(tmp, "tokenizer.json")))
-        if vocab_txt:
-            write_lines(Path(tmp, "vocab.txt"), [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])])
+    fit("clip-toy", [*text.parameters(), *tower.parameters(), log_scale], loss_at)
+    return text
 
 
 def toy_checkpoints(root: Path, album: list[Picture], seed: int) -> None:
-    """bert-toy, electra-toy (sharing one WordPiece, as the real ones do) and clip-toy: model.PRESETS sizes with the
-    trained tokenizers' vocabularies, pretrained as the module docstring says."""
+    """bert-toy, electra-toy (one WordPiece, as the real ones share) and clip-toy in the hub layout."""
     missing = [name for name in PRETRAIN if not (root / "ckpt" / name).exists()]
     if not missing:
         return
-    corpus = (root / "wikitext-103-raw" / "wiki.train.raw").read_text(encoding="utf-8")
-    wordpiece = train_wordpiece(corpus)
-    clip_tok = train_clip_bpe(corpus + "\n".join(c for p in album for c in p.captions))
+    corpus = root / "wikitext-103-raw" / "wiki.train.raw"
+    text = corpus.read_text(encoding="utf-8")
     with tempfile.TemporaryDirectory() as tmp:
-        for name, tok in (("bert", wordpiece), ("clip", clip_tok)):
-            Path(tmp, name).mkdir()
-            tok.save(str(Path(tmp, name, "tokenizer.json")))
-        cache = data.build_cache(root / "wikitext-103-raw" / "wiki.train.raw", Path(tmp, "bert"), Path(tmp, "clip"),
-                                 Path(tmp, "cache"), seq_len=MLM_LEN, n_blocks=1, log=lambda _: None)
+        bert_dir, clip_dir = Path(tmp, "bert"), Path(tmp, "clip")
+        wordpiece = train_wordpiece(text, bert_dir)
+        clip_tok = train_clip_bpe(text + "\n".join(c for p in album for c in p.captions), clip_dir)
+        cache = data.build_cache(corpus, bert_dir, clip_dir, Path(tmp, "cache"), seq_len=MLM_LEN, n_blocks=1,
+                                 log=lambda _: None)
         windows = data.AdaptationData(cache, match_prob=0.0)
         for name in missing:
             torch.manual_seed(seed)
-            steps, lr = PRETRAIN[name]
-            start = time.process_time()
             if name == "clip-toy":
-                net = model.CLIPTextTransformer(dataclasses.replace(model.PRESETS[name],
-                                                                    vocab_size=clip_tok.get_vocab_size()))
-                loss = pretrain_clip(net, clip_tok, album, steps, lr, seed)
+                net, tok = pretrain_clip(clip_tok, album, seed), clip_tok
             else:
-                net = model.LanguageEncoder(dataclasses.replace(model.PRESETS[name], dropout=0.0,
-                                                                vocab_size=wordpiece.get_vocab_size(),
-                                                                initializer_range=INIT_STD))
-                loss = pretrain_mlm(net, windows, steps, lr, seed)
-            print(f"{name}: {steps} pretraining steps, final loss {loss:.3f}, "
-                  f"{time.process_time() - start:.1f} CPU-s", flush=True)
-            save_checkpoint(net, clip_tok if name == "clip-toy" else wordpiece, root / "ckpt" / name,
-                            vocab_txt=name != "clip-toy")
+                net, tok = pretrain_mlm(name, wordpiece.get_vocab_size(), windows, seed), wordpiece
+            with model.atomic_dir(root / "ckpt" / name) as folder:
+                model.save_hf(net, folder)
+                tok.save(str(Path(folder, "tokenizer.json")))
+                if tok is wordpiece:
+                    Path(folder, "vocab.txt").write_bytes((bert_dir / "vocab.txt").read_bytes())
 
-# ----------------------------------------------------------------------------------------------------------------------
-# GLUE-format tasks about the words of the world. Each maker gives (fields, label) examples; TOY_GLUE says how rows and
-# headers look (GLUE's own formats) and what rule decides the label. The pair rules mix a cue that one sentence
-# shows (a negation, a word left out, an added detail: what the 2-layer toy encoder learns from random weights in
-# the recipe's 3 epochs) with a comparison of the two sentences (what it mostly does not): the toy scores sit clearly
-# above chance and below 100, and a bag-of-words model that also sees the shared words reaches ~100 (the tests).
-
-DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", "after lunch")
+# ----------------------------------------------------------------------------- GLUE, SWAG and READ
+# A GLUE maker gives an example's train/dev and test rows; a pair rule mixes a cue in one sentence with a comparison.
 
 
-def rte_example(rng: random.Random) -> tuple[list[str], str]:
+def rte_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Entailment iff the hypothesis is "Something <colour> is in the <scene>." with one of the premise's two colours;
     the other half says "Nothing" of a premise colour (a contradiction) or names a third colour (half each)."""
     (c1, c2, c3), (o1, o2), s = rng.sample(COLOURS, 3), rng.sample(OBJECTS, 2), rng.choice(SCENES)
@@ -410,11 +330,11 @@ def rte_example(rng: random.Random) -> tuple[list[str], str]:
                           f"in the {s}."))
     kind = rng.choice(("entailed", "entailed", "negated", "third"))
     quantifier = "Nothing" if kind == "negated" else "Something"
-    hypothesis = f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."
-    return [premise, hypothesis], "entailment" if kind == "entailed" else "not_entailment"
+    fields = [str(i), premise, f"{quantifier} {c3 if kind == 'third' else rng.choice((c1, c2))} is in the {s}."]
+    return [*fields, "entailment" if kind == "entailed" else "not_entailment"], fields
 
 
-def sst2_example(rng: random.Random) -> tuple[list[str], str]:
+def sst2_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Positive (1) iff most of its sentiment words are positive."""
     k = rng.choice((1, 3))
     n_pos = rng.randint(0, k)
@@ -423,13 +343,12 @@ def sst2_example(rng: random.Random) -> tuple[list[str], str]:
     feel = words[0] if k == 1 else f"{words[0]} , {words[1]} and {words[2]}"
     c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
     text = rng.choice((f"a {feel} film about a {c} {o} at the {s} .", f"the {c} {o} in the {s} looks {feel} ."))
-    return [text], str(int(2 * n_pos > k))
+    return [text + " ", str(int(2 * n_pos > k))], [str(i), text]
 
 
-def stsb_example(rng: random.Random) -> tuple[list[str], str]:
-    """Similarity 0-5: 5/3 for each slot (colour, object, scene) the second sentence shares with the first, plus
-    uniform noise of +-0.25; a slot it does not share holds another word (1 in 4) or is left out (no colour,
-    "thing", "somewhere")."""
+def stsb_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
+    """Similarity 0-5: 5/3 per slot (colour, object, scene) the second sentence shares with the first, +-0.25 noise;
+    a slot not shared holds another word (1 in 4) or is left out (no colour, "thing", "somewhere")."""
     slots = [rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)]
     other = [rng.choices((v, rng.choice([w for w in pool if w != v]), None), (0.4, 0.15, 0.45))[0]
              for v, pool in zip(slots, (COLOURS, OBJECTS, SCENES))]
@@ -438,21 +357,24 @@ def stsb_example(rng: random.Random) -> tuple[list[str], str]:
     pose = rng.choice(POSES_ING)
     c, o, s = other
     second = f"A {c + ' ' if c else ''}{o or 'thing'} is {pose} {f'in the {s}' if s else 'somewhere'}."
-    return [f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second], f"{score:.3f}"
+    meta = [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none"]  # STS-B's first columns
+    test = [*meta, f"A {slots[0]} {slots[1]} is {pose} in the {slots[2]}.", second]
+    return [*test, f"{score:.3f}"], test
 
 
-def cola_example(rng: random.Random) -> tuple[list[str], str]:
+def cola_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """Acceptable (1) iff the words are in English order; the unacceptable ones swap or drop words."""
     words = ["the", rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(POSES), rng.choice(PLACES), "the",
              rng.choice(SCENES)]
     acceptable = rng.random() < 0.6
     if not acceptable:
-        i = rng.choice((1, 3, 5))
-        words[i:i + 2] = [words[i + 1], words[i]] if rng.random() < 0.7 else words[i + 1:i + 2]
-    return [capitalise(" ".join(words)) + "."], str(int(acceptable))
+        j = rng.choice((1, 3, 5))
+        words[j:j + 2] = [words[j + 1], words[j]] if rng.random() < 0.7 else words[j + 1:j + 2]
+    sentence = capitalise(" ".join(words)) + "."
+    return [f"toy{i % 7}", str(int(acceptable)), "" if acceptable else "*", sentence], [str(i), sentence]
 
 
-def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
+def mrpc_example(rng: random.Random, i: int) -> tuple[list[str], list[str]]:
     """A paraphrase (1) says the same colour, object and scene in another order; a non-paraphrase adds a detail the
     first sentence does not give ("at night", 2 in 3) or changes the colour, the object or the scene (1 in 3)."""
     c, (o, o2), s, pose, place = rng.choice(COLOURS), rng.sample(OBJECTS, 2), rng.choice(SCENES), \
@@ -463,53 +385,32 @@ def mrpc_example(rng: random.Random) -> tuple[list[str], str]:
         detail = " " + rng.choice(DETAILS)
     elif not paraphrase:
         slot = rng.randrange(3)
-        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if i == slot else v
-                   for i, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
+        c, o, s = [rng.choice([w for w in pool if w not in (v, o2)]) if k == slot else v
+                   for k, (v, pool) in enumerate(zip((c, o, s), (COLOURS, OBJECTS, SCENES)))]
     ids = [str(rng.randint(1000, 3_999_999)) for _ in range(2)]
-    return [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."], str(int(paraphrase))
+    fields = [*ids, first, f"In the {s}, the {c} {o} {pose} {place} the {o2}{detail}."]
+    return [str(int(paraphrase)), *fields], [str(i), *fields]
 
 
-@dataclass(frozen=True)
-class ToyTask:
-    example: Callable[[random.Random], tuple[list[str], str]]
-    header: str | None                 # train/dev header (CoLA has none)
-    row: Callable[[int, list[str], str], list[str]]
-    test_header: str
-    test_row: Callable[[int, list[str]], list[str]]
-
-
-TOY_GLUE = {
-    "RTE": ToyTask(rte_example, "index\tsentence1\tsentence2\tlabel", lambda i, f, y: [str(i), *f, y],
-                   "index\tsentence1\tsentence2", lambda i, f: [str(i), *f]),
-    "SST-2": ToyTask(sst2_example, "sentence\tlabel", lambda i, f, y: [f[0] + " ", y],
-                     "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "STS-B": ToyTask(stsb_example, "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2\t"
-                                   "score",
-                     lambda i, f, y: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f, y],
-                     "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2",
-                     lambda i, f: [str(i), "main-captions", "MSRvid", "2012test", f"{i:04d}", "none", "none", *f]),
-    "CoLA": ToyTask(cola_example, None, lambda i, f, y: [f"toy{i % 7}", y, "" if y == "1" else "*", f[0]],
-                    "index\tsentence", lambda i, f: [str(i), f[0]]),
-    "MRPC": ToyTask(mrpc_example, MRPC_HEADER, lambda i, f, y: [y, *f],
-                    "index\t#1 ID\t#2 ID\t#1 String\t#2 String", lambda i, f: [str(i), *f]),
+STSB_HEADER = "index\tgenre\tfilename\tyear\told_index\tsource1\tsource2\tsentence1\tsentence2"
+TOY_GLUE = {  # task -> (maker, train/dev header (CoLA has none), test header)
+    "RTE": (rte_example, "index\tsentence1\tsentence2\tlabel", "index\tsentence1\tsentence2"),
+    "SST-2": (sst2_example, "sentence\tlabel", "index\tsentence"),
+    "STS-B": (stsb_example, STSB_HEADER + "\tscore", STSB_HEADER),
+    "CoLA": (cola_example, None, "index\tsentence"),
+    "MRPC": (mrpc_example, MRPC_HEADER, "index" + MRPC_HEADER.removeprefix("Quality")),
 }
 TOY_SIZES = {"train.tsv": 2000, "dev.tsv": 100, "test.tsv": 100}  # train: ~190 steps of 32 in 3 epochs
 
 
 def toy_glue(root: Path, seed: int) -> None:
-    for name, task in TOY_GLUE.items():
-        folder = root / "glue" / name
-        if all((folder / f).exists() for f in TOY_SIZES):
-            continue
+    for name, (example, header, test_header) in TOY_GLUE.items():
         rng = random.Random(f"{seed}-glue-{name}")
         for file, n in TOY_SIZES.items():
-            examples = [task.example(rng) for _ in range(n)]
-            if file == "test.tsv":
-                lines = [task.test_header, *("\t".join(task.test_row(i, f)) for i, (f, _) in enumerate(examples))]
-            else:
-                lines = [task.header] * (task.header is not None) + [
-                    "\t".join(task.row(i, f, y)) for i, (f, y) in enumerate(examples)]
-            write_lines(folder / file, lines)
+            test = file == "test.tsv"
+            rows = ["\t".join(example(rng, i)[test]) for i in range(n)]
+            top = test_header if test else header
+            write_lines(root / "glue" / name / file, [top] * (top is not None) + rows)
 
 
 def toy_swag(root: Path, seed: int) -> None:
@@ -517,9 +418,6 @@ def toy_swag(root: Path, seed: int) -> None:
     header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
               "ending2", "ending3", "label"]
     for split, n in (("train", 200), ("val", 50), ("test", 50)):
-        path = root / "swag" / f"{split}.csv"
-        if path.exists():
-            continue
         rng, rows = random.Random(f"{seed}-swag-{split}"), []
         for i in range(n):
             c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
@@ -533,14 +431,11 @@ def toy_swag(root: Path, seed: int) -> None:
             endings.insert(label, endings.pop(0))
             row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
             rows.append(row if split != "test" else row[:-1])
-        write_csv(path, [header if split != "test" else header[:-1], *rows])
+        write_csv(root / "swag" / f"{split}.csv", [header if split != "test" else header[:-1], *rows])
 
 
 def toy_read(root: Path, world: list[Thing], seed: int) -> None:
     """CommonLit's train.csv: multi-line excerpts; the target (reading ease) falls with the sentence length."""
-    path = root / "read" / "train.csv"
-    if path.exists():
-        return
     rng, rows = random.Random(f"{seed}-read"), [COMMONLIT_HEADER]
     for i in range(300):
         long = rng.random()
@@ -550,13 +445,34 @@ def toy_read(root: Path, world: list[Thing], seed: int) -> None:
         target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
         excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
         rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
-    write_csv(path, rows)
+    write_csv(root / "read" / "train.csv", rows)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The experiment's tasks, in SST-2's format (a sentence, 0/1, accuracy), each in its own data root
+def build_toy(root: Path, seed: int = 0) -> None:
+    """The whole toy kit under root; files that exist are kept."""
+    start, cpu = time.time(), time.process_time()
+    world = make_world(seed)
+    for split, articles in (("train", 5800), ("valid", 50), ("test", 50)):  # train: ~1,200 steps of adapt.py --toy
+        rng = random.Random(f"{seed}-wiki-{split}")
+        write_lines(root / "wikitext-103-raw" / f"wiki.{split}.raw",
+                    [line for _ in range(articles) for line in wiki_article(world, rng)])
+    album = pictures(world, seed)
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
+    captions = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
+                for j, c in enumerate(p.captions)]
+    info = {"description": "XDBERT toy kit captions"}
+    write_lines(root / "coco" / "captions_train2017.json",  # MSCOCO's format
+                [json.dumps({"info": info, "licenses": [], "images": images, "annotations": captions})])
+    toy_checkpoints(root, album, seed)
+    toy_glue(root, seed)
+    toy_experiment_tasks(root, world, seed)
+    toy_swag(root, seed)
+    toy_read(root, world, seed)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s, {time.process_time() - cpu:.1f} CPU-s")
 
-REPEATS = {"colour": {"train": 5, "dev": 1}, "review": {"train": 1, "dev": 1}}  # (true, false) pairs per thing
+
+# ----------------------------------------------------------------------------- the controlled experiment (README)
 
 
 def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
@@ -577,43 +493,21 @@ def review_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[st
     return rows
 
 
-EXPERIMENT_TASKS = {"colour": colour_rows, "review": review_rows}
+EXPERIMENT_TASKS = {"colour": (colour_rows, 5), "review": (review_rows, 1)}  # (true, false) pairs per train thing
 
 
 def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv (finetune.py reads them as SST-2 with --data): statements
-    about one half of the world to train on, about the other half to score, so that what a model knows about a dev
-    thing comes from its encoder, not from the training set."""
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv, about disjoint halves of the world: what a model knows
+    about a dev thing comes from its encoder."""
     rng = random.Random(f"{seed}-experiment")
     things = rng.sample(world, len(world))
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
-    for task, rows_of in EXPERIMENT_TASKS.items():
+    for task, (rows_of, repeats) in EXPERIMENT_TASKS.items():
         for split, half in halves.items():
-            path = root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv"
-            rows = [row for thing in half for row in rows_of(thing, rng, REPEATS[task][split])]
-            if not path.exists():
-                write_lines(path, ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
+            rows = [row for thing in half for row in rows_of(thing, rng, repeats if split == "train" else 1)]
+            write_lines(root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv",
+                        ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
 
-
-def build_toy(root: Path, seed: int = 0) -> None:
-    """The whole toy kit under root; parts that exist are kept."""
-    start, cpu = time.time(), time.process_time()
-    world = make_world(seed)
-    toy_corpus(root, world, seed)
-    album = pictures(world, seed)
-    toy_coco(root, album)
-    toy_checkpoints(root, album, seed)
-    toy_glue(root, seed)
-    toy_experiment_tasks(root, world, seed)
-    toy_swag(root, seed)
-    toy_read(root, world, seed)
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
-    print(f"toy kit in {root}: {size / 1e6:.1f} MB, {time.time() - start:.1f} s ({time.process_time() - cpu:.1f} "
-          f"CPU-s)")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# The controlled experiment (README, "The toy world"): adapt.py and finetune.py run as a user runs them
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
 ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy", "X-BERT": "x-bert-toy",
@@ -638,9 +532,7 @@ def seed_runs(folder: Path) -> list[Path]:
 
 
 def experiment(root: Path, out: Path, seeds: int) -> dict:
-    """BERT, BERT after one more epoch of plain MLM (Sec. 3's fair baseline), XDBERT, the whole adapted model (X-BERT,
-    App. C.3) and CLIP-T alone, each finetuned on both tasks over `seeds` seeds.
-    Returns {task: {row: [dev accuracy per seed]}}."""
+    """{task: {row of ROWS: [dev accuracy per seed]}} (BERT + MLM: Sec. 3's fair baseline; X-BERT: App. C.3)."""
     if out.exists():
         raise ValueError(f"{out} exists: remove it or pass another --out, so that no earlier run is mixed in")
     out.mkdir(parents=True)
@@ -662,31 +554,21 @@ def experiment(root: Path, out: Path, seeds: int) -> dict:
     return scores
 
 
-def experiment_chart(scores: dict) -> str:
-    """Table 1 as bars: one cluster per task, one bar per model at its median, whiskers from the lowest seed to the
-    highest."""
-    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
-    medians = {t: {row: 100 * statistics.median(scores[t][row]) for row in ROWS} for t in tasks}
-    spread = {t: {row: (100 * min(scores[t][row]), 100 * max(scores[t][row])) for row in ROWS} for t in tasks}
-    return data.svg_bars(medians, "The toy experiment: dev accuracy, median over seeds", "accuracy (%)", spread)
-
-
-def experiment_table(scores: dict) -> str:
-    """Table 1's layout: a row per model, a column per task; each cell the median dev accuracy over the seeds and
-    their range."""
-    tasks = [t for t in EXPERIMENT_TASKS if t in scores]
-    lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in tasks) + " |",
-             "|---" * (len(tasks) + 1) + "|"]
-    for row in ROWS:
-        cells = [f"{100 * statistics.median(scores[t][row]):.1f} [{100 * min(scores[t][row]):.1f}, "
-                 f"{100 * max(scores[t][row]):.1f}]" for t in tasks]
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def experiment_report(scores: dict) -> tuple[str, str]:
+    """Table 1's layout (each cell the median over the seeds [lowest, highest]) and the same as SVG bars."""
+    cells = {t: {row: [100 * f(scores[t][row]) for f in (statistics.median, min, max)] for row in ROWS} for t in scores}
+    lines = ["| model | " + " | ".join(f"{t} ({'visual' if t == 'colour' else 'control'})" for t in scores) + " |",
+             "|---" * (len(scores) + 1) + "|"]
+    lines += [f"| {row} | " + " | ".join("{:.1f} [{:.1f}, {:.1f}]".format(*cells[t][row]) for t in scores) + " |"
+              for row in ROWS]
+    chart = data.svg_bars({t: {row: c[0] for row, c in cells[t].items()} for t in cells},
+                          "The toy experiment: dev accuracy, median over seeds", "accuracy (%)",
+                          {t: {row: tuple(c[1:]) for row, c in cells[t].items()} for t in cells})
+    return "\n".join(lines), chart
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", nargs="?", default="build", choices=("build", "experiment"))
     parser.add_argument("--data", default="data/toy", help="where the kit is (default data/toy)")
     parser.add_argument("--seed", type=int, default=0, help="the world's seed")
@@ -697,12 +579,9 @@ def main(argv=None) -> None:
     if args.command == "experiment":
         start, out = time.time(), Path(args.out)
         try:
-            scores = experiment(Path(args.data), out, args.seeds)
-            table = experiment_table(scores)
-            with model.atomic_file(out / "table.md", "w") as f:
-                f.write(table + "\n")
-            with model.atomic_file(out / "experiment.svg", "w") as f:
-                f.write(experiment_chart(scores))
+            table, chart = experiment_report(experiment(Path(args.data), out, args.seeds))
+            write_lines(out / "table.md", [table])
+            write_lines(out / "experiment.svg", [chart])
             print(f"{table}\nmedian dev accuracy over {args.seeds} seeds [lowest, highest], chance 50.0; "
                   f"{time.time() - start:.0f} s; written to {out}/table.md and {out}/experiment.svg\n", flush=True)
             print(run(["pwcca.py", "grounding", "--toy", "--data", args.data, "--examples", "1",
