@@ -2187,9 +2187,9 @@ def adapt_scenes(adapt_kit, tmp_path_factory):
 
 def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
     """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer) passes 90% within
-    250 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
+    200 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
     run = adapt_run(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
-                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "250",
+                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "200",
                     "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.9 and sum(r["match"] for r in last) / 50 < 0.3
