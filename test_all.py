@@ -1353,7 +1353,7 @@ def test_download_next_mirror_after_a_failure(download_server, tmp_path, capsys)
     download.fetch_remote(remote, _download_cfg(tmp_path, bases=bases))
     assert (tmp_path / "w.zip").read_bytes() == DOWNLOAD_BLOB
     assert [r[1] for r in download_server.log] == ["/bad/w.zip", "/good/w.zip"]
-    assert f"/bad/w.zip: check the URL (or the --mirror base); trying the next mirror" in capsys.readouterr().err
+    assert "/bad/w.zip: check the URL (or the --mirror base); trying the next mirror" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------------------------------
