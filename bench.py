@@ -85,7 +85,6 @@ def synthetic_model(cfg, device, folder, windows, seed=0):
     lengths = np.clip(rng.normal(clip_tokens, clip_tokens / 10, windows).astype(int), 1, n_blocks * 75)
     packed = [data._pack_blocks(rng.integers(1, clip_vocab - 2, n), n_blocks, clip_vocab - 2, clip_vocab - 1)
               for n in lengths]
-    os.makedirs(folder, exist_ok=True)
     bert.astype(np.uint16).tofile(os.path.join(folder, "bert_ids"))
     np.stack([p[0] for p in packed]).astype(np.uint16).tofile(os.path.join(folder, "clip_ids"))
     np.stack([p[1] for p in packed]).astype(np.uint8).tofile(os.path.join(folder, "clip_lengths"))
@@ -124,11 +123,10 @@ def bench_adapt(cfg, steps, profile=False):
            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None}
     if profile and device.type == "cuda":
         out |= busy_share(step, device)
+    mfu = f", MFU {100 * out['mfu']:.1f}% ({100 * out['mfu_real']:.1f}% of real tokens)" if peak else ""
     print(f"adapt {out['model']}, T={cfg.seq_len}, CLIP {cfg.clip_blocks}x{width}, micro-batch {micro}, "
           f"{dtype_name} on {device}{', compiled' if cfg.compile else ''}: {dt:.3f} s/step, "
-          f"{out['tokens_per_s']:,.0f} tokens/s, "
-          f"{out['tflops']:.2f} TFLOP/s" + (f", MFU {100 * out['mfu']:.1f}% ({100 * out['mfu_real']:.1f}% of real "
-                                             f"tokens)" if peak else ""), flush=True)
+          f"{out['tokens_per_s']:,.0f} tokens/s, {out['tflops']:.2f} TFLOP/s{mfu}", flush=True)
     return out
 
 
@@ -143,15 +141,6 @@ def busy_share(step, device):
         wall = time.perf_counter() - start
     busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
     return {"gpu_busy_share": min(1.0, busy / wall)}
-
-
-def graph_breaks(cfg, device):
-    """torch._dynamo.explain of one adaptation forward + backward: (graphs, graph breaks)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        m, ds = synthetic_model(cfg, device, tmp, 4)
-        batch = {k: v.to(device) for k, v in ds.batch(range(4), 0, 0).items()}
-    explained = torch._dynamo.explain(lambda b: m(**b)["loss"])(batch)
-    return {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
 
 
 def gpu_check(out_path):
@@ -169,7 +158,11 @@ def gpu_check(out_path):
         cfg = replace(cfg, global_batch=micro or adapt.micro_batch_size(cfg, 1, torch.device(device)))
         report["adapt"].append(bench_adapt(cfg, steps=5, profile=True))
         torch.cuda.empty_cache()
-    report |= graph_breaks(base, device)
+    with tempfile.TemporaryDirectory() as tmp:  # graphs and graph breaks of one adaptation forward
+        m, ds = synthetic_model(base, device, tmp, 4)
+        batch = {k: v.to(device) for k, v in ds.batch(range(4), 0, 0).items()}
+    explained = torch._dynamo.explain(lambda b: m(**b)["loss"])(batch)
+    report |= {"graphs": explained.graph_count, "graph_breaks": explained.graph_break_count}
     report["finetune"] = bench_finetune(["bert-base" if cuda else "bert-toy"], 32, 128, 5, device)
     for f in report["finetune"]:  # App. C.2's RTE: 3 epochs, 9 seeds, full-length (128) batches: an upper bound
         seconds = RTE_TRAIN / f["train_examples_per_s"] + RTE_DEV / f["eval_examples_per_s"]
@@ -179,8 +172,8 @@ def gpu_check(out_path):
     print(f"\n{report['device']}, torch {report['torch']}, {report['date']}; CUDA tests: {report['cuda_tests']}")
     print("| micro-batch | compiled | s/step | tokens/s | MFU | MFU real tokens | epoch min | peak GB | GPU busy |")
     print("|---|---|---|---|---|---|---|---|---|")
+    pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
     for r in report["adapt"]:
-        pct = lambda v: f"{100 * v:.1f}%" if v is not None else "-"
         print(f"| {r['micro_batch']} | {r['compiled']} | {r['step_s']:.3f} | {r['tokens_per_s']:,.0f} | "
               f"{pct(r['mfu'])} | {pct(r['mfu_real'])} | {r['epoch_minutes']:.1f} | "
               f"{r['peak_memory_gb'] or 0:.1f} | {pct(r.get('gpu_busy_share'))} |")
@@ -200,7 +193,6 @@ def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
     words = np.array([t for t in sorted(vocab, key=vocab.get) if t.isalpha() and t.isascii() and len(t) > 1])
     zipf = 1 / np.arange(1, len(words) + 1)
     syllables = np.array(["ka", "lor", "vin", "tes", "mar", "qu", "ex", "ion", "dru", "phe"])
-    cpu_seconds = lambda: sum(resource.getrusage(resource.RUSAGE_SELF)[:2])  # user + system, all threads
     with tempfile.TemporaryDirectory() as tmp:
         corpus = os.path.join(tmp, "wiki.bench.raw")
         with open(corpus, "w", encoding="utf-8") as f:
@@ -216,11 +208,11 @@ def bench_cache(megabytes, bert_dir, clip_dir, steps=1, seed=0):
                             tokens[i] = rng.choice([f"{rng.integers(1, 99)} @,@ {rng.integers(100, 999)}",
                                                     f"{tokens[i]} @-@ based", f"{tokens[i]} , ", "( 1914 )"])
                         f.write(f" {' '.join(tokens).capitalize()} . \n \n")
-        size_mb, cpu, built = os.path.getsize(corpus) / 1e6, cpu_seconds(), []
+        size_mb, cpu, built = os.path.getsize(corpus) / 1e6, time.process_time(), []  # user + system, all threads
         build = lambda: built.append(data.build_cache(corpus, bert_dir, clip_dir, os.path.join(tmp, str(len(built))),
                                                       log=lambda _: None))
         wall = median_seconds(build, steps, warmup=0)
-        cpu = (cpu_seconds() - cpu) / steps
+        cpu = (time.process_time() - cpu) / steps
         with open(os.path.join(built[0], "manifest.json")) as f:
             manifest = json.load(f)
     out = {"mb": size_mb, "wall_s": wall, "cpu_s": cpu, "mb_per_s": size_mb / wall, "mb_per_cpu_s": size_mb / cpu,
@@ -250,10 +242,8 @@ def bench_finetune(presets, batch_size, seq_len, steps, device):
         torch.manual_seed(0)
         net = finetune.Finetuner(xm.LanguageEncoder(cfg), "classification", 2).to(device)
         optimizer = finetune.adamw(net.parameters(), device)
-        shape = (batch_size, seq_len)
-        b = {"input_ids": torch.randint(0, cfg.vocab_size, shape, device=device),
-             "attention_mask": torch.ones(shape, dtype=torch.long, device=device),
-             "token_type_ids": torch.zeros(shape, dtype=torch.long, device=device),
+        ids = torch.randint(0, cfg.vocab_size, (batch_size, seq_len), device=device)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids),
              "labels": torch.randint(0, 2, (batch_size,), device=device)}
 
         def train_step():
@@ -277,9 +267,8 @@ def bench_finetune(presets, batch_size, seq_len, steps, device):
 
 
 def bench_model(steps, memory_of=None):
-    """Forward+backward of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers' sdpa implementations
-    on identical weights and inputs: median time, and the resident memory one step adds at its peak, each measured in
-    a fresh process (memory_of=(preset, shape, impl)) whose Linux peak counter (VmHWM) is reset after a warm-up step."""
+    """Forward+backward of our BERT-base (8 x 128) and CLIP-T (72 x 77) against transformers' sdpa on the same weights
+    and inputs: median time; peak step memory (README) in a fresh process per memory_of=(preset, shape, impl)."""
     try:
         import transformers
     except ImportError:
