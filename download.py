@@ -176,15 +176,15 @@ def check_commonlit(root: Path) -> None:
     if not path.is_file():
         raise DownloadError(f"no CommonLit train.csv at {path}: follow the steps above, then run it again")
     with open(path, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0] != COMMONLIT_HEADER:
-        raise DownloadError(f"{path} has the columns {rows[0] if rows else []}, not {','.join(COMMONLIT_HEADER)}: "
+        header, *records = list(csv.reader(f)) or [[]]
+    if header != COMMONLIT_HEADER:
+        raise DownloadError(f"{path} has the columns {header}, not {','.join(COMMONLIT_HEADER)}: "
                             f"put the competition's train.csv there (not test.csv or sample_submission.csv)")
-    for i, row in enumerate(rows[1:], 1):
+    for i, row in enumerate(records, 1):
         if len(row) != len(COMMONLIT_HEADER) or not re.fullmatch(r"-?\d+(\.\d*)?([eE][-+]?\d+)?", row[4]):
             raise DownloadError(f"{path}: record {i} has no numeric target: download train.csv again")
-    if len(rows) - 1 != COMMONLIT_ROWS:
-        raise DownloadError(f"{path} has {len(rows) - 1} records, the CommonLit train.csv has {COMMONLIT_ROWS}: "
+    if len(records) != COMMONLIT_ROWS:
+        raise DownloadError(f"{path} has {len(records)} records, the CommonLit train.csv has {COMMONLIT_ROWS}: "
                             f"download train.csv again")
 
 
@@ -228,7 +228,7 @@ class DownloadConfig:
     """The command line's settings."""
     data: Path = Path("data")
     names: tuple[str, ...] = ("main",)
-    bases: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(SOURCES))  # after mirror_bases
+    bases: dict[str, tuple[str, ...]] = field(default_factory=SOURCES.copy)  # after mirror_bases
     timeout: float = 30.0   # seconds of silence from a server before a try is given up and retried
     retries: int = 5        # retries in a row without progress before giving up (the .part is kept)
     backoff: float = 1.0    # seconds before the first retry, doubling with each
@@ -403,7 +403,7 @@ def download(cfg: DownloadConfig) -> None:
     failed = []
     for item in items:
         try:
-            if item.remotes and (cfg.force or not item.done(cfg.data)):
+            if cfg.force or not item.done(cfg.data):
                 for remote in item.remotes:
                     fetch_remote(remote, cfg)
                 if item.build:

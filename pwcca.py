@@ -93,9 +93,9 @@ def load_space(name, data_root):
     """A checkpoint's input word embeddings (V, H) and the tokenizer that indexes them."""
     path = data.checkpoint_dir(name, data_root)
     encoder = model.from_hf(path)
-    if isinstance(encoder, model.CLIPTextTransformer):
-        return encoder.token_embedding.weight.detach().double().numpy(), data.clip_tokenizer(path)
-    return encoder.embeddings.word_embeddings.weight.detach().double().numpy(), data.bert_tokenizer(path)
+    clip = isinstance(encoder, model.CLIPTextTransformer)
+    table = encoder.token_embedding if clip else encoder.embeddings.word_embeddings
+    return table.weight.detach().double().numpy(), (data.clip_tokenizer if clip else data.bert_tokenizer)(path)
 
 
 def common_words(tokenizers, size=None):
@@ -112,8 +112,7 @@ def common_words(tokenizers, size=None):
 
 
 def table_2(cfg: PWCCAConfig) -> None:
-    """Table 2: every pair of the named spaces in order, then the first against RANDOM (a seeded standard-normal
-    table of its shape), over one common word list."""
+    """Table 2: every pair of the named spaces in order, then the first against RANDOM, over one word list (README)."""
     spaces = [load_space(n, cfg.data) for n in cfg.names]
     words, ids = common_words([tok for _, tok in spaces], cfg.words or None)
     if len(words) < 2:
