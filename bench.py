@@ -1,7 +1,6 @@
 """Benchmarks: each prints measured figures, a median over timed steps after untimed warm-up ones (README, "Measured
 figures"): `python bench.py adapt [adapt.py's flags]`, `cache --mb 50`, `finetune`, `model`, and `gpu`, the check
-that `bash .ci/gpu` runs (toy sizes without CUDA). Models have random weights (model.PRESETS): nothing downloaded.
-"""
+that `bash .ci/gpu` runs (toy sizes without CUDA). Models have random weights (model.PRESETS): nothing downloaded."""
 import argparse
 import itertools
 import json
@@ -52,8 +51,7 @@ def synthetic_batch(raw_model, batch_size, seq_len, clip_blocks, device, g):
     def targets(ids, slots):  # (B, L) -> positions, targets (B, slots) at distinct random positions
         positions = torch.rand(ids.shape, generator=g).argsort(1)[:, :slots].sort(1).values
         return positions, ids.gather(1, positions)
-    V = raw_model.language.config.vocab_size
-    ids = torch.randint(0, V, (batch_size, seq_len), generator=g)
+    ids = torch.randint(0, raw_model.language.config.vocab_size, (batch_size, seq_len), generator=g)
     batch = {"input_ids": ids, "token_type_ids": torch.zeros_like(ids),
              **dict(zip(("mlm_positions", "mlm_targets"), targets(ids, mlm)))}
     if raw_model.clip is not None:

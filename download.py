@@ -239,8 +239,7 @@ class DownloadConfig:
 
 
 def fetch(url: str, dest: Path, cfg: DownloadConfig, size: int | None = None, sha256: str | None = None) -> Path:
-    """url to dest (README, "download.py"), unless dest is there with the published size and sha256 and not cfg.force;
-    failed tries are printed with their reason and retried, with doubling waits once they stop making progress."""
+    """url to dest (README, "download.py") unless dest is there with the published size and sha256 (and no --force)."""
     if dest.exists() and not cfg.force:
         if not (problem := mismatch(dest, size, sha256)):
             return dest
@@ -381,8 +380,7 @@ def fetch_remote(remote: Remote, cfg: DownloadConfig) -> Path:
 
 
 def download(cfg: DownloadConfig) -> None:
-    """What will be fetched, with sizes (published, else from a HEAD request); then each item is fetched and built
-    unless it is done (or cfg.force), and checked. One that fails is reported and the others go on."""
+    """The plan with sizes; then each item not done (or all, with cfg.force) fetched and built, checked, on its own."""
     items, total, unknown = expand(cfg.names), 0, 0
     print(f"data directory: {cfg.data}")
     with requests.Session() as session:

@@ -99,8 +99,7 @@ def load_space(name, data_root):
 
 
 def common_words(tokenizers, size=None):
-    """Table 2's word list: the [a-z]+ words every tokenizer keeps whole, by their id in the first one (most
-    frequent first), the first `size`: (words, their ids in each tokenizer (T, W))."""
+    """Table 2's word list (README): the first `size` [a-z]+ words every tokenizer keeps whole -> words, ids (T, W)."""
     vocabularies = [{w for w in (t.removesuffix("</w>") for t in tok.get_vocab()) if WORD.fullmatch(w)}
                     for tok in tokenizers]
     words = np.array(sorted(set.intersection(*vocabularies)), dtype=object)
