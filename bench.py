@@ -98,6 +98,8 @@ def bench_adapt(cfg, steps, profile=False):
     """Adaptation steps of the run's shapes on random weights (one process); returns the figures as a dict."""
     rank, world, device = adapt.setup_distributed(cfg)
     micro = adapt.micro_batch_size(cfg, world, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # each configuration's own peak, not the highest so far
     with tempfile.TemporaryDirectory() as tmp:
         raw_model, dataset = synthetic_model(cfg, device, tmp, cfg.global_batch * (steps + 3))
         batches = [adapt.load_step(dataset, cfg, s, steps + 3, micro, rank, world, device.type == "cuda")
