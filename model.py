@@ -269,8 +269,7 @@ class CrossModalTransformer(nn.Module):
 
     def __init__(self, lang_cfg: EncoderConfig, clip_cfg: CLIPTextConfig | None, xlayers=2, tasks=ADAPT_TASKS):
         super().__init__()
-        unknown = set(tasks) - set(ADAPT_TASKS)
-        if unknown:
+        if unknown := set(tasks) - set(ADAPT_TASKS):
             raise ValueError(f"unknown adaptation task(s) {sorted(unknown)}: choose from {', '.join(ADAPT_TASKS)}")
         if clip_cfg is None and (xlayers or set(tasks) - {"mlm"}):
             raise ValueError("without CLIP-T only the plain MLM baseline exists: use xlayers=0 and tasks=('mlm',)")
@@ -537,8 +536,7 @@ def config_from_hf(path):
         raise ValueError(f"{file}: model_type {kind!r} is not one of bert, electra, clip")
     if c.get("hidden_act", "gelu") != "gelu":
         raise ValueError(f"{file}: hidden_act {c['hidden_act']!r} is not supported (BERT and ELECTRA use 'gelu')")
-    missing = [hf for ours, hf in ENCODER_KEYS.items() if hf not in c and ours not in ENCODER_OPTIONAL]
-    if missing:
+    if missing := [hf for ours, hf in ENCODER_KEYS.items() if hf not in c and ours not in ENCODER_OPTIONAL]:
         raise ValueError(f"{file} lacks the key {missing[0]!r} of a {kind} config: {_redownload(path)}")
     fields = {ours: c.get(hf, getattr(EncoderConfig, ours)) for ours, hf in ENCODER_KEYS.items()}
     emb = c.get("embedding_size", c["hidden_size"])
@@ -573,16 +571,14 @@ def from_hf(path):
     module = CLIPTextTransformer(cfg) if kind == "clip" else LanguageEncoder(cfg)
     table, ours = hf_names(module), {}
     for name, expected in module.state_dict().items():
-        missing = [p for p in table[name] if p not in state]
-        if missing:
+        if missing := [p for p in table[name] if p not in state]:
             raise ValueError(f"{path} has no tensor {missing[0]} (needed for {name}): is it a {kind} checkpoint of "
                              f"the layout config.json describes?")
         ours[name] = torch.cat([state.pop(p) for p in table[name]]).float()
         if ours[name].shape != expected.shape:
             raise ValueError(f"{path}: tensor for {name} has shape {tuple(ours[name].shape)}, config.json implies "
                              f"{tuple(expected.shape)}")
-    extra = [k for k in state if not UNUSED.fullmatch(k)]  # what no tensor of ours took
-    if extra:
+    if extra := [k for k in state if not UNUSED.fullmatch(k)]:  # what no tensor of ours took
         raise ValueError(f"{path} holds tensors this architecture does not have, e.g. {extra[0]}: it is not a plain "
                          f"{kind} checkpoint")
     module.load_state_dict(ours)
