@@ -410,8 +410,7 @@ def toy_glue(root: Path, seed: int) -> None:
 
 def toy_swag(root: Path, seed: int) -> None:
     """SWAG's CSV: the right ending carries the same colour and object as the start."""
-    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
-              "ending2", "ending3", "label"]
+    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", *data.SWAG_ENDINGS, "label"]
     for split, n in (("train", 200), ("val", 50), ("test", 50)):
         rng, rows = random.Random(f"{seed}-swag-{split}"), [header]
         for i in range(n):
