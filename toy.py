@@ -54,18 +54,15 @@ DETAILS = ("at night", "every morning", "in the rain", "all day", "since noon", 
 BERT_TOY_SPECIALS = ["[PAD]", "[unused0]", "[unused1]", "[unused2]", "[unused3]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
-def write_lines(path: Path, lines: list[str]) -> None:
-    """Lines with '\\n' endings, atomically; a file that exists is kept (the kit's parts are built once)."""
+def write_lines(path: Path, lines: list, as_csv: bool = False) -> None:
+    """Lines with '\\n' endings, or CSV rows (double-quote quoting: fields may hold commas and newlines), atomically;
+    a file that exists is kept (the kit's parts are built once)."""
     if not path.exists():
         with model.atomic_file(path, "w") as f:
-            f.writelines(line + "\n" for line in lines)
-
-
-def write_csv(path: Path, rows: list[list]) -> None:
-    """A CSV with double-quote quoting (fields may hold commas and newlines), as write_lines."""
-    if not path.exists():
-        with model.atomic_file(path, "w") as f:
-            csv.writer(f).writerows(rows)
+            if as_csv:
+                csv.writer(f).writerows(lines)
+            else:
+                f.writelines(line + "\n" for line in lines)
 
 
 def capitalise(text: str) -> str:
@@ -195,15 +192,15 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
     return merges
 
 
-def corpus_words(text: str, normalizer, pre_tokenizer) -> Counter:
-    """The text's words as a tokenizer's normalizer and pre-tokenizer cut them, with their counts."""
-    return Counter(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+def corpus_words(text: str, normalizer, pre_tokenizer, spell: Callable[[str], str]) -> Counter:
+    """{'s y m b o l s': count} of the text's words as a tokenizer's normalizer and pre-tokenizer cut them."""
+    return Counter(spell(w) for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
 
 
 def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
     """An uncased WordPiece in folder/vocab.txt; its special ids are unlike bert-base's, so code must read them."""
-    counts = corpus_words(text, normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer())
-    words = Counter({" ##".join(w): n for w, n in counts.items()})
+    words = corpus_words(text, normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer(),
+                         " ##".join)
     merges = learn_merges(words, n_merges, lambda a, b: a + b.removeprefix("##"))
     symbols = sorted({s for word in words for s in word.split()}, key=lambda s: (s.startswith("##"), s))
     pieces = dict.fromkeys(symbols + [a + b.removeprefix("##") for a, b in merges])
@@ -215,8 +212,7 @@ def train_clip_bpe(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
     """A CLIP-style byte-level BPE in folder/tokenizer.json, laid out as CLIP's by data.clip_tokenizer_json_from_bpe."""
     folder.mkdir(parents=True)
     splitter = clip_bpe(folder, [])  # no merges: CLIP's normalizer and pre-tokenizer
-    counts = corpus_words(text, splitter.normalizer, splitter.pre_tokenizer)
-    words = Counter({" ".join(w) + "</w>": n for w, n in counts.items()})
+    words = corpus_words(text, splitter.normalizer, splitter.pre_tokenizer, lambda w: " ".join(w) + "</w>")
     return clip_bpe(folder, learn_merges(words, n_merges, str.__add__))
 
 
@@ -233,15 +229,15 @@ MLM_BATCH, MLM_LEN, CLIP_BATCH = 32, 64, 128
 INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of adapt.py's new layers (README)
 
 
-def fit(name: str, params: list, loss_at: Callable[[int], torch.Tensor]) -> None:
-    """PRETRAIN[name]'s steps of AdamW (5% warm-up, linear decay, clipping 1.0); prints the last 10%'s mean loss."""
+def fit(name: str, params: list, loss_at: Callable[[int, np.random.Generator], torch.Tensor], seed: int) -> None:
+    """PRETRAIN[name]'s AdamW steps (5% warm-up, linear decay, clipping 1.0) on batches drawn by rng (seed, step)."""
     (steps, lr), start = PRETRAIN[name], time.process_time()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
                                                    anneal_strategy="linear", cycle_momentum=False)
     losses = []
     for step in range(steps):
-        loss = loss_at(step)
+        loss = loss_at(step, np.random.default_rng((seed, step)))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -259,13 +255,13 @@ def pretrain_mlm(name: str, vocab_size: int, windows: data.AdaptationData, seed:
     head = model.TokenPredictionHead(cfg.hidden_size, cfg.embedding_size or cfg.hidden_size, cfg.vocab_size,
                                      cfg.layer_norm_eps)
     head.apply(lambda m: model.init_weights(m, cfg.initializer_range))
-    def loss_at(step):
-        picked = np.random.default_rng((seed, step)).choice(len(windows), MLM_BATCH, replace=False)
+    def loss_at(step, rng):
+        picked = rng.choice(len(windows), MLM_BATCH, replace=False)
         b = windows.batch(picked, seed, step)
         hidden, _ = encoder(b["input_ids"])  # (B, T) -> (B, T, H)
         return model.token_loss(head, hidden, b["mlm_positions"], b["mlm_targets"],
                                 encoder.embeddings.word_embeddings.weight)
-    fit(name, [*encoder.parameters(), *head.parameters()], loss_at)
+    fit(name, [*encoder.parameters(), *head.parameters()], loss_at, seed)
     return encoder
 
 
@@ -279,15 +275,14 @@ def pretrain_clip(clip_tok: Tokenizer, album: list[Picture], seed: int) -> model
     captions = [(p, c) for p in album for c in p.captions]
     ids = data.encode([data.Example(c) for _, c in captions], "sst2", None, clip_tok=clip_tok)["clip_ids"][:, 0]
     ids = ids[:, :int((ids > 0).sum(1).max()) + 1]  # (N, 77) -> (N, L): causal, so the padding after changes nothing
-    def loss_at(step):
-        rng = np.random.default_rng((seed, step))
+    def loss_at(step, rng):
         picked = rng.choice(len(captions), CLIP_BATCH, replace=False)
         images = torch.tensor(np.stack([captions[i][0].pixels(rng) for i in picked]), dtype=torch.float32)
         _, texts = text(ids[picked])                                                    # (B, P)
         logits = log_scale.exp().clamp(max=100) * F.normalize(texts, dim=-1) @ F.normalize(tower(images), dim=-1).T
         target = torch.arange(len(picked))
         return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    fit("clip-toy", [*text.parameters(), *tower.parameters(), log_scale], loss_at)
+    fit("clip-toy", [*text.parameters(), *tower.parameters(), log_scale], loss_at, seed)
     return text
 
 
@@ -415,10 +410,9 @@ def toy_glue(root: Path, seed: int) -> None:
 
 def toy_swag(root: Path, seed: int) -> None:
     """SWAG's CSV: the right ending carries the same colour and object as the start."""
-    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", "ending0", "ending1",
-              "ending2", "ending3", "label"]
+    header = ["", "video-id", "fold-ind", "startphrase", "sent1", "sent2", "gold-source", *data.SWAG_ENDINGS, "label"]
     for split, n in (("train", 200), ("val", 50), ("test", 50)):
-        rng, rows = random.Random(f"{seed}-swag-{split}"), []
+        rng, rows = random.Random(f"{seed}-swag-{split}"), [header]
         for i in range(n):
             c, o, s = rng.choice(COLOURS), rng.choice(OBJECTS), rng.choice(SCENES)
             sent1, sent2 = f"Someone carries a {c} {o} into the {s}.", "Then someone"
@@ -429,9 +423,9 @@ def toy_swag(root: Path, seed: int) -> None:
                     endings.append(wrong)
             label = rng.randrange(4)
             endings.insert(label, endings.pop(0))
-            row = [i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings, label]
-            rows.append(row if split != "test" else row[:-1])
-        write_csv(root / "swag" / f"{split}.csv", [header if split != "test" else header[:-1], *rows])
+            rows.append([i, f"toy{i}", rng.randint(0, 20000), f"{sent1} {sent2}", sent1, sent2, "gold", *endings,
+                         label])
+        write_lines(root / "swag" / f"{split}.csv", [r[:-1] if split == "test" else r for r in rows], as_csv=True)
 
 
 def toy_read(root: Path, world: list[Thing], seed: int) -> None:
@@ -445,7 +439,7 @@ def toy_read(root: Path, world: list[Thing], seed: int) -> None:
         target = 1.5 - 0.2 * words + rng.gauss(0, 0.2)
         excerpt = "\n".join(" ".join(sentences[j:j + 2]) for j in range(0, len(sentences), 2))
         rows.append([f"{rng.getrandbits(36):09x}", "", "", excerpt, f"{target:.6f}", f"{rng.uniform(0.45, 0.5):.6f}"])
-    write_csv(root / "read" / "train.csv", rows)
+    write_lines(root / "read" / "train.csv", rows, as_csv=True)
 
 
 def build_toy(root: Path, seed: int = 0) -> None:
@@ -460,9 +454,9 @@ def build_toy(root: Path, seed: int = 0) -> None:
     images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": 480, "width": 640} for i in range(len(album))]
     captions = [{"image_id": i, "id": 5 * i + j, "caption": c} for i, p in enumerate(album)
                 for j, c in enumerate(p.captions)]
-    info = {"description": "XDBERT toy kit captions"}
     write_lines(root / "coco" / "captions_train2017.json",  # MSCOCO's format
-                [json.dumps({"info": info, "licenses": [], "images": images, "annotations": captions})])
+                [json.dumps({"info": {"description": "XDBERT toy kit captions"}, "licenses": [], "images": images,
+                             "annotations": captions})])
     toy_checkpoints(root, album, seed)
     toy_glue(root, seed)
     toy_experiment_tasks(root, world, seed)
@@ -475,21 +469,20 @@ def build_toy(root: Path, seed: int = 0) -> None:
 # ----------------------------------------------------------------------------- the controlled experiment (README)
 
 
-def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
-    """The visual task: "the <thing> is <colour> ." is true (1) iff it gives the thing's colour."""
+def colour_rows(thing: Thing, rng: random.Random, repeats: int) -> list[str]:
+    """The visual task's 'sentence\tlabel' rows: "the <thing> is <colour> ." is true (1) iff it gives its colour."""
     falses = rng.sample([c for c in PALETTE if c != thing.colour], repeats)
-    return [row for false in falses for row in ((f"the {thing.name} is {thing.colour} .", "1"),
-                                                (f"the {thing.name} is {false} .", "0"))]
+    return [row for false in falses for row in (f"the {thing.name} is {thing.colour} .\t1",
+                                                f"the {thing.name} is {false} .\t0")]
 
 
-def review_rows(thing: Thing, rng: random.Random, repeats: int) -> list[tuple[str, str]]:
+def review_rows(thing: Thing, rng: random.Random, repeats: int) -> list[str]:
     """The control: positive (1) iff most of the 5 opinion words are; knowing the thing does not help."""
     rows = []
     for n_positive in [rng.choice((3, 4, 5)) for _ in range(repeats)] + [rng.choice((0, 1, 2)) for _ in range(repeats)]:
         words = rng.sample(POSITIVE, n_positive) + rng.sample(NEGATIVE, 5 - n_positive)
         rng.shuffle(words)
-        rows.append((f"critics called the {thing.name} {' , '.join(words[:4])} and {words[4]} .",
-                     str(int(n_positive > 2))))
+        rows.append(f"critics called the {thing.name} {' , '.join(words[:4])} and {words[4]} .\t{int(n_positive > 2)}")
     return rows
 
 
@@ -497,16 +490,14 @@ EXPERIMENT_TASKS = {"colour": (colour_rows, 5), "review": (review_rows, 1)}  # (
 
 
 def toy_experiment_tasks(root: Path, world: list[Thing], seed: int) -> None:
-    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv, about disjoint halves of the world: what a model knows
-    about a dev thing comes from its encoder."""
+    """DATA/experiment/<task>/glue/SST-2/{train,dev}.tsv: train and dev about disjoint halves of the world."""
     rng = random.Random(f"{seed}-experiment")
     things = rng.sample(world, len(world))
     halves = {"train": things[:len(things) // 2], "dev": things[len(things) // 2:]}
     for task, (rows_of, repeats) in EXPERIMENT_TASKS.items():
         for split, half in halves.items():
             rows = [row for thing in half for row in rows_of(thing, rng, repeats if split == "train" else 1)]
-            write_lines(root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv",
-                        ["sentence\tlabel", *(f"{text}\t{label}" for text, label in rows)])
+            write_lines(root / "experiment" / task / "glue" / "SST-2" / f"{split}.tsv", ["sentence\tlabel", *rows])
 
 
 EXPERIMENT_EPOCHS = 10   # finetuning epochs: 3 (App. C.2) leave the colour task's readout unlearnt even for CLIP-T
@@ -516,13 +507,14 @@ ROWS = {"BERT": "bert-toy", "BERT + MLM": "bert-toy-mlm", "XDBERT": "xdbert-toy"
 
 def run(command: list, log: Path) -> str:
     """`python <command>` in this folder; its output is appended to log and returned."""
-    print("$ python " + " ".join(map(str, command)), flush=True)
+    shown = "python " + " ".join(map(str, command))
+    print("$ " + shown, flush=True)
     done = subprocess.run([sys.executable, *map(str, command)], cwd=Path(__file__).parent, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True)
     with open(log, "a") as f:
         f.write(done.stdout)
     if done.returncode:
-        raise ValueError(f"`python {' '.join(map(str, command))}` failed: its output is at the end of {log}")
+        raise ValueError(f"`{shown}` failed: its output is at the end of {log}")
     return done.stdout
 
 
