@@ -1561,14 +1561,19 @@ def _toy_tree(root):
             if p.is_file() and "cache" not in p.relative_to(root).parts}
 
 
-def test_toy_build_is_deterministic_and_skips_what_exists(toy_kit, tmp_path):
-    """A second build (clip-toy pretrained again, everything else that is not a checkpoint written again) is byte for
-    byte the first; a third changes nothing."""
-    shutil.copytree(toy_kit / "ckpt", tmp_path / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
-    toy.build_toy(tmp_path)
-    assert _toy_tree(tmp_path) == _toy_tree(toy_kit)
+def test_toy_build_is_deterministic_and_skips_what_exists(toy_kit, tmp_path, monkeypatch):
+    """A second build (everything that is not a checkpoint written again) is byte for byte the kit but for clip-toy's
+    weights, pretrained again for 40 steps; a third build, pretraining clip-toy as the second, writes the same bytes
+    (a difference in any step shows in the weights); a fourth changes nothing."""
+    monkeypatch.setitem(toy.PRETRAIN, "clip-toy", (40, toy.PRETRAIN["clip-toy"][1]))
+    shutil.copytree(toy_kit / "ckpt", tmp_path / "a" / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
+    toy.build_toy(tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("clip-toy"))
+    toy.build_toy(tmp_path / "b")
+    short, kit, weights = _toy_tree(tmp_path / "a"), _toy_tree(toy_kit), Path("ckpt/clip-toy/model.safetensors")
+    assert _toy_tree(tmp_path / "b") == short and short.pop(weights) != kit.pop(weights) and short == kit
     stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    toy.build_toy(tmp_path)
+    toy.build_toy(tmp_path / "b")
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamps
 
 
