@@ -45,6 +45,19 @@ import pwcca
 import toy
 
 
+@contextlib.contextmanager
+def one_thread():
+    """One CPU thread: the toy encoders are too small to gain from more (two threads spend about 3 times the CPU
+    time, far more on a busy machine), and in-process runs compare bitwise with single-threaded processes (adapt.py
+    under adapt_env, the sweep's jobs)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 # =====================================================================================================================
 # model.py: encoders, cross-modal layers, losses, checkpoints
 # =====================================================================================================================
@@ -1874,13 +1887,16 @@ def adapt_env():
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
 
 
+def adapt_argv(kit, run, *flags):
+    return [*ADAPT_SMALL, "--data", str(kit), "--out", str(kit.parent / "runs"), "--name", run, *flags]
+
+
 def adapt_cmd(kit, run, *flags, nproc=0):
     """python adapt.py ..., or under torchrun with nproc processes (DDP even for one)."""
     launcher = [sys.executable]
     if nproc:
         launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-    return launcher + [str(ADAPT_REPO / "adapt.py"), *ADAPT_SMALL, "--data", str(kit),
-                       "--out", str(kit.parent / "runs"), "--name", run, *flags]
+    return launcher + [str(ADAPT_REPO / "adapt.py"), *adapt_argv(kit, run, *flags)]
 
 
 def adapt_run(kit, run, *flags, nproc=0):
@@ -1888,6 +1904,14 @@ def adapt_run(kit, run, *flags, nproc=0):
     result = subprocess.run(adapt_cmd(kit, run, *flags, nproc=nproc), env=adapt_env(), capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return kit.parent / "runs" / run
+
+
+def adapt_main(kit, run, *flags):
+    """adapt.main in this process, on one thread as adapt_env's processes (no torch import to wait for); adapt_run is
+    for what needs processes of its own: torchrun, a kill, a resume from a fresh start. Returns the run directory."""
+    with one_thread():
+        adapt.main(adapt_argv(kit, run, *flags))
     return kit.parent / "runs" / run
 
 
@@ -2063,7 +2087,7 @@ def test_adapt_log_records_average_the_steps_since_the_last_one(adapt_kit, adapt
     """With --log-every 3 the records at steps 3 and 6 hold the means of steps 1-3 and 4-6 of the reference run,
     which logged every step."""
     every = {r["step"]: r for r in adapt_log(adapt_reference)}
-    run = adapt_run(adapt_kit, "every3", *ADAPT_STEPS, "--ckpt-every", "0", "--log-every", "3")
+    run = adapt_main(adapt_kit, "every3", *ADAPT_STEPS, "--ckpt-every", "0", "--log-every", "3")
     records = adapt_log(run)
     assert [r["step"] for r in records] == [3, 6]
     for r in records:
@@ -2103,7 +2127,7 @@ def test_adapt_resume_refuses_a_changed_schedule_but_takes_a_new_lr_and_stop(ada
     adapt.main([*flags, *ADAPT_STEPS, "--resume", "--lr", "5e-4", "--max-steps", "7"])
     assert "the peak learning rate changes from 0.001 to 0.0005 at step 6" in capsys.readouterr().out
     assert [r["step"] for r in adapt_log(tmp_path / "runs" / "lr")] == list(range(1, 8))
-    stopped = adapt_run(adapt_kit, "stopped", *ADAPT_STEPS, "--max-steps", "4", "--ckpt-every", "0")
+    stopped = adapt_main(adapt_kit, "stopped", *ADAPT_STEPS, "--max-steps", "4", "--ckpt-every", "0")
     resumed = adapt_run(adapt_kit, "stopped", *ADAPT_STEPS, "--ckpt-every", "0", "--resume")
     assert stopped == resumed and [r["step"] for r in adapt_log(resumed)] == list(range(1, 7))
     ours, ref = adapt_weights(resumed), adapt_weights(adapt_reference)
@@ -2115,7 +2139,7 @@ def test_adapt_default_schedule_spans_40_epochs_and_stops_after_one(adapt_kit):
     there, the toy preset at epoch 2, the end of warm-up); the --save-epochs encoders are kept beside the final one
     and differ from it."""
     corpus = adapt_kit / "wikitext-103-raw" / "wiki.valid.raw"   # a small corpus: an epoch of 16 or so steps
-    run = adapt_run(adapt_kit, "schedule", "--corpus", str(corpus), "--global-batch", "8", "--micro-batch", "8",
+    run = adapt_main(adapt_kit, "schedule", "--corpus", str(corpus), "--global-batch", "8", "--micro-batch", "8",
                     "--save-epochs", "0.5", "--tasks", "mlm", "--xlayers", "1")
     log = adapt_log(run)
     steps_per_epoch = len(data.AdaptationData(next((adapt_kit / "cache").glob("wiki.valid.raw-32x1-*")))) // 8
@@ -2136,7 +2160,7 @@ def test_adapt_a_rerun_without_resume_refuses_and_loses_nothing(adapt_kit, adapt
         adapt.main([*flags, *ADAPT_STEPS])
     assert ((adapt_reference / "log.jsonl").read_bytes(), (adapt_reference / "ckpt.pt").read_bytes()) == before
     shutil.copytree(adapt_reference, tmp_path / "again")
-    adapt_run(adapt_kit, "again", *ADAPT_STEPS, "--max-steps", "2", "--out", str(tmp_path), "--overwrite")
+    adapt_main(adapt_kit, "again", *ADAPT_STEPS, "--max-steps", "2", "--out", str(tmp_path), "--overwrite")
     assert [r["step"] for r in adapt_log(tmp_path / "again")] == [1, 2]
 
 
@@ -2168,7 +2192,7 @@ def test_adapt_resume_never_unpickles_code_and_repairs_what_a_kill_left(adapt_ki
 def test_adapt_toy_kit_learns_mlm_and_cliptc(adapt_kit):
     """A few dozen steps on the toy kit take MLM and CLIPTC well below their start; MATCH needs more (next test, and
     README: The toy world)."""
-    run = adapt_run(adapt_kit, "learn", "--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--warmup",
+    run = adapt_main(adapt_kit, "learn", "--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--warmup",
                     "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
     log = adapt_log(run)
     first, last = log[0], log[-5:]
@@ -2193,7 +2217,7 @@ def adapt_scenes(adapt_kit, tmp_path_factory):
 def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
     """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer) passes 90% within
     200 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
-    run = adapt_run(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
+    run = adapt_main(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
                     "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "200",
                     "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
@@ -2201,7 +2225,7 @@ def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
 
 
 def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
-    run = adapt_run(adapt_kit, "mlm-cliptc", "--tasks", "cliptc,mlm", "--global-batch", "8", "--micro-batch", "8",
+    run = adapt_main(adapt_kit, "mlm-cliptc", "--tasks", "cliptc,mlm", "--global-batch", "8", "--micro-batch", "8",
                     "--max-steps", "2")
     assert {"mlm", "cliptc"} <= adapt_log(run)[-1].keys() and not {"match", "match_acc"} & adapt_log(run)[-1].keys()
     weights = adapt_weights(run)
@@ -2213,7 +2237,7 @@ def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
 
 def test_adapt_no_clip_trains_the_encoder_alone_and_writes_a_bert(adapt_kit):
     from transformers import BertModel
-    run = adapt_run(adapt_kit, "noclip", "--no-clip", "--global-batch", "8", "--micro-batch", "8", "--max-steps", "2")
+    run = adapt_main(adapt_kit, "noclip", "--no-clip", "--global-batch", "8", "--micro-batch", "8", "--max-steps", "2")
     assert set(adapt_log(run)[-1]) & {"mlm", "match", "cliptc", "match_acc"} == {"mlm"}
     assert not (run / "crossmodal.pt").exists()
     assert {p.name for p in (run / "xdbert").iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
@@ -2338,18 +2362,6 @@ def test_bench_refuses_a_model_it_cannot_build():
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 FT_CPU = dataclasses.replace(finetune.PRESETS["paper"], device="cpu", dtype="fp32")  # a settled config for train()
-
-
-@contextlib.contextmanager
-def _ft_one_thread():
-    """One CPU thread: the toy encoders are too small to gain from more (two threads spend about 3 times the CPU
-    time, far more on a busy machine), and in-process runs compare bitwise with the sweep's single-threaded jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------------- metrics
@@ -2610,7 +2622,7 @@ def test_finetune_grad_accumulation_matches_full_batch(monkeypatch):
         torch.manual_seed(0)
         net = finetune.Finetuner(__import__("copy").deepcopy(encoder), "classification", 2, dropout=0.0)
         cfg = dataclasses.replace(FT_CPU, task="sst2", batch_size=8, grad_accum=accum, epochs=1, lr=1e-3, warmup=0.0)
-        with _ft_one_thread():
+        with one_thread():
             finetune.train(net, train_set, {}, cfg, seed=0)
         params.append(torch.cat([p.detach().flatten() for p in net.parameters()]))
     assert not torch.equal(params[0], torch.cat([p.detach().flatten() for p in
@@ -2656,7 +2668,7 @@ def ft_toy_run(ft_toy, tmp_path_factory):
 
 
 def _ft_main(capsys, *argv):
-    with _ft_one_thread():
+    with one_thread():
         finetune.main([str(a) for a in argv])
     return capsys.readouterr().out
 
@@ -2878,7 +2890,7 @@ def _ft_nan_run(check_every, monkeypatch, n=12, batch=2, bad_row=7):
     cfg = dataclasses.replace(FT_CPU, task="stsb", batch_size=batch, epochs=2, lr=1e-3, warmup=0.0)
     position = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist().index(bad_row)
     with pytest.raises(FloatingPointError, match=rf"the training loss became nan at step {position // batch + 1}: "
-                                                 r"finetune again with a lower --lr"), _ft_one_thread():
+                                                 r"finetune again with a lower --lr"), one_thread():
         finetune.train(net, train_set, {}, cfg, seed=0)
 
 
