@@ -2974,8 +2974,9 @@ def _ft_processes_naming(text):
 
 @pytest.fixture(scope="module")
 def ft_sweep(ft_toy, tmp_path_factory):
-    """The 2 tasks x 2 seeds sweep of bert-toy on 2 workers, SIGKILLed once 2 jobs are done, then rerun to the end.
-    -> (OUT, runs finished before the kill, workers alive after it, the rerun's output, its exit status)."""
+    """The 2 tasks x 2 seeds sweep of bert-toy on 2 workers, SIGKILLed once 2 jobs are done, then rerun to the end
+    (in this process: no torch import to wait for) -> (OUT, runs finished before the kill, workers alive after it, the
+    rerun's output)."""
     out = tmp_path_factory.mktemp("sweep") / "runs"
     first = _ft_sweep(ft_toy, out, *FT_SWEEP)
     deadline = time.time() + 600
@@ -2990,14 +2991,15 @@ def ft_sweep(ft_toy, tmp_path_factory):
             break
         time.sleep(0.05)
     survivors = _ft_processes_naming(str(out))
-    second = _ft_sweep(ft_toy, out, *FT_SWEEP)
-    log = second.communicate(timeout=600)[0]
-    return out, before, survivors, log, second.returncode
+    with pytest.MonkeyPatch.context() as env, contextlib.redirect_stdout(io.StringIO()) as log:
+        env.setenv("OMP_NUM_THREADS", "1")  # the jobs' threads, as _ft_sweep's
+        finetune.main(["sweep", *FT_SWEEP, "--data", str(ft_toy), "--out", str(out)])
+    return out, before, survivors, log.getvalue()
 
 
 def test_finetune_sweep_completes_with_table_1_and_glue_zips(ft_sweep):
-    out, _, _, log, status = ft_sweep
-    assert status == 0 and {p.parent.name for p in out.glob("*/results.json")} == FT_SWEEP_RUNS
+    out, _, _, log = ft_sweep
+    assert {p.parent.name for p in out.glob("*/results.json")} == FT_SWEEP_RUNS
     table = (out / "table1.md").read_text().splitlines()
     assert table[:2] == ["| model | rte | sst2 |", "|---|---|---|"] and len(table) == 3 and "\n".join(table) in log
     cells = [c for line in table[2:] for c in line.split("|")[2:4]]
@@ -3019,7 +3021,7 @@ def test_finetune_sweep_completes_with_table_1_and_glue_zips(ft_sweep):
 
 def test_finetune_sweep_killed_then_rerun_runs_only_the_unfinished_jobs(ft_sweep):
     """SIGKILL to the sweep takes its workers with it; the rerun starts each unfinished job once and nothing else."""
-    _, before, survivors, log, _ = ft_sweep
+    _, before, survivors, log = ft_sweep
     assert 2 <= len(before) < len(FT_SWEEP_RUNS) and survivors == []
     assert f"sweep: 4 jobs, {len(before)} finished before, {4 - len(before)} to run on 2 worker(s)" in log
     assert sorted(re.findall(r"^start (\S+)", log, re.M)) == sorted(FT_SWEEP_RUNS - before)
@@ -3042,16 +3044,17 @@ def test_finetune_sweep_jobs_equal_single_runs(ft_sweep, ft_toy, tmp_path, capsy
             assert (ours / file).read_text() == (theirs / file).read_text()
 
 
-def test_finetune_sweep_retries_a_failing_job_once_and_goes_on(ft_toy, tmp_path):
+def test_finetune_sweep_retries_a_failing_job_once_and_goes_on(ft_toy, tmp_path, capsys):
     root = tmp_path / "toy"
     _ft_copy_task(ft_toy, root)
     _ft_copy_task(ft_toy, root, "glue/SST-2", encoders=())
     lines = (root / "glue/SST-2/train.tsv").read_text().splitlines()
     (root / "glue/SST-2/train.tsv").write_text("\n".join(lines[:3] + ["a bad line\tmaybe"] + lines[3:]) + "\n")
-    sweep = _ft_sweep(root, tmp_path / "runs", "--encoders", "bert-toy", "--tasks", "sst2,rte", "--seeds", "1",
-                      "--toy", "--epochs", "1", "--max-train-examples", "48", "--workers", "2")
-    log = sweep.communicate(timeout=600)[0]
-    assert sweep.returncode == 1 and "1 job(s) failed twice" in log
+    with pytest.raises(SystemExit, match=r"1 job\(s\) failed twice"):
+        finetune.main(["sweep", "--encoders", "bert-toy", "--tasks", "sst2,rte", "--seeds", "1", "--toy", "--epochs",
+                       "1", "--max-train-examples", "48", "--workers", "2", "--data", str(root), "--out",
+                       str(tmp_path / "runs")])
+    log = capsys.readouterr().out
     assert Counter(re.findall(r"^start (\S+)", log, re.M)) == {"sst2-bert-toy-ep1-n48-seed0": 2,
                                                                 "rte-bert-toy-ep1-n48-seed0": 1}
     assert re.search(r"FAILED sst2-bert-toy-ep1-n48-seed0: .*\n(.*\n)*.*SST-2/train.tsv:4: label 'maybe'", log)
