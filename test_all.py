@@ -1888,7 +1888,7 @@ def adapt_env():
 
 
 def adapt_argv(kit, run, *flags):
-    return [*ADAPT_SMALL, "--data", str(kit), "--out", str(kit.parent / "runs"), "--name", run, *flags]
+    return [*ADAPT_SMALL, "--data", str(kit), "--out", str(kit.parent / "runs"), "--name", run, *map(str, flags)]
 
 
 def adapt_cmd(kit, run, *flags, nproc=0):
@@ -1929,8 +1929,8 @@ ADAPT_STEPS = ["--global-batch", "8", "--micro-batch", "4", "--max-steps", "6", 
 
 @pytest.fixture(scope="module")
 def adapt_reference(adapt_kit):
-    """An uninterrupted single-process run, checkpointing every 2 steps."""
-    return adapt_run(adapt_kit, "reference", *ADAPT_STEPS, "--ckpt-every", "2")
+    """An uninterrupted single-process run (in this one: adapt_main), checkpointing every 2 steps."""
+    return adapt_main(adapt_kit, "reference", *ADAPT_STEPS, "--ckpt-every", "2")
 
 
 # ----------------------------------------------------------------------------- oracles for the schedule and MFU
@@ -2119,12 +2119,11 @@ def test_adapt_resume_refuses_a_changed_schedule_but_takes_a_new_lr_and_stop(ada
                                                                             capsys):
     """What defines the run must match its checkpoint; the learning rate (with a note) and where it stops may change:
     a run stopped at step 4 and resumed to step 6 equals the run that went to 6 at once, bitwise."""
-    flags = [*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(adapt_reference.parent), "--name", "reference"]
     with pytest.raises(SystemExit, match=r"differ from .*ckpt.pt: seed 0 -> 1"):
-        adapt.main([*flags, *ADAPT_STEPS, "--resume", "--seed", "1"])
+        adapt_main(adapt_kit, "reference", *ADAPT_STEPS, "--resume", "--seed", "1")
     shutil.copytree(adapt_reference, tmp_path / "runs" / "lr")
-    flags[flags.index("--out") + 1:flags.index("--name") + 2] = [str(tmp_path / "runs"), "--name", "lr"]
-    adapt.main([*flags, *ADAPT_STEPS, "--resume", "--lr", "5e-4", "--max-steps", "7"])
+    adapt_main(adapt_kit, "lr", *ADAPT_STEPS, "--resume", "--lr", "5e-4", "--max-steps", "7", "--out",
+               tmp_path / "runs")
     assert "the peak learning rate changes from 0.001 to 0.0005 at step 6" in capsys.readouterr().out
     assert [r["step"] for r in adapt_log(tmp_path / "runs" / "lr")] == list(range(1, 8))
     stopped = adapt_main(adapt_kit, "stopped", *ADAPT_STEPS, "--max-steps", "4", "--ckpt-every", "0")
@@ -2154,10 +2153,9 @@ def test_adapt_default_schedule_spans_40_epochs_and_stops_after_one(adapt_kit):
 
 def test_adapt_a_rerun_without_resume_refuses_and_loses_nothing(adapt_kit, adapt_reference, tmp_path):
     before = (adapt_reference / "log.jsonl").read_bytes(), (adapt_reference / "ckpt.pt").read_bytes()
-    flags = [*ADAPT_SMALL, "--data", str(adapt_kit), "--out", str(adapt_reference.parent), "--name", "reference"]
     with pytest.raises(SystemExit, match=r"already holds a run \(log.jsonl, ckpt.pt, xdbert\): continue it with "
                                          r"--resume, start another with --name NEW, or replace it with --overwrite"):
-        adapt.main([*flags, *ADAPT_STEPS])
+        adapt_main(adapt_kit, "reference", *ADAPT_STEPS)
     assert ((adapt_reference / "log.jsonl").read_bytes(), (adapt_reference / "ckpt.pt").read_bytes()) == before
     shutil.copytree(adapt_reference, tmp_path / "again")
     adapt_main(adapt_kit, "again", *ADAPT_STEPS, "--max-steps", "2", "--out", str(tmp_path), "--overwrite")
