@@ -1575,19 +1575,23 @@ def _toy_tree(root):
 
 
 def test_toy_build_is_deterministic_and_skips_what_exists(toy_kit, tmp_path, monkeypatch):
-    """A second build (everything that is not a checkpoint written again) is byte for byte the kit but for clip-toy's
-    weights, pretrained again for 40 steps; a third build, pretraining clip-toy as the second, writes the same bytes
-    (a difference in any step shows in the weights); a fourth changes nothing."""
+    """A second build (everything that is not a checkpoint written again, clip-toy pretrained again, for 40 steps) is
+    byte for byte the kit but for clip-toy's weights, which pretraining clip-toy as toy_checkpoints does writes again
+    byte for byte (a difference in any step shows in the weights); a third build changes nothing."""
     monkeypatch.setitem(toy.PRETRAIN, "clip-toy", (40, toy.PRETRAIN["clip-toy"][1]))
-    shutil.copytree(toy_kit / "ckpt", tmp_path / "a" / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
-    toy.build_toy(tmp_path / "a")
-    shutil.copytree(tmp_path / "a", tmp_path / "b", ignore=shutil.ignore_patterns("clip-toy"))
-    toy.build_toy(tmp_path / "b")
-    short, kit, weights = _toy_tree(tmp_path / "a"), _toy_tree(toy_kit), Path("ckpt/clip-toy/model.safetensors")
-    assert _toy_tree(tmp_path / "b") == short and short.pop(weights) != kit.pop(weights) and short == kit
-    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    toy.build_toy(tmp_path / "b")
-    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == stamps
+    root, weights = tmp_path / "toy", Path("ckpt/clip-toy/model.safetensors")
+    shutil.copytree(toy_kit / "ckpt", root / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
+    toy.build_toy(root)
+    ours, kit = _toy_tree(root), _toy_tree(toy_kit)
+    assert ours.pop(weights) != kit.pop(weights) and ours == kit
+    torch.manual_seed(0)
+    again = toy.pretrain_clip(data.clip_tokenizer(root / "ckpt" / "clip-toy"), toy.pictures(toy.make_world(), 0), 0)
+    (tmp_path / "again").mkdir()
+    model.save_hf(again, tmp_path / "again")
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (root / weights).read_bytes()
+    stamps = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    toy.build_toy(root)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == stamps
 
 
 def test_toy_corpus_is_wikitext_raw_and_never_says_how_a_thing_looks(toy_kit):
