@@ -1982,10 +1982,8 @@ def test_adapt_step_is_one_graph_and_other_masks_do_not_recompile(adapt_kit):
     one_layer = [dataclasses.replace(model.from_hf(ckpt / n).config, num_layers=1) for n in ("bert-toy", "clip-toy")]
     torch.manual_seed(0)
     net = model.CrossModalTransformer(*one_layer, xlayers=1).train()
-    explained = torch._dynamo.explain(lambda **b: net(**b)["loss"])(**first)
-    assert explained.graph_count == 1 and explained.graph_break_count == 0, explained.break_reasons
     counter = CompileCounter()
-    compiled = torch.compile(net, backend=counter, fullgraph=True)
+    compiled = torch.compile(net, backend=counter, fullgraph=True)  # a graph break raises, naming its reason
     for batch in (first, second):
         torch.manual_seed(1)
         loss = compiled(**batch)["loss"]
