@@ -1668,9 +1668,8 @@ def test_toy_checkpoints_load_through_model_and_transformers(toy_kit, name):
     assert vocab == tokenizer.get_vocab_size()
 
 
-def _toy_cloze(net, tok, text, n=2000, seed=0):
-    """n windows of 30 tokens of text with one token masked: net's output at [MASK] (n, H) and the masked ids (n,)."""
-    ids = tok.encode(text, add_special_tokens=False).ids
+def _toy_cloze(net, tok, ids, n=2000, seed=0):
+    """n windows of 30 of the ids with one token masked: net's output at [MASK] (n, H) and the masked ids (n,)."""
     mask, cls, sep = (tok.token_to_id(t) for t in ("[MASK]", "[CLS]", "[SEP]"))
     rng, inputs, answers = np.random.default_rng(seed), [], []
     positions = rng.integers(30, size=n)
@@ -1703,11 +1702,12 @@ def test_toy_only_clip_knows_the_colours_and_the_encoders_learnt_their_text(toy_
     assert probe[0] > 0.8 and probe[1] < 0.4, probe
     text = (toy_kit / "wikitext-103-raw" / "wiki.train.raw").read_text()[:500_000]
     for name in ("bert-toy", "electra-toy"):
-        trained = model.from_hf(toy_kit / "ckpt" / name)
+        trained, tok = model.from_hf(toy_kit / "ckpt" / name), data.bert_tokenizer(toy_kit / "ckpt" / name)
+        ids = tok.encode(text, add_special_tokens=False).ids
         torch.manual_seed(0)
         scores = []
         for net in (trained, model.LanguageEncoder(trained.config)):
-            x, y = _toy_cloze(net, data.bert_tokenizer(toy_kit / "ckpt" / name), text)
+            x, y = _toy_cloze(net, tok, ids)
             scores.append(RidgeClassifier().fit(x[:1000], y[:1000]).score(x[1000:], y[1000:]))
         assert scores[0] > scores[1] + 0.04, (name, scores)  # 0.20 vs 0.12 (bert-toy), 0.17 vs 0.12 (electra-toy)
 
