@@ -533,15 +533,22 @@ def test_model_atomic_file_fsyncs_and_a_killed_writer_is_swept(tmp_path, monkeyp
     assert (tmp_path / "a.txt").read_text() == "x" and synced[-1] == str(tmp_path)
     assert synced[0].startswith(str(tmp_path / "a.txt.")) and synced[0].endswith(".tmp")  # the file, before rename
     monkeypatch.undo()
-    code = (f"import model, time\nwith model.atomic_file({str(tmp_path / 'ckpt.pt')!r}) as f:\n"
-            f"    f.write(b'x' * 1000); f.flush(); print('writing', flush=True); time.sleep(60)")
-    writer = subprocess.Popen([sys.executable, "-c", code], cwd=os.path.dirname(model.__file__),
-                              stdout=subprocess.PIPE)
-    assert writer.stdout.readline() == b"writing\n"
+    fork = multiprocessing.get_context("fork")  # a writer of its own, with no torch import to wait for
+    writing = fork.Event()
+
+    def write():
+        with model.atomic_file(tmp_path / "ckpt.pt") as f:
+            f.write(b"x" * 1000)
+            f.flush()
+            writing.set()
+            time.sleep(60)
+    writer = fork.Process(target=write)
+    writer.start()
+    assert writing.wait(60)
     live = [p.name for p in tmp_path.glob("ckpt.pt.*.tmp")]
     assert len(live) == 1 and model.sweep_stale(tmp_path) == [] and (tmp_path / live[0]).exists()  # a live writer
     writer.kill()
-    writer.wait()
+    writer.join()
     assert model.sweep_stale(tmp_path) == live and not list(tmp_path.glob("*.tmp"))
     assert not (tmp_path / "ckpt.pt").exists()
 
