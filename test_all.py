@@ -2148,7 +2148,7 @@ def test_adapt_default_schedule_spans_40_epochs_and_stops_after_one(adapt_kit):
     and differ from it."""
     corpus = adapt_kit / "wikitext-103-raw" / "wiki.valid.raw"   # a small corpus: an epoch of 16 or so steps
     run = adapt_main(adapt_kit, "schedule", "--corpus", str(corpus), "--global-batch", "8", "--micro-batch", "8",
-                    "--save-epochs", "0.5", "--tasks", "mlm", "--xlayers", "1")
+                     "--save-epochs", "0.5", "--tasks", "mlm", "--xlayers", "1")
     log = adapt_log(run)
     steps_per_epoch = len(data.AdaptationData(next((adapt_kit / "cache").glob("wiki.valid.raw-32x1-*")))) // 8
     warmup = math.ceil(0.05 * 40 * steps_per_epoch)
@@ -2200,7 +2200,7 @@ def test_adapt_toy_kit_learns_mlm_and_cliptc(adapt_kit):
     """A few dozen steps on the toy kit take MLM and CLIPTC well below their start; MATCH needs more (next test, and
     README: The toy world)."""
     run = adapt_main(adapt_kit, "learn", "--global-batch", "16", "--micro-batch", "16", "--lr", "3e-3", "--warmup",
-                    "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
+                     "0.01", "--epochs", "4", "--schedule-epochs", "4", "--max-steps", "80", "--ckpt-every", "0")
     log = adapt_log(run)
     first, last = log[0], log[-5:]
     assert sum(r["mlm"] for r in last) / 5 < 0.75 * first["mlm"]
@@ -2225,15 +2225,15 @@ def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
     """MATCH through the whole trainer (cache, partners, labels, pooled cross-modal [CLS], optimizer) passes 90% within
     200 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
     run = adapt_main(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
-                    "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "200",
-                    "--ckpt-every", "0")
+                     "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "200",
+                     "--ckpt-every", "0")
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.9 and sum(r["match"] for r in last) / 50 < 0.3
 
 
 def test_adapt_tasks_switch_heads_and_losses(adapt_kit):
     run = adapt_main(adapt_kit, "mlm-cliptc", "--tasks", "cliptc,mlm", "--global-batch", "8", "--micro-batch", "8",
-                    "--max-steps", "2")
+                     "--max-steps", "2")
     assert {"mlm", "cliptc"} <= adapt_log(run)[-1].keys() and not {"match", "match_acc"} & adapt_log(run)[-1].keys()
     weights = adapt_weights(run)
     assert any(n.startswith("cliptc_head.") for n in weights) and any(n.startswith("mlm_head.") for n in weights)
