@@ -1582,10 +1582,10 @@ def _toy_tree(root):
 
 
 def test_toy_build_is_deterministic_and_skips_what_exists(toy_kit, tmp_path, monkeypatch):
-    """A second build (everything that is not a checkpoint written again, clip-toy pretrained again, for 40 steps) is
+    """A second build (everything that is not a checkpoint written again, clip-toy pretrained again, for 25 steps) is
     byte for byte the kit but for clip-toy's weights, which pretraining clip-toy as toy_checkpoints does writes again
     byte for byte (a difference in any step shows in the weights); a third build changes nothing."""
-    monkeypatch.setitem(toy.PRETRAIN, "clip-toy", (40, toy.PRETRAIN["clip-toy"][1]))
+    monkeypatch.setitem(toy.PRETRAIN, "clip-toy", (25, toy.PRETRAIN["clip-toy"][1]))
     root, weights = tmp_path / "toy", Path("ckpt/clip-toy/model.safetensors")
     shutil.copytree(toy_kit / "ckpt", root / "ckpt", ignore=shutil.ignore_patterns("clip-toy"))
     toy.build_toy(root)
