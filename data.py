@@ -281,10 +281,12 @@ def _predict(real: np.ndarray, ids: np.ndarray, rng: np.random.Generator, slots:
     """MASK_PROB of the real positions of the flat ids, drawn without replacement (Devlin et al. 2019) -> them, their
     sorted positions and ids as targets, both padded to (slots,) (targets with IGNORE)."""
     chosen = candidates = np.flatnonzero(real)
-    if len(candidates):
-        chosen = rng.choice(candidates, prediction_slots(len(candidates), MASK_PROB), replace=False)
-    positions, pad = np.sort(chosen), (0, slots - len(chosen))
-    return chosen, np.pad(positions, pad), np.pad(ids[positions], pad, constant_values=IGNORE)
+    if len(candidates):  # the same draws as rng.choice(candidates, k, replace=False), without its array handling
+        chosen = candidates[rng.choice(len(candidates), prediction_slots(len(candidates), MASK_PROB), replace=False)]
+    positions, targets = np.zeros(slots, np.int64), np.full(slots, IGNORE, np.int64)
+    positions[:len(chosen)] = np.sort(chosen)
+    targets[:len(chosen)] = ids[positions[:len(chosen)]]
+    return chosen, positions, targets
 
 
 def clip_blocks_to_run(clip_mask: torch.Tensor) -> torch.Tensor:
@@ -326,19 +328,21 @@ class AdaptationData:
             other = int(rng.integers(len(self) - 1))
             partner, match = other + (other >= index), 0
         # MLM (2.3.1): 15% of the real tokens: 80% [MASK], 10% a random plain (not [..]) token, 10% kept
-        ids = self.bert_ids[index].astype(np.int64)  # (T,)
-        chosen, mlm_positions, mlm_targets = _predict(~np.isin(ids, (sp.cls, sp.sep, sp.pad)), ids, rng, self.mlm_slots)
+        ids = np.array(self.bert_ids[index], np.int64)  # (T,), a plain array (faster than the memmap's views)
+        real = (ids != sp.cls) & (ids != sp.sep) & (ids != sp.pad)
+        chosen, mlm_positions, mlm_targets = _predict(real, ids, rng, self.mlm_slots)
         input_ids, action = ids.copy(), rng.random(len(chosen))
         input_ids[chosen[action < 0.8]] = sp.mask
         swap = chosen[(action >= 0.8) & (action < 0.9)]
         input_ids[swap] = rng.integers(sp.random_low, sp.vocab_size, len(swap))
         # CLIPTC (2.3.3): 15% of the real CLIP tokens (not start, end, padding) are targets; the input stays
         W = self.clip_width
-        clip_ids, lengths = self.clip_ids[partner, :, :W].astype(np.int64), self.clip_lengths[partner].astype(np.int64)
-        real = _block_mask(lengths, W).astype(bool) & ~np.isin(clip_ids, (sp.clip_start, sp.clip_end))  # (n, W)
+        clip_ids = np.array(self.clip_ids[partner, :, :W], np.int64)  # (n, W)
+        clip_mask = _block_mask(np.array(self.clip_lengths[partner], np.int64), W)  # (n, W)
+        real = (clip_mask == 1) & (clip_ids != sp.clip_start) & (clip_ids != sp.clip_end)
         _, cliptc_positions, cliptc_targets = _predict(real.reshape(-1), clip_ids.reshape(-1), rng, self.cliptc_slots)
-        return {"input_ids": input_ids, "token_type_ids": np.zeros_like(input_ids), "mlm_positions": mlm_positions,
-                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": _block_mask(lengths, W),
+        return {"input_ids": input_ids, "token_type_ids": np.zeros(len(ids), np.int64), "mlm_positions": mlm_positions,
+                "mlm_targets": mlm_targets, "clip_ids": clip_ids, "clip_mask": clip_mask,
                 "cliptc_positions": cliptc_positions, "cliptc_targets": cliptc_targets, "match_labels": np.int64(match)}
 
     def batch(self, indices: Sequence[int], seed: int, epoch: int) -> dict[str, torch.Tensor]:
