@@ -193,8 +193,13 @@ def learn_merges(words: Counter, n_merges: int, join: Callable[[str, str], str])
 
 
 def corpus_words(text: str, normalizer, pre_tokenizer, spell: Callable[[str], str]) -> Counter:
-    """{'s y m b o l s': count} of the text's words as a tokenizer's normalizer and pre-tokenizer cut them."""
-    return Counter(spell(w) for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)))
+    """{'s y m b o l s': count} of the text's words as a tokenizer's normalizer and pre-tokenizer cut them, each
+    distinct space-separated chunk cut once (the toy texts hold plain spaces, which neither tokenizer cuts across)."""
+    words = Counter()
+    for chunk, n in Counter(text.split()).items():
+        for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(chunk)):
+            words[spell(w)] += n
+    return words
 
 
 def train_wordpiece(text: str, folder: Path, n_merges: int = 1200) -> Tokenizer:
