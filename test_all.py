@@ -1918,10 +1918,11 @@ def adapt_run(kit, run, *flags, nproc=0):
     return kit.parent / "runs" / run
 
 
-def adapt_main(kit, run, *flags):
-    """adapt.main in this process, on one thread as adapt_env's processes (no torch import to wait for); adapt_run is
-    for what needs processes of its own: torchrun, a kill, a resume from a fresh start. Returns the run directory."""
-    with one_thread():
+def adapt_main(kit, run, *flags, threads=1):
+    """adapt.main in this process (no torch import to wait for), on one thread as adapt_env's processes, or with
+    threads=None on torch's default (faster for a long run that no process compares with); adapt_run is for what
+    needs processes of its own: torchrun, a kill, a resume from a fresh start. Returns the run directory."""
+    with one_thread() if threads == 1 else contextlib.nullcontext():
         adapt.main(adapt_argv(kit, run, *flags))
     return kit.parent / "runs" / run
 
@@ -2226,7 +2227,7 @@ def test_adapt_match_learns_on_the_pretrained_toy_encoders(adapt_scenes):
     200 steps (chance 50%; the ceiling is 99.6%, as 1 negative in 240 names the same two scenes)."""
     run = adapt_main(adapt_scenes, "match", "--seq-len", "16", "--global-batch", "32", "--micro-batch", "32", "--lr",
                      "2e-3", "--warmup", "0.01", "--epochs", "3", "--schedule-epochs", "3", "--max-steps", "200",
-                     "--ckpt-every", "0")
+                     "--ckpt-every", "0", threads=None)
     last = adapt_log(run)[-50:]
     assert sum(r["match_acc"] for r in last) / 50 > 0.9 and sum(r["match"] for r in last) / 50 < 0.3
 
