@@ -235,7 +235,8 @@ INIT_STD = 64 ** -0.5  # the toy encoders' initializer_range, also the std of ad
 
 
 def fit(name: str, params: list, loss_at: Callable[[int, np.random.Generator], torch.Tensor], seed: int) -> None:
-    """PRETRAIN[name]'s AdamW steps (5% warm-up, linear decay, clipping 1.0) on batches drawn by rng (seed, step)."""
+    """PRETRAIN[name]'s AdamW steps (5% warm-up, linear decay, clipping 1.0) on batches drawn by rng (seed, step);
+    prints the last 10%'s mean loss."""
     (steps, lr), start = PRETRAIN[name], time.process_time()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05,
